@@ -1,0 +1,57 @@
+# particleSeg platform. Every target sets itself up: `make demo` and `make test` work on a fresh
+# Debian machine with Python 3.11 (RELION is installed with apt-get when we are root).
+SHELL := /bin/bash
+PYTHON ?= python3.11
+VENV := .venv
+PY := $(VENV)/bin/python
+STAMP := $(VENV)/.installed
+export DAGSTER_HOME := $(CURDIR)/dagster_home
+export PARTICLESEG_DATA ?= $(CURDIR)/data
+export PYTHONUNBUFFERED := 1
+
+.PHONY: setup relion venv test lint demo dev bench clean
+
+setup: relion venv
+
+relion:
+	@if command -v relion_project >/dev/null 2>&1; then \
+		echo "RELION: $$(command -v relion_project)"; \
+	elif [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1; then \
+		echo "RELION missing: installing the Debian package (apt-get install -y relion)"; \
+		export DEBIAN_FRONTEND=noninteractive; \
+		apt-get update -qq && apt-get install -y -qq relion >/dev/null \
+		&& echo "RELION: $$(command -v relion_project)"; \
+	else \
+		echo "RELION is not installed and we are not root: run 'sudo apt-get install -y relion'" \
+		     "(Debian/Ubuntu). Tests that need RELION are skipped until then." >&2; \
+	fi
+
+venv: $(STAMP)
+
+$(STAMP): pyproject.toml
+	@command -v $(PYTHON) >/dev/null 2>&1 || { echo "$(PYTHON) not found: install Python 3.11 or run make PYTHON=python3" >&2; exit 1; }
+	@test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install -q --upgrade pip
+	$(PY) -m pip install -q -e '.[dev]'
+	@mkdir -p $(DAGSTER_HOME)
+	@touch $(STAMP)
+
+lint: venv
+	$(VENV)/bin/ruff check particleseg_model particleseg_assets tests benchmarks scripts
+
+# pytest exits 5 when it collects no test; make fails on any non-zero status, so that cannot pass.
+test: setup lint
+	$(PY) -m pytest
+
+demo: setup
+	$(PY) -m particleseg_assets.demo
+
+dev: setup
+	$(VENV)/bin/dagster dev -w workspace.yaml
+
+bench: setup
+	$(PY) benchmarks/catalog_refresh.py
+
+clean:
+	rm -rf $(VENV) data .pytest_cache .ruff_cache
+	find dagster_home -mindepth 1 ! -name dagster.yaml ! -name README.md -exec rm -rf {} +

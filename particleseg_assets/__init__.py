@@ -1,0 +1,1 @@
+"""The Dagster layer of particleSeg: thin assets, resources, sensors and jobs over particleseg_model."""

@@ -1,0 +1,80 @@
+"""Sensors: find new EMPIAR entries, and keep one partition per eligible entry."""
+
+from __future__ import annotations
+
+import hashlib
+
+import pandas as pd
+from dagster import (
+    AssetKey,
+    DefaultSensorStatus,
+    RunRequest,
+    SensorEvaluationContext,
+    SensorResult,
+    SkipReason,
+    sensor,
+)
+from particleseg_model.catalog import UpdateCursor, find_updates, read_catalog
+from particleseg_model.http import HttpError
+
+from particleseg_assets.jobs import catalog_job
+from particleseg_assets.partitions import EMPIAR_PARTITIONS_NAME, empiar_partitions
+from particleseg_assets.resources import EmpiarResource, StorageResource
+
+
+@sensor(job=catalog_job, minimum_interval_seconds=6 * 3600,
+        default_status=DefaultSensorStatus.STOPPED,
+        description="Asks the EMPIAR search API for entries updated since the last tick and "
+                    "requests a catalog refresh when there are any.")
+def empiar_updates_sensor(context: SensorEvaluationContext, empiar: EmpiarResource,
+                          storage: StorageResource) -> SensorResult | SkipReason:
+    cursor = UpdateCursor.from_json(context.cursor)
+    if cursor is None:
+        # First tick: start from the stored catalog rather than list the whole archive again.
+        cursor = UpdateCursor.from_catalog(read_catalog(storage.catalog_path()))
+    try:
+        changed, new_cursor = find_updates(empiar.empiar(), cursor)
+    except HttpError as exc:
+        # The cursor stays where it was, so the next tick asks for the same window again.
+        return SkipReason(f"EMPIAR API unavailable, retrying next tick: {exc}")
+    if not changed:
+        since = cursor.update_date if cursor else "the beginning"
+        return SkipReason(f"no EMPIAR entry updated since {since}")
+    digest = hashlib.sha1(",".join(changed).encode()).hexdigest()[:12]
+    assert new_cursor is not None
+    context.log.info(f"{len(changed)} EMPIAR entries new or updated up to "
+                     f"{new_cursor.update_date}")
+    return SensorResult(
+        run_requests=[RunRequest(run_key=f"catalog-{new_cursor.update_date}-{digest}",
+                                 tags={"particleseg/changed_entries": str(len(changed))})],
+        cursor=new_cursor.to_json(),
+    )
+
+
+@sensor(minimum_interval_seconds=60, default_status=DefaultSensorStatus.RUNNING,
+        description="Adds one empiar_id partition per eligible entry after each "
+                    "eligible_entries materialization.")
+def eligible_partitions_sensor(context: SensorEvaluationContext,
+                               storage: StorageResource) -> SensorResult | SkipReason:
+    event = context.instance.get_latest_materialization_event(AssetKey("eligible_entries"))
+    if event is None:
+        return SkipReason("eligible_entries has not been materialized yet")
+    if context.cursor == str(event.storage_id):
+        return SkipReason("no new eligible_entries materialization")
+    path = storage.eligible_path()
+    if not path.exists():
+        return SkipReason(f"{path} is missing; re-materialize eligible_entries")
+    eligible = pd.read_parquet(path, columns=["partition_key"])
+    existing = set(context.instance.get_dynamic_partitions(EMPIAR_PARTITIONS_NAME))
+    new_keys = [k for k in eligible["partition_key"].astype(str) if k not in existing]
+    gone = sorted(existing - set(eligible["partition_key"].astype(str)))
+    if gone:
+        # Removing a dataset deletes its lineage: leave that to a person (UI or CLI).
+        context.log.info(f"{len(gone)} partitions are no longer eligible: {', '.join(gone[:20])}")
+    if new_keys:
+        context.log.info(f"adding {len(new_keys)} partitions: {', '.join(new_keys[:20])}")
+    return SensorResult(
+        dynamic_partitions_requests=[empiar_partitions.build_add_request(new_keys)]
+        if new_keys else [],
+        cursor=str(event.storage_id),
+    )

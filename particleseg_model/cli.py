@@ -1,0 +1,160 @@
+"""The ``particleseg`` command line: one function per subcommand."""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+from pathlib import Path
+
+import pandas as pd
+
+
+def serve_archive(args: argparse.Namespace) -> int:
+    """Serve a mirror directory as the EMPIAR, EMDB and archive APIs on loopback."""
+    from particleseg_model.fixtures import write_fixture_mirror
+    from particleseg_model.server import serve
+
+    if args.fixture:
+        write_fixture_mirror(args.dir)
+    server = serve(args.dir, host=args.host, port=args.port, background=True)
+    print(f"serving {Path(args.dir).resolve()} at {server.url}")
+    for name, value in server.env().items():
+        print(f"export {name}={value}")
+    try:
+        while True:
+            import time
+
+            time.sleep(3600)
+    except KeyboardInterrupt:
+        server.stop()
+    return 0
+
+
+def mirror_fixture(args: argparse.Namespace) -> int:
+    """Write the embedded fixture catalog (or a synthetic one) into a mirror directory."""
+    from particleseg_model.fixtures import write_fixture_mirror, write_synthetic_mirror
+
+    if args.synthetic:
+        mirror = write_synthetic_mirror(args.out, args.synthetic, seed=args.seed)
+    else:
+        mirror = write_fixture_mirror(args.out)
+    print(f"{len(mirror.entry_ids())} entries in {mirror.root}")
+    return 0
+
+
+def catalog(args: argparse.Namespace) -> int:
+    """Refresh a catalog Parquet file (incrementally) and print the eligible entries."""
+    from particleseg_model.catalog import read_catalog, refresh_catalog, select_eligible, write_parquet
+    from particleseg_model.empiar import EmdbClient, EmpiarClient
+    from particleseg_model.progress import progress
+
+    previous = None if args.full else read_catalog(args.out)
+    bar = progress(total=None, desc="EMDB resolutions", unit="map")
+
+    def on_progress(done: int, total: int) -> None:
+        bar.total = total
+        bar.update(done - bar.n)
+
+    refresh = refresh_catalog(EmpiarClient(), EmdbClient(), previous, on_progress=on_progress)
+    bar.close()
+    write_parquet(refresh.table, args.out)
+    for error in refresh.errors:
+        print(f"warning: {error}", file=sys.stderr)
+    eligible = select_eligible(refresh.table, args.max_resolution, inclusive=args.inclusive)
+    print(f"{len(refresh.table)} entries ({len(refresh.new_ids)} new, {len(refresh.updated_ids)} "
+          f"updated) -> {args.out}; {len(eligible)} eligible")
+    print_eligible(eligible)
+    return 0
+
+
+def print_eligible(eligible: pd.DataFrame) -> None:
+    """A table a person reads: id, best map, resolution, size, what ships, title."""
+    print(f"{'entry':<13} {'map':<10} {'res/A':>5} {'size':>9}  {'ships':<11} title")
+    for row in eligible.itertuples(index=False):
+        size = row.dataset_size_bytes
+        size_text = "?" if pd.isna(size) else (f"{size / 1e12:.1f} TB" if size >= 1e12
+                                               else f"{size / 1e9:.1f} GB")
+        ships = "particles" if row.ships_particles else "coordinates"
+        print(f"{row.empiar_id:<13} {row.best_emdb_id:<10} {row.best_resolution_a:>5.2f} "
+              f"{size_text:>9}  {ships:<11} {str(row.title)[:70]}")
+
+
+def download(args: argparse.Namespace) -> int:
+    """Download an archive file or directory (resumable, size-checked, atomic)."""
+    from particleseg_model.archive import download as download_file
+    from particleseg_model.archive import download_tree
+
+    if args.url.endswith("/"):
+        paths = download_tree(args.url, args.dest)
+        print(f"{len(paths)} files in {args.dest}")
+    else:
+        print(download_file(args.url, args.dest))
+    return 0
+
+
+def star_info(args: argparse.Namespace) -> int:
+    """Summarise a RELION particle STAR file as the canonical table sees it."""
+    from particleseg_model.star import has_poses, read_star
+
+    star = read_star(args.star)
+    particles = star.particles
+    print(f"{star.source}: RELION {star.version}, {len(particles)} particles, "
+          f"{0 if star.optics is None else len(star.optics)} optics groups, "
+          f"poses: {'yes' if has_poses(particles) else 'no'}")
+    print(particles.head(args.rows).to_string())
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="particleseg", description=__doc__)
+    parser.add_argument("-v", "--verbose", action="store_true", help="log debug messages")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    p = sub.add_parser("serve-archive", help=serve_archive.__doc__)
+    p.add_argument("dir", help="mirror directory (layout: particleseg_model.mirror)")
+    p.add_argument("--host", default="127.0.0.1", help="bind address (default loopback)")
+    p.add_argument("--port", type=int, default=8000, help="0 picks a free port")
+    p.add_argument("--fixture", action="store_true", help="write the embedded fixture first")
+    p.set_defaults(func=serve_archive)
+
+    p = sub.add_parser("mirror-fixture", help=mirror_fixture.__doc__)
+    p.add_argument("out", help="mirror directory to write")
+    p.add_argument("--synthetic", type=int, default=0, help="N synthetic entries instead")
+    p.add_argument("--seed", type=int, default=0)
+    p.set_defaults(func=mirror_fixture)
+
+    p = sub.add_parser("catalog", help=catalog.__doc__)
+    p.add_argument("--out", default="data/catalog/empiar_entries.parquet")
+    p.add_argument("--full", action="store_true", help="ignore the stored catalog")
+    p.add_argument("--max-resolution", type=float, default=3.5, help="Angstrom (default 3.5)")
+    p.add_argument("--inclusive", action="store_true", help="accept maps at exactly the limit")
+    p.set_defaults(func=catalog)
+
+    p = sub.add_parser("download", help=download.__doc__)
+    p.add_argument("url", help="archive URL (a trailing / downloads the directory)")
+    p.add_argument("dest")
+    p.set_defaults(func=download)
+
+    p = sub.add_parser("star-info", help=star_info.__doc__)
+    p.add_argument("star")
+    p.add_argument("--rows", type=int, default=5)
+    p.set_defaults(func=star_info)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO,
+                        format="%(levelname)s %(name)s: %(message)s")
+    try:
+        return args.func(args)
+    except (OSError, ValueError) as exc:
+        # Domain errors (StarError, MrcError, EntryError, DownloadError, HttpError...) name
+        # their file or entry; a traceback adds nothing for a user.
+        print(f"particleseg {args.command}: error: {exc}", file=sys.stderr)
+        return 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())
