@@ -1,0 +1,72 @@
+"""Shared fixtures: the real data beside the project, and a loopback EMPIAR-compatible server."""
+
+from __future__ import annotations
+
+import os
+import shutil
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+SHARED_DATA = Path(__file__).resolve().parents[1].parent / "shared" / "data"
+
+# Fast retries for tests that inject faults: the behaviour is the same, the waits are not.
+FAST_HTTP = {"retries": 2, "backoff_s": 0.01, "max_backoff_s": 0.05, "timeout_s": 5.0}
+
+
+@pytest.fixture(scope="session")
+def shared_data() -> Path:
+    if not SHARED_DATA.is_dir():
+        pytest.skip(f"../shared/data not present ({SHARED_DATA}): real-data tests need it")
+    return SHARED_DATA
+
+
+@pytest.fixture
+def fixture_mirror(tmp_path: Path):
+    from particleseg_model.fixtures import write_fixture_mirror
+
+    return write_fixture_mirror(tmp_path / "mirror")
+
+
+@pytest.fixture
+def archive_server(fixture_mirror) -> Iterator:
+    """The embedded fixture catalog served on a free loopback port."""
+    from particleseg_model.server import serve
+
+    with serve(fixture_mirror.root) as server:
+        yield server
+
+
+@pytest.fixture
+def server_env(archive_server, monkeypatch, tmp_path: Path):
+    """Clients, storage and Dagster pointed at the loopback server and a temporary data root."""
+    for name, value in archive_server.env().items():
+        monkeypatch.setenv(name, value)
+    monkeypatch.setenv("PARTICLESEG_DATA", str(tmp_path / "data"))
+    return archive_server
+
+
+@pytest.fixture(scope="session")
+def relion_bin() -> Path:
+    found = shutil.which("relion_project")
+    if not found:
+        pytest.skip("RELION is not installed (apt-get install -y relion; `make setup` does it)")
+    return Path(found).parent
+
+
+@pytest.fixture
+def dagster_home(tmp_path: Path, monkeypatch) -> Path:
+    """A persistent Dagster instance in a temporary DAGSTER_HOME (SQLite)."""
+    home = tmp_path / "dagster_home"
+    home.mkdir()
+    repo_yaml = Path(__file__).resolve().parents[1] / "dagster_home" / "dagster.yaml"
+    shutil.copy(repo_yaml, home / "dagster.yaml")
+    monkeypatch.setenv("DAGSTER_HOME", str(home))
+    return home
+
+
+def pytest_report_header(config) -> list[str]:
+    return [f"shared data: {SHARED_DATA if SHARED_DATA.is_dir() else 'absent (tests skip)'}",
+            f"RELION: {shutil.which('relion_project') or 'absent (tests skip)'}",
+            f"DAGSTER_HOME: {os.environ.get('DAGSTER_HOME', 'unset')}"]
