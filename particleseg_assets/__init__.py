@@ -1,1 +1,1 @@
-"""The Dagster layer of particleSeg: thin assets, resources, sensors and jobs over particleseg_model."""
+"""The Dagster layer of particleSeg: thin assets, resources, sensors and jobs."""

@@ -4,10 +4,10 @@ from __future__ import annotations
 
 import pandas as pd
 from dagster import AssetCheckResult, AssetCheckSeverity, AssetKey, DagsterInstance, asset_check
-from particleseg_model.catalog import DEFAULT_MAX_RESOLUTION_A, read_catalog
 
 from particleseg_assets.assets.catalog import eligible_entries, empiar_entries
 from particleseg_assets.resources import StorageResource
+from particleseg_model.catalog import DEFAULT_MAX_RESOLUTION_A, read_catalog
 
 
 @asset_check(asset=empiar_entries, description="Every EMPIAR id appears once.")

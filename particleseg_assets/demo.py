@@ -15,15 +15,15 @@ import time
 from pathlib import Path
 
 from dagster import AddDynamicPartitionsRequest, DagsterInstance, SensorResult, build_sensor_context
-from particleseg_model.catalog import read_catalog
-from particleseg_model.cli import print_eligible
-from particleseg_model.fixtures import write_fixture_mirror
-from particleseg_model.server import serve
 
 from particleseg_assets.definitions import defs
 from particleseg_assets.partitions import EMPIAR_PARTITIONS_NAME
 from particleseg_assets.resources import EmpiarResource, StorageResource
 from particleseg_assets.sensors import eligible_partitions_sensor, empiar_updates_sensor
+from particleseg_model.catalog import read_catalog
+from particleseg_model.cli import print_eligible
+from particleseg_model.fixtures import write_fixture_mirror
+from particleseg_model.server import serve
 
 
 def apply_sensor(instance: DagsterInstance, result) -> None:

@@ -1,4 +1,4 @@
-"""Resources configured from the environment: the EMPIAR/EMDB/archive clients and the storage root."""
+"""Resources configured from the environment: EMPIAR/EMDB/archive clients, storage root."""
 
 from __future__ import annotations
 
@@ -6,6 +6,7 @@ import os
 from pathlib import Path
 
 from dagster import ConfigurableResource
+
 from particleseg_model.empiar import EmdbClient, EmpiarClient, archive_url, emdb_url, empiar_url
 
 DATA_ENV = "PARTICLESEG_DATA"

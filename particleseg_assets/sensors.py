@@ -14,12 +14,12 @@ from dagster import (
     SkipReason,
     sensor,
 )
-from particleseg_model.catalog import UpdateCursor, find_updates, read_catalog
-from particleseg_model.http import HttpError
 
 from particleseg_assets.jobs import catalog_job
 from particleseg_assets.partitions import EMPIAR_PARTITIONS_NAME, empiar_partitions
 from particleseg_assets.resources import EmpiarResource, StorageResource
+from particleseg_model.catalog import UpdateCursor, find_updates, read_catalog
+from particleseg_model.http import HttpError
 
 
 @sensor(job=catalog_job, minimum_interval_seconds=6 * 3600,
@@ -56,7 +56,8 @@ def empiar_updates_sensor(context: SensorEvaluationContext, empiar: EmpiarResour
                     "eligible_entries materialization.")
 def eligible_partitions_sensor(context: SensorEvaluationContext,
                                storage: StorageResource) -> SensorResult | SkipReason:
-    event = context.instance.get_latest_materialization_event(AssetKey("eligible_entries"))
+    records = context.instance.fetch_materializations(AssetKey("eligible_entries"), limit=1)
+    event = records.records[0] if records.records else None
     if event is None:
         return SkipReason("eligible_entries has not been materialized yet")
     if context.cursor == str(event.storage_id):

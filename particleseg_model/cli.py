@@ -13,20 +13,19 @@ import pandas as pd
 def serve_archive(args: argparse.Namespace) -> int:
     """Serve a mirror directory as the EMPIAR, EMDB and archive APIs on loopback."""
     from particleseg_model.fixtures import write_fixture_mirror
-    from particleseg_model.server import serve
+    from particleseg_model.server import ArchiveServer
 
     if args.fixture:
         write_fixture_mirror(args.dir)
-    server = serve(args.dir, host=args.host, port=args.port, background=True)
-    print(f"serving {Path(args.dir).resolve()} at {server.url}")
+    server = ArchiveServer(args.dir, host=args.host, port=args.port)
+    print(f"serving {Path(args.dir).resolve()} at {server.url}", flush=True)
     for name, value in server.env().items():
-        print(f"export {name}={value}")
+        print(f"export {name}={value}", flush=True)
     try:
-        while True:
-            import time
-
-            time.sleep(3600)
+        server.serve_forever()
     except KeyboardInterrupt:
+        pass
+    finally:
         server.stop()
     return 0
 
@@ -45,7 +44,12 @@ def mirror_fixture(args: argparse.Namespace) -> int:
 
 def catalog(args: argparse.Namespace) -> int:
     """Refresh a catalog Parquet file (incrementally) and print the eligible entries."""
-    from particleseg_model.catalog import read_catalog, refresh_catalog, select_eligible, write_parquet
+    from particleseg_model.catalog import (
+        read_catalog,
+        refresh_catalog,
+        select_eligible,
+        write_parquet,
+    )
     from particleseg_model.empiar import EmdbClient, EmpiarClient
     from particleseg_model.progress import progress
 
@@ -147,9 +151,11 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO,
                         format="%(levelname)s %(name)s: %(message)s")
+    from particleseg_model.http import HttpError
+
     try:
         return args.func(args)
-    except (OSError, ValueError) as exc:
+    except (OSError, ValueError, HttpError) as exc:
         # Domain errors (StarError, MrcError, EntryError, DownloadError, HttpError...) name
         # their file or entry; a traceback adds nothing for a user.
         print(f"particleseg {args.command}: error: {exc}", file=sys.stderr)

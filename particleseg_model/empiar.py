@@ -87,7 +87,7 @@ def normalize_emd_id(value: str | int) -> str:
 
 
 def parse_dataset_size(text: str | int | float | None) -> int | None:
-    """``"26.8 GB"`` -> 26_800_000_000 bytes; ``None`` or ``""`` -> ``None``; garbage -> ValueError."""
+    """``"26.8 GB"`` -> 26_800_000_000 bytes; missing -> ``None``; garbage -> ValueError."""
     if text is None or (isinstance(text, str) and not text.strip()):
         return None
     if isinstance(text, int | float):
@@ -349,7 +349,7 @@ class EmpiarClient:
         return parse_entry(key, self.entry_record(key))
 
     def entry_records(self, ids: Sequence[str | int]) -> dict[str, Any]:
-        """Inner records of several entries, ``POST_BATCH`` ids a request; missing ids are absent."""
+        """Inner records of several entries, ``POST_BATCH`` ids a request; missing ids absent."""
         keys = sorted({normalize_empiar_id(i) for i in ids})
         records: dict[str, Any] = {}
         for start in range(0, len(keys), POST_BATCH):

@@ -18,15 +18,9 @@ import sys
 import xml.etree.ElementTree as ET
 from pathlib import Path
 
+from particleseg_model.fixtures import emdb_record
+
 NS = {"e": "http://pdbe.org/empiar"}
-
-
-def emdb_record(resolution: str | None) -> dict:
-    processing: dict = {"final_reconstruction": {}}
-    if resolution is not None:
-        processing["final_reconstruction"]["resolution"] = {"valueOf_": resolution, "units": "Å"}
-    return {"structure_determination_list": {"structure_determination": [
-        {"method": "singleParticle", "image_processing": [processing]}]}}
 
 
 def particles_imageset(name: str, n: int, pixel: float) -> dict:
@@ -128,7 +122,8 @@ def main(shared_empiar: Path, out: Path) -> None:
     m = micrographs_imageset
     synthetic = {
         "EMPIAR-19001": (entry("[fixture] obsolete entry", "12 GB", ["EMD-90001"],
-                               [p("particles", 9000, 1.1)], status="OBSOLETE"), {"EMD-90001": "2.9"}),
+                               [p("particles", 9000, 1.1)], status="OBSOLETE"),
+                         {"EMD-90001": "2.9"}),
         "EMPIAR-19002": (entry("[fixture] map too coarse", "40 GB", ["EMD-90002"],
                                [p("particles", 9000, 1.1)]), {"EMD-90002": "4.2"}),
         "EMPIAR-19003": (entry("[fixture] resolution with a unit", "3.5 TB", ["EMD-90003"],

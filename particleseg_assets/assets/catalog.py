@@ -1,7 +1,5 @@
 """Catalog assets: every EMPIAR entry (incrementally refreshed) and the entries worth using."""
 
-from __future__ import annotations
-
 import pandas as pd
 from dagster import (
     AssetExecutionContext,
@@ -10,6 +8,8 @@ from dagster import (
     MetadataValue,
     asset,
 )
+
+from particleseg_assets.resources import EmpiarResource, StorageResource
 from particleseg_model.catalog import (
     DEFAULT_MAX_RESOLUTION_A,
     read_catalog,
@@ -17,8 +17,6 @@ from particleseg_model.catalog import (
     select_eligible,
     write_parquet,
 )
-
-from particleseg_assets.resources import EmpiarResource, StorageResource
 
 PREVIEW_COLUMNS = ["empiar_id", "best_resolution_a", "best_emdb_id", "dataset_size_bytes",
                    "ships_particles", "ships_coordinates", "title"]
