@@ -14,7 +14,13 @@ import sys
 import time
 from pathlib import Path
 
-from dagster import AddDynamicPartitionsRequest, DagsterInstance, SensorResult, build_sensor_context
+from dagster import (
+    AddDynamicPartitionsRequest,
+    AssetKey,
+    DagsterInstance,
+    SensorResult,
+    build_sensor_context,
+)
 
 from particleseg_assets.definitions import defs
 from particleseg_assets.partitions import EMPIAR_PARTITIONS_NAME
@@ -83,6 +89,10 @@ def main() -> int:
         print(f"\n{len(errors)} entries carry an error (kept, not eligible):")
         for row in errors.itertuples(index=False):
             print(f"  {row.error}")
+    last = instance.fetch_materializations(AssetKey("empiar_entries"), limit=1).records
+    if last:
+        reported = last[0].asset_materialization.metadata["error_list"].value
+        print(f"\nproblems the last catalog run reported (the rest refreshed):\n{reported}")
     print(f"\ncatalog:   {storage.catalog_path()}\neligible:  {storage.eligible_path()}"
           f"\ninstance:  {os.environ['DAGSTER_HOME']} (see it with `make dev`)"
           f"\ndone in {time.perf_counter() - started:.1f} s")
