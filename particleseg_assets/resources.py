@@ -19,7 +19,7 @@ class EmpiarResource(ConfigurableResource):
     empiar_url: str | None = None
     emdb_url: str | None = None
     archive_url: str | None = None
-    retries: int = 5
+    retries: int | None = None  # None: PARTICLESEG_HTTP_RETRIES, default 5
     timeout_s: float = 30.0
     polite_delay_s: float = 0.05
 

@@ -1,8 +1,9 @@
 """A polite HTTP client for the EMPIAR, EMDB and archive endpoints.
 
-Retries with exponential backoff and jitter on 429, 5xx, connection errors and timeouts, honours
-``Retry-After`` (seconds), waits ``polite_delay_s`` between requests, and turns the final failure
-into a typed error naming the URL: :class:`NotFoundError` (404, never retried),
+Retries (``PARTICLESEG_HTTP_RETRIES``, default 5) with exponential backoff and jitter on 429,
+5xx, connection errors and timeouts, honours ``Retry-After`` (seconds), waits ``polite_delay_s``
+between requests, and turns the final failure into a typed error naming the URL:
+:class:`NotFoundError` (404, never retried),
 :class:`RateLimitedError` (429), :class:`ServerError` (5xx, connection failures, timeouts) and
 :class:`BadPayloadError` (a reply that is not the JSON we asked for).
 """
@@ -10,6 +11,7 @@ into a typed error naming the URL: :class:`NotFoundError` (404, never retried),
 from __future__ import annotations
 
 import logging
+import os
 import random
 import threading
 import time
@@ -69,11 +71,13 @@ def _retry_after_s(response: requests.Response) -> float | None:
 class HttpClient:
     """Requests against one base URL, with retries, backoff and typed errors."""
 
-    def __init__(self, base_url: str, *, retries: int = 5, backoff_s: float = 0.5,
+    def __init__(self, base_url: str, *, retries: int | None = None, backoff_s: float = 0.5,
                  max_backoff_s: float = 30.0, timeout_s: float = 30.0,
                  polite_delay_s: float = 0.0, session: requests.Session | None = None):
         self.base_url = base_url.rstrip("/")
-        self.retries = retries
+        # a site behind a flaky proxy, or a test, tunes this without code
+        self.retries = int(os.environ.get("PARTICLESEG_HTTP_RETRIES", 5)) if retries is None \
+            else retries
         self.backoff_s = backoff_s
         self.max_backoff_s = max_backoff_s
         self.timeout_s = timeout_s
