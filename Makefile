@@ -51,6 +51,8 @@ dev: setup
 
 bench: setup
 	$(PY) benchmarks/catalog_refresh.py
+	$(PY) benchmarks/catalog_refresh.py --latency-ms 30 --reference-sample 200
+	$(PY) benchmarks/simulate_speed.py
 
 clean:
 	rm -rf $(VENV) data .pytest_cache .ruff_cache

@@ -1,6 +1,8 @@
 """``make demo``: the embedded default run, end to end on this machine.
 
-Writes the embedded EMPIAR fixture into a mirror, serves it on a free loopback port, points the
+Builds the simulated demo archive once (three EMPIAR-shaped entries with ground truth, see
+:mod:`particleseg_model.demo_archive`; deterministic, so a later demo reuses it), adds the
+embedded EMPIAR fixture catalog to the same mirror, serves it on a free loopback port, points the
 clients at it, runs ``catalog_job`` with ``dagster job execute`` on the instance in
 ``$DAGSTER_HOME``, lets the partition sensor add one partition per eligible entry, and prints
 the eligible entries and where everything is.
@@ -28,7 +30,9 @@ from particleseg_assets.resources import EmpiarResource, StorageResource
 from particleseg_assets.sensors import eligible_partitions_sensor, empiar_updates_sensor
 from particleseg_model.catalog import read_catalog
 from particleseg_model.cli import print_eligible
+from particleseg_model.demo_archive import write_demo_archive
 from particleseg_model.fixtures import write_fixture_mirror
+from particleseg_model.mirror import Mirror
 from particleseg_model.server import serve
 
 
@@ -41,15 +45,33 @@ def apply_sensor(instance: DagsterInstance, result) -> None:
             instance.add_dynamic_partitions(request.partitions_def_name, request.partition_keys)
 
 
+DEMO_ENTRIES = ("EMPIAR-30001", "EMPIAR-30002", "EMPIAR-30003")
+
+
+def demo_mirror(mirror_dir: Path) -> tuple[Mirror, str]:
+    """The simulated archive (built when missing, else reused) plus the fixture catalog."""
+    if set(DEMO_ENTRIES) <= set(Mirror(mirror_dir).entry_ids()):
+        how = "reused"
+    else:
+        if mirror_dir.exists() and not any(mirror_dir.iterdir()):
+            mirror_dir.rmdir()
+        begun = time.perf_counter()
+        write_demo_archive(mirror_dir)
+        how = f"simulated in {time.perf_counter() - begun:.1f} s"
+    return write_fixture_mirror(mirror_dir), how
+
+
 def main() -> int:
     if not os.environ.get("DAGSTER_HOME"):
         print("DAGSTER_HOME is not set: run through `make demo`", file=sys.stderr)
         return 2
     storage = StorageResource()
-    mirror_dir = storage.path("demo", "mirror")
+    mirror_dir = storage.path("demo", "archive")
     started = time.perf_counter()
-    mirror = write_fixture_mirror(mirror_dir)
-    print(f"[1/4] demo mirror: {len(mirror.entry_ids())} EMPIAR entries in {mirror_dir}")
+    mirror, how = demo_mirror(mirror_dir)
+    print(f"[1/4] demo mirror: {len(mirror.entry_ids())} EMPIAR entries in {mirror_dir} "
+          f"({', '.join(DEMO_ENTRIES)} {how}, with ground truth and galleries; "
+          f"the rest is the embedded catalog fixture)")
 
     with serve(mirror_dir) as server:
         env = {**os.environ, **server.env(), "PARTICLESEG_DATA": str(storage.base())}

@@ -110,6 +110,28 @@ def star_info(args: argparse.Namespace) -> int:
     return 0
 
 
+def demo_archive(args: argparse.Namespace) -> int:
+    """Simulate EMPIAR entries from density maps: particles, junk, micrographs, ground truth."""
+    from particleseg_model.demo_archive import write_demo_archive
+    from particleseg_model.simulate import JUNK_KINDS
+
+    kinds = JUNK_KINDS if args.junk_kinds is None else tuple(
+        kind.strip() for kind in args.junk_kinds.split(",") if kind.strip())
+    ids = write_demo_archive(
+        args.out, maps=args.maps or None, n_particles=args.particles, box=args.box,
+        junk_fraction=args.junk_fraction, seed=args.seed, snr=args.snr, junk_kinds=kinds,
+        micrograph_entries=args.micrograph_entries, micrograph_size=args.micrograph_size,
+        particles_per_stack=args.particles_per_stack, progress=not args.no_progress)
+    out = Path(args.out)
+    for empiar_id in ids:
+        number = empiar_id.split("-")[1]
+        print(f"{empiar_id}: {out / 'archive' / number / 'data'}  "
+              f"(gallery: {out / 'archive' / number / 'data' / 'gallery.png'})")
+    print(f"{len(ids)} simulated entries in {out}; serve them with "
+          f"`particleseg serve-archive {out}`")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="particleseg", description=__doc__)
     parser.add_argument("-v", "--verbose", action="store_true", help="log debug messages")
@@ -139,6 +161,26 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("url", help="archive URL (a trailing / downloads the directory)")
     p.add_argument("dest")
     p.set_defaults(func=download)
+
+    p = sub.add_parser("demo-archive", help=demo_archive.__doc__)
+    p.add_argument("out", help="mirror directory to create (must not hold an archive)")
+    p.add_argument("--maps", nargs="+", metavar="MAP",
+                   help="map files or generated:SHAPE, one entry each (default: EMD-1832, "
+                        "EMD-5625 from ../shared/data when present, else generated maps)")
+    p.add_argument("--particles", type=int, default=600, help="particles (picks) per entry")
+    p.add_argument("--box", type=int, default=128, help="particle box in pixels (even)")
+    p.add_argument("--junk-fraction", type=float, default=0.3, help="share of junk, in [0, 1)")
+    p.add_argument("--junk-kinds", default=None,
+                   help="comma-separated subset of empty,ice,carbon_edge,aggregate,"
+                        "off_centre,fragment (default: all)")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--snr", type=float, default=0.1, help="per-pixel signal-to-noise ratio")
+    p.add_argument("--micrograph-entries", type=int, default=1,
+                   help="how many of the last entries ship micrographs + coordinates")
+    p.add_argument("--micrograph-size", type=int, default=1024, help="pixels")
+    p.add_argument("--particles-per-stack", type=int, default=1000)
+    p.add_argument("--no-progress", action="store_true", help="no progress bars")
+    p.set_defaults(func=demo_archive)
 
     p = sub.add_parser("star-info", help=star_info.__doc__)
     p.add_argument("star")

@@ -65,3 +65,34 @@ def test_star_info_names_a_bad_file(tmp_path, capsys):
     bad.write_text("this is not a STAR file\n")
     assert main(["star-info", str(bad)]) == 1
     assert str(bad) in capsys.readouterr().err
+
+
+def test_demo_archive_command_writes_a_served_archive(tmp_path, capsys):
+    out = tmp_path / "archive"
+    args = ["demo-archive", str(out), "--maps", "generated:globular", "generated:elongated",
+            "--particles", "24", "--box", "48", "--junk-kinds", "empty,ice", "--seed", "3",
+            "--micrograph-entries", "1", "--micrograph-size", "256", "--no-progress"]
+    assert main(args) == 0
+    printed = capsys.readouterr().out
+    assert "2 simulated entries" in printed and "gallery.png" in printed
+    truth = pd.read_csv(out / "archive" / "30001" / "data" / "ground_truth.csv")
+    assert len(truth) == 24
+    assert set(truth.loc[~truth["is_good"], "junk_kind"]) <= {"empty", "ice"}
+    assert (out / "archive" / "30002" / "data" / "Coordinates").is_dir()
+    assert (out / "archive" / "30001" / "data" / "gallery.png").read_bytes()[:4] == b"\x89PNG"
+
+    # the same archive again is refused in one line, and nothing is touched
+    before = sorted(p.name for p in (out / "archive").iterdir())
+    assert main(args) == 1
+    err = capsys.readouterr().err
+    assert err.startswith("particleseg demo-archive: error:") and str(out) in err
+    assert sorted(p.name for p in (out / "archive").iterdir()) == before
+
+
+def test_demo_archive_command_rejects_bad_numbers(tmp_path, capsys):
+    out = tmp_path / "archive"
+    assert main(["demo-archive", str(out), "--junk-fraction", "1.0", "--no-progress"]) == 1
+    assert "junk" in capsys.readouterr().err.lower()
+    assert main(["demo-archive", str(out), "--junk-kinds", "dust", "--no-progress"]) == 1
+    assert "dust" in capsys.readouterr().err
+    assert not out.exists()
