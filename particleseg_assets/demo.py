@@ -10,12 +10,14 @@ the eligible entries and where everything is.
 
 from __future__ import annotations
 
+import json
 import os
 import subprocess
 import sys
 import time
 from pathlib import Path
 
+import numpy as np
 from dagster import (
     AddDynamicPartitionsRequest,
     AssetKey,
@@ -30,6 +32,7 @@ from particleseg_assets.resources import EmpiarResource, StorageResource
 from particleseg_assets.sensors import eligible_partitions_sensor, empiar_updates_sensor
 from particleseg_model.catalog import read_catalog
 from particleseg_model.cli import print_eligible
+from particleseg_model.corpus import open_corpus
 from particleseg_model.demo_archive import write_demo_archive
 from particleseg_model.fixtures import write_fixture_mirror
 from particleseg_model.mirror import Mirror
@@ -46,6 +49,7 @@ def apply_sensor(instance: DagsterInstance, result) -> None:
 
 
 DEMO_ENTRIES = ("EMPIAR-30001", "EMPIAR-30002", "EMPIAR-30003")
+CORPUS_DEMO_KEYS = ("30001", "30002")
 
 
 def demo_mirror(mirror_dir: Path) -> tuple[Mirror, str]:
@@ -69,18 +73,18 @@ def main() -> int:
     mirror_dir = storage.path("demo", "archive")
     started = time.perf_counter()
     mirror, how = demo_mirror(mirror_dir)
-    print(f"[1/4] demo mirror: {len(mirror.entry_ids())} EMPIAR entries in {mirror_dir} "
+    print(f"[1/5] demo mirror: {len(mirror.entry_ids())} EMPIAR entries in {mirror_dir} "
           f"({', '.join(DEMO_ENTRIES)} {how}, with ground truth and galleries; "
           f"the rest is the embedded catalog fixture)")
 
     with serve(mirror_dir) as server:
         env = {**os.environ, **server.env(), "PARTICLESEG_DATA": str(storage.base())}
         os.environ.update(server.env())
-        print(f"[2/4] local EMPIAR/EMDB server at {server.url}")
+        print(f"[2/5] local EMPIAR/EMDB server at {server.url}")
         log_path = storage.path("demo", "catalog_job.log")
         command = [sys.executable, "-m", "dagster", "job", "execute",
                    "-m", "particleseg_assets.definitions", "-j", "catalog_job"]
-        print(f"[3/4] {' '.join(command[2:])}  (log: {log_path})")
+        print(f"[3/5] {' '.join(command[2:])}  (log: {log_path})")
         with open(log_path, "w") as log:
             code = subprocess.call(command, env=env, stdout=log, stderr=subprocess.STDOUT)
         if code != 0:
@@ -98,8 +102,24 @@ def main() -> int:
                                   definitions=defs) as context:
             tick = empiar_updates_sensor(context)
         partitions = instance.get_dynamic_partitions(EMPIAR_PARTITIONS_NAME)
-        print(f"[4/4] partition sensor: {len(partitions)} empiar_id partitions; "
+        print(f"[4/5] partition sensor: {len(partitions)} empiar_id partitions; "
               f"updates sensor: {getattr(tick, 'skip_message', None) or 'new entries found'}")
+
+        # the simulated particle entries go into the corpus (their poses are deposited); the
+        # micrograph entry needs a RELION refinement, which the corpus job also runs on demand
+        for key in CORPUS_DEMO_KEYS:
+            log_path = storage.path("demo", f"corpus_job_{key}.log")
+            command = [sys.executable, "-m", "dagster", "job", "execute", "-m",
+                       "particleseg_assets.definitions", "-j", "corpus_job", "--tags",
+                       json.dumps({"dagster/partition": key})]
+            print(f"[5/5] {' '.join(command[2:])}  (log: {log_path})")
+            with open(log_path, "w") as log:
+                code = subprocess.call(command, env=env, stdout=log, stderr=subprocess.STDOUT)
+            if code != 0:
+                print(Path(log_path).read_text()[-4000:], file=sys.stderr)
+                print(f"corpus_job for {key} failed (exit {code}); log: {log_path}",
+                      file=sys.stderr)
+                return code
 
     catalog = read_catalog(storage.catalog_path())
     eligible = read_catalog(storage.eligible_path())
@@ -115,6 +135,16 @@ def main() -> int:
     if last:
         reported = last[0].asset_materialization.metadata["error_list"].value
         print(f"\nproblems the last catalog run reported (the rest refreshed):\n{reported}")
+    print("\ncorpus (labels from the projected mask at each particle's pose):")
+    for key in CORPUS_DEMO_KEYS:
+        corpus = open_corpus(storage.path("corpus"), key)
+        labels = corpus.labels[:]
+        share = np.bincount(labels.ravel(), minlength=3) / labels.size
+        splits = corpus.table["split"].value_counts().to_dict()
+        print(f"  EMPIAR-{key}: {corpus.n_particles} particles at {corpus.box} px, "
+              f"background/signal/edge {share[0]:.2f}/{share[1]:.2f}/{share[2]:.2f}, "
+              f"splits {splits}\n    {corpus.location}\n    "
+              f"{storage.path('label_corpus', key, 'particles_with_masks.png')}")
     print(f"\ncatalog:   {storage.catalog_path()}\neligible:  {storage.eligible_path()}"
           f"\ninstance:  {os.environ['DAGSTER_HOME']} (see it with `make dev`)"
           f"\ndone in {time.perf_counter() - started:.1f} s")

@@ -1,0 +1,54 @@
+"""Pictures a biologist looks at before reading numbers: particles beside their label masks.
+
+PNGs are written without Pillow or matplotlib (8-bit grayscale, see
+:func:`particleseg_model.demo_archive.write_png`).
+"""
+
+from __future__ import annotations
+
+import base64
+import os
+from pathlib import Path
+
+import numpy as np
+
+from particleseg_model.demo_archive import write_png
+
+__all__ = ["LABEL_GRAY", "markdown_image", "particles_with_masks", "write_png"]
+
+# label code -> gray level: background black, edge mid-gray, signal white
+LABEL_GRAY = np.array([0, 255, 128], dtype=np.uint8)
+
+
+def _to_uint8(image: np.ndarray) -> np.ndarray:
+    low, high = np.percentile(image, [1, 99])
+    scaled = (image - low) / (high - low) if high > low else np.zeros_like(image)
+    return (np.clip(scaled, 0, 1) * 255).astype(np.uint8)
+
+
+def particles_with_masks(images: np.ndarray, labels: np.ndarray, columns: int = 8,
+                         gap: int = 2) -> np.ndarray:
+    """A grid, two rows per band of ``columns`` particles: the particle (contrast stretched
+    to its 1-99th percentiles) above its label mask (background black, edge gray, signal
+    white). ``images`` and ``labels`` are ``(n, S, S)``."""
+    n, size = len(images), images.shape[-1]
+    if n == 0:
+        return np.zeros((1, 1), dtype=np.uint8)
+    columns = max(1, min(columns, n))
+    bands = -(-n // columns)
+    grid = np.full((bands * 2 * (size + gap) + gap, columns * (size + gap) + gap), 64,
+                   dtype=np.uint8)
+    for i in range(n):
+        band, col = divmod(i, columns)
+        x = gap + col * (size + gap)
+        y = gap + band * 2 * (size + gap)
+        grid[y:y + size, x:x + size] = _to_uint8(np.asarray(images[i], dtype=np.float32))
+        grid[y + size + gap:y + 2 * size + gap, x:x + size] = LABEL_GRAY[
+            np.clip(np.asarray(labels[i]), 0, 2)]
+    return grid
+
+
+def markdown_image(path: str | os.PathLike, alt: str = "figure") -> str:
+    """Markdown that shows a (small) PNG inline in the Dagster UI, as a data URI."""
+    data = base64.b64encode(Path(path).read_bytes()).decode("ascii")
+    return f"![{alt}](data:image/png;base64,{data})"
