@@ -9,7 +9,7 @@ export DAGSTER_HOME := $(CURDIR)/dagster_home
 export PARTICLESEG_DATA ?= $(CURDIR)/data
 export PYTHONUNBUFFERED := 1
 
-.PHONY: setup relion venv test lint demo dev bench clean
+.PHONY: setup relion venv test lint demo dev bench bench-refine clean
 
 setup: relion venv
 
@@ -53,6 +53,13 @@ bench: setup
 	$(PY) benchmarks/catalog_refresh.py
 	$(PY) benchmarks/catalog_refresh.py --latency-ms 30 --reference-sample 200
 	$(PY) benchmarks/simulate_speed.py
+	$(PY) benchmarks/projection_speed.py
+	$(PY) benchmarks/corpus_build.py --n 20000 --box 128
+	$(PY) benchmarks/loader_speed.py
+
+# RELION auto-refine of 400 simulated particles: about 13 minutes on 2 cores
+bench-refine: setup
+	$(PY) benchmarks/refine_accuracy.py
 
 clean:
 	rm -rf $(VENV) data .pytest_cache .ruff_cache
