@@ -8,7 +8,6 @@ RELION outputs are passed by path, never through an IO manager.
 
 import json
 import os
-import shutil
 import tempfile
 import time
 from pathlib import Path
@@ -517,9 +516,3 @@ def label_corpus(context: AssetExecutionContext, config: LabelConfig,
         metadata["particles_with_masks"] = _gallery_md(gallery)
     return MaterializeResult(metadata=metadata)
 
-
-def remove_partition_outputs(storage: StorageResource, key: str) -> None:
-    """Delete what the corpus assets wrote for one partition (used by tests and by people
-    who drop a dataset on purpose)."""
-    for name in ("particle_stacks", "refined_particles", "mask_volume", "label_corpus"):
-        shutil.rmtree(storage.path(name, key), ignore_errors=True)
