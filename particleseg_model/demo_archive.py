@@ -62,6 +62,7 @@ from particleseg_model.simulate import (
     simulate_micrographs,
     simulate_particles,
 )
+from particleseg_model.star import write_loop_blocks
 
 __all__ = [
     "FIRST_EMD_NUMBER",
@@ -149,33 +150,10 @@ def default_maps(shared_dir: Path | None) -> list[MapSource]:
 # ------------------------------------------------------------------------------ file writers
 
 
-def _format(value: Any) -> str:
-    if isinstance(value, bool | np.bool_):
-        return str(int(value))
-    if isinstance(value, int | np.integer):
-        return str(int(value))
-    if isinstance(value, float | np.floating):
-        return f"{float(value):.6f}"
-    text = str(value)
-    if not text or any(c.isspace() for c in text):
-        raise ValueError(f"STAR value {text!r} is empty or has white space")
-    return text
-
-
 def write_star(path: Path, blocks: dict[str, pd.DataFrame | dict[str, Any]]) -> Path:
-    """Write STAR blocks as RELION 3.1 does (``# version 30001``, loops, 6 decimals); a dict
-    block becomes a one-row loop. No time stamp, so equal tables give equal bytes."""
-    lines: list[str] = []
-    for name, block in blocks.items():
-        table = pd.DataFrame([block]) if isinstance(block, dict) else block
-        lines += ["", "# version 30001", "", f"data_{name}", "", "loop_"]
-        lines += [f"_{column} #{k}" for k, column in enumerate(table.columns, start=1)]
-        columns = [table[c].to_numpy() for c in table.columns]
-        lines += [" ".join(_format(col[r]) for col in columns) for r in range(len(table))]
-        lines.append("")
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text("\n".join(lines) + "\n", encoding="ascii")
-    return path
+    """Write STAR blocks as RELION 3.1 does, floats with 6 decimals so that equal simulations
+    give equal bytes; text with white space is refused (the archive never needs quoting)."""
+    return write_loop_blocks(path, blocks, decimals=6, strict_text=True)
 
 
 def write_png(path: Path, image: np.ndarray, text: dict[str, str] | None = None) -> Path:

@@ -56,6 +56,7 @@ from particleseg_model.maps import (
     write_mrc,
 )
 from particleseg_model.simulate import euler_matrices
+from particleseg_model.star import write_loop_blocks
 
 __all__ = [
     "MPI_PREFIX",
@@ -345,33 +346,6 @@ def _kill(proc: subprocess.Popen) -> None:
 # ------------------------------------------------------------------------------ STAR helpers
 
 
-def _format_value(value: Any) -> str:
-    if isinstance(value, bool | np.bool_):
-        return str(int(value))
-    if isinstance(value, int | np.integer):
-        return str(int(value))
-    if isinstance(value, float | np.floating):
-        return repr(float(value))
-    text = str(value)
-    if not text or any(c.isspace() for c in text):
-        return '"' + text + '"'
-    return text
-
-
-def _write_star_blocks(path: Path, blocks: dict[str, pd.DataFrame]) -> Path:
-    """A RELION 3.1 STAR file of loop blocks (full float precision)."""
-    out: list[str] = []
-    for name, table in blocks.items():
-        out += ["", "# version 30001", "", f"data_{name}", "", "loop_"]
-        out += [f"_{column} #{k}" for k, column in enumerate(table.columns, start=1)]
-        columns = [table[c].to_numpy() for c in table.columns]
-        out += [" ".join(_format_value(col[r]) for col in columns) for r in range(len(table))]
-        out.append("")
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text("\n".join(out) + "\n", encoding="utf-8")
-    return path
-
-
 def _read_blocks(path: Path) -> dict[str, Any]:
     try:
         return starfile.read(path, always_dict=True,
@@ -635,7 +609,7 @@ def extract_particles(micrographs: str | os.PathLike | Sequence[str | os.PathLik
             link.parent.mkdir(parents=True, exist_ok=True)
             link.symlink_to(source)
             # RELION 3.1: coordinates of "Micrographs/x.mrc" are <coord_dir>Micrographs/x<suffix>
-            _write_star_blocks(tmp / "Coordinates" / (rel.rsplit(".", 1)[0] + ".star"),
+            write_loop_blocks(tmp / "Coordinates" / (rel.rsplit(".", 1)[0] + ".star"),
                                {"": coords})
             names.append(rel)
             keep.append(row)
@@ -647,7 +621,7 @@ def extract_particles(micrographs: str | os.PathLike | Sequence[str | os.PathLik
                  f"{', '.join(skipped[:5])}{' ...' if len(skipped) > 5 else ''}")
         mics = table.iloc[keep].drop(columns="_source").reset_index(drop=True)
         mics["rlnMicrographName"] = names
-        _write_star_blocks(tmp / "micrographs.star", {"optics": optics, "micrographs": mics})
+        write_loop_blocks(tmp / "micrographs.star", {"optics": optics, "micrographs": mics})
         command = ["relion_preprocess", "--i", "micrographs.star", "--coord_dir",
                    "Coordinates/", "--coord_suffix", ".star", "--part_dir", "Particles/",
                    "--part_star", "particles.star", "--extract", "--extract_size", str(box_px)]

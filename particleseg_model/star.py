@@ -39,6 +39,7 @@ __all__ = [
     "has_poses",
     "read_star",
     "split_image_name",
+    "write_loop_blocks",
     "write_star",
 ]
 
@@ -511,6 +512,40 @@ def write_star(path: str | os.PathLike, star: ParticleStar,
     except BaseException:
         tmp.unlink(missing_ok=True)
         raise
+    return path
+
+
+def _loop_value(value: object, decimals: int | None, strict_text: bool) -> str:
+    if isinstance(value, bool | np.bool_ | int | np.integer):
+        return str(int(value))
+    if isinstance(value, float | np.floating):
+        return repr(float(value)) if decimals is None else f"{float(value):.{decimals}f}"
+    text = str(value)
+    if not text or any(c.isspace() for c in text):
+        if strict_text:
+            raise ValueError(f"STAR value {text!r} is empty or has white space")
+        return '"' + text + '"'
+    return text
+
+
+def write_loop_blocks(path: str | os.PathLike, blocks: dict[str, pd.DataFrame | dict],
+                      *, decimals: int | None = None, strict_text: bool = False) -> Path:
+    """Write plain tables as RELION 3.1 loop blocks (``# version 30001``); a dict block becomes
+    a one-row loop. Floats get ``decimals`` places (None: full precision); empty or
+    white-space text is quoted, or refused with ``strict_text``. No time stamp, so equal
+    tables give equal bytes. For particle files with optics use :func:`write_star`."""
+    lines: list[str] = []
+    for name, block in blocks.items():
+        table = pd.DataFrame([block]) if isinstance(block, dict) else block
+        lines += ["", "# version 30001", "", f"data_{name}", "", "loop_"]
+        lines += [f"_{column} #{k}" for k, column in enumerate(table.columns, start=1)]
+        columns = [table[c].to_numpy() for c in table.columns]
+        lines += [" ".join(_loop_value(col[r], decimals, strict_text) for col in columns)
+                  for r in range(len(table))]
+        lines.append("")
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text("\n".join(lines) + "\n", encoding="utf-8")
     return path
 
 
