@@ -26,25 +26,27 @@ def _to_uint8(image: np.ndarray) -> np.ndarray:
     return (np.clip(scaled, 0, 1) * 255).astype(np.uint8)
 
 
-def particles_with_masks(images: np.ndarray, labels: np.ndarray, columns: int = 8,
-                         gap: int = 2) -> np.ndarray:
-    """A grid, two rows per band of ``columns`` particles: the particle (contrast stretched
-    to its 1-99th percentiles) above its label mask (background black, edge gray, signal
-    white). ``images`` and ``labels`` are ``(n, S, S)``."""
+def particles_with_masks(images: np.ndarray, labels: np.ndarray | None = None,
+                         columns: int = 8, gap: int = 2) -> np.ndarray:
+    """A grid of bands of ``columns`` particles: the particle (contrast stretched to its
+    1-99th percentiles) above its label mask (background black, edge gray, signal white);
+    without ``labels``, the particles only. ``images`` and ``labels`` are ``(n, S, S)``."""
     n, size = len(images), images.shape[-1]
     if n == 0:
         return np.zeros((1, 1), dtype=np.uint8)
     columns = max(1, min(columns, n))
-    bands = -(-n // columns)
-    grid = np.full((bands * 2 * (size + gap) + gap, columns * (size + gap) + gap), 64,
+    rows = 1 if labels is None else 2
+    band_height = rows * (size + gap)
+    grid = np.full((-(-n // columns) * band_height + gap, columns * (size + gap) + gap), 64,
                    dtype=np.uint8)
     for i in range(n):
         band, col = divmod(i, columns)
         x = gap + col * (size + gap)
-        y = gap + band * 2 * (size + gap)
+        y = gap + band * band_height
         grid[y:y + size, x:x + size] = _to_uint8(np.asarray(images[i], dtype=np.float32))
-        grid[y + size + gap:y + 2 * size + gap, x:x + size] = LABEL_GRAY[
-            np.clip(np.asarray(labels[i]), 0, 2)]
+        if labels is not None:
+            grid[y + size + gap:y + 2 * size + gap, x:x + size] = LABEL_GRAY[
+                np.clip(np.asarray(labels[i]), 0, 2)]
     return grid
 
 

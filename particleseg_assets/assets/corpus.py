@@ -110,8 +110,9 @@ def _extraction_box(files, config: StacksConfig) -> int:
     density = [p for p in files.maps if "mask" not in p.name.lower()]
     if not density:
         raise ValueError(f"{files.empiar_id}: no box size known: set box_px in the config")
-    mask, _ = make_mask(load_map(density[0]))
-    diameter_a = particle_diameter_px(mask) * load_map(density[0]).pixel_size_a
+    reference = load_map(density[0])
+    mask, _ = make_mask(reference)
+    diameter_a = particle_diameter_px(mask) * reference.pixel_size_a
     box = int(np.ceil(2 * diameter_a / (files.pixel_size_a or 1.0) / 2) * 2)
     return box
 
@@ -165,8 +166,7 @@ def particle_stacks(context: AssetExecutionContext, config: StacksConfig,
     box = int(particles["image_size_px"].dropna().iloc[0])
     sample = particles.head(8)
     images = read_particles_table(sample, base_dir=base_dir)
-    gallery = write_png(out / "particles.png", particles_with_masks(
-        images, np.zeros(images.shape, dtype=np.uint8))[: images.shape[-1] + 4])
+    gallery = write_png(out / "particles.png", particles_with_masks(images))
     manifest = {
         "empiar_id": entry.empiar_id, "kind": files.kind, "particles_star": str(star_path),
         "base_dir": str(base_dir), "n_particles": len(particles), "box_px": box,
