@@ -8,8 +8,12 @@ STAMP := $(VENV)/.installed
 export DAGSTER_HOME := $(CURDIR)/dagster_home
 export PARTICLESEG_DATA ?= $(CURDIR)/data
 export PYTHONUNBUFFERED := 1
+# The demo archive (built by `make demo`) served as EMPIAR/EMDB/archive on a fixed loopback port
+DEMO_PORT ?= 8765
+DEMO_ARCHIVE := $(PARTICLESEG_DATA)/demo/archive
+DEMO_URL := http://127.0.0.1:$(DEMO_PORT)
 
-.PHONY: setup relion venv test lint demo dev bench bench-refine clean
+.PHONY: setup relion venv test lint demo dev serve env bench bench-refine clean
 
 setup: relion venv
 
@@ -46,8 +50,29 @@ test: setup lint
 demo: setup
 	$(PY) -m particleseg_assets.demo
 
+# The web UI on the demo instance, with the demo archive served beside it when there is one
 dev: setup
-	$(VENV)/bin/dagster dev -w workspace.yaml
+	@if [ -d $(DEMO_ARCHIVE) ]; then \
+		$(VENV)/bin/particleseg serve-archive $(DEMO_ARCHIVE) --port $(DEMO_PORT) & \
+		server=$$!; trap "kill $$server 2>/dev/null" EXIT; \
+		eval "$$($(MAKE) -s env)"; \
+		$(VENV)/bin/dagster dev -w workspace.yaml; \
+	else \
+		echo "no demo archive yet (make demo builds it): the clients talk to EBI"; \
+		$(VENV)/bin/dagster dev -w workspace.yaml; \
+	fi
+
+# The demo archive as EMPIAR/EMDB/archive on 127.0.0.1:$(DEMO_PORT), in the foreground
+serve: setup
+	@test -d $(DEMO_ARCHIVE) || { echo "$(DEMO_ARCHIVE) is missing: run make demo first" >&2; exit 1; }
+	$(VENV)/bin/particleseg serve-archive $(DEMO_ARCHIVE) --port $(DEMO_PORT)
+
+# `eval "$(make -s env)"`: the environment of a shell that talks to the demo instance and server
+env:
+	@echo "export DAGSTER_HOME=$(DAGSTER_HOME) PARTICLESEG_DATA=$(PARTICLESEG_DATA)"
+	@echo "export PARTICLESEG_EMPIAR_URL=$(DEMO_URL)/empiar/api"
+	@echo "export PARTICLESEG_EMDB_URL=$(DEMO_URL)/emdb/api"
+	@echo "export PARTICLESEG_ARCHIVE_URL=$(DEMO_URL)/empiar/world_availability"
 
 bench: setup
 	$(PY) benchmarks/catalog_refresh.py

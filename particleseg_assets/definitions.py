@@ -4,23 +4,24 @@ from dagster import Definitions
 
 from particleseg_assets.assets.catalog import eligible_entries, empiar_entries
 from particleseg_assets.assets.corpus import (
-    label_corpus,
     mask_volume,
+    particle_masks,
     particle_stacks,
     refined_particles,
 )
 from particleseg_assets.checks import eligible_rule_holds, entry_ids_unique, few_catalog_errors
-from particleseg_assets.jobs import catalog_job, corpus_job
-from particleseg_assets.resources import EmpiarResource, StorageResource
+from particleseg_assets.jobs import catalog_job, dataset_job, remove_dataset_job
+from particleseg_assets.resources import EmpiarResource, RelionResource, StorageResource
 from particleseg_assets.schedules import daily_catalog_refresh
 from particleseg_assets.sensors import eligible_partitions_sensor, empiar_updates_sensor
 
 defs = Definitions(
     assets=[empiar_entries, eligible_entries, particle_stacks, refined_particles, mask_volume,
-            label_corpus],
+            particle_masks],
     asset_checks=[entry_ids_unique, few_catalog_errors, eligible_rule_holds],
-    jobs=[catalog_job, corpus_job],
+    jobs=[catalog_job, dataset_job, remove_dataset_job],
     schedules=[daily_catalog_refresh],
     sensors=[empiar_updates_sensor, eligible_partitions_sensor],
-    resources={"empiar": EmpiarResource(), "storage": StorageResource()},
+    resources={"empiar": EmpiarResource(), "storage": StorageResource(),
+               "relion": RelionResource()},
 )

@@ -49,7 +49,7 @@ def apply_sensor(instance: DagsterInstance, result) -> None:
 
 
 DEMO_ENTRIES = ("EMPIAR-30001", "EMPIAR-30002", "EMPIAR-30003")
-CORPUS_DEMO_KEYS = ("30001", "30002")
+DATASET_DEMO_KEYS = ("30001", "30002")
 
 
 def demo_mirror(mirror_dir: Path) -> tuple[Mirror, str]:
@@ -98,26 +98,32 @@ def main() -> int:
                                   definitions=defs) as context:
             result = eligible_partitions_sensor(context)
             apply_sensor(instance, result)
+        requested = [r.partition_key for r in getattr(result, "run_requests", None) or []]
         with build_sensor_context(instance=instance, resources=resources,
                                   definitions=defs) as context:
             tick = empiar_updates_sensor(context)
         partitions = instance.get_dynamic_partitions(EMPIAR_PARTITIONS_NAME)
-        print(f"[4/5] partition sensor: {len(partitions)} empiar_id partitions; "
-              f"updates sensor: {getattr(tick, 'skip_message', None) or 'new entries found'}")
+        print(f"[4/5] partition sensor: {len(partitions)} empiar_id partitions, "
+              f"{len(requested)} dataset_job runs requested (run keys dataset-<id>; "
+              f"{'this instance had them all already' if not requested else 'new partitions'})"
+              f"; updates sensor: "
+              f"{getattr(tick, 'skip_message', None) or 'new entries found'}")
 
-        # the simulated particle entries go into the corpus (their poses are deposited); the
-        # micrograph entry needs a RELION refinement, which the corpus job also runs on demand
-        for key in CORPUS_DEMO_KEYS:
-            log_path = storage.path("demo", f"corpus_job_{key}.log")
+        # The two simulated particle entries go into the corpus here (their poses are
+        # deposited). The micrograph entry needs a RELION refinement (tens of minutes on two
+        # cores) and the fixture entries are real EMPIAR ids whose files the demo mirror lacks:
+        # their partitions exist, their runs are one command away (printed below).
+        for key in DATASET_DEMO_KEYS:
+            log_path = storage.path("demo", f"dataset_job_{key}.log")
             command = [sys.executable, "-m", "dagster", "job", "execute", "-m",
-                       "particleseg_assets.definitions", "-j", "corpus_job", "--tags",
+                       "particleseg_assets.definitions", "-j", "dataset_job", "--tags",
                        json.dumps({"dagster/partition": key})]
             print(f"[5/5] {' '.join(command[2:])}  (log: {log_path})")
             with open(log_path, "w") as log:
                 code = subprocess.call(command, env=env, stdout=log, stderr=subprocess.STDOUT)
             if code != 0:
                 print(Path(log_path).read_text()[-4000:], file=sys.stderr)
-                print(f"corpus_job for {key} failed (exit {code}); log: {log_path}",
+                print(f"dataset_job for {key} failed (exit {code}); log: {log_path}",
                       file=sys.stderr)
                 return code
 
@@ -136,7 +142,7 @@ def main() -> int:
         reported = last[0].asset_materialization.metadata["error_list"].value
         print(f"\nproblems the last catalog run reported (the rest refreshed):\n{reported}")
     print("\ncorpus (labels from the projected mask at each particle's pose):")
-    for key in CORPUS_DEMO_KEYS:
+    for key in DATASET_DEMO_KEYS:
         corpus = open_corpus(storage.path("corpus"), key)
         labels = corpus.labels[:]
         share = np.bincount(labels.ravel(), minlength=3) / labels.size
@@ -144,7 +150,13 @@ def main() -> int:
         print(f"  EMPIAR-{key}: {corpus.n_particles} particles at {corpus.box} px, "
               f"background/signal/edge {share[0]:.2f}/{share[1]:.2f}/{share[2]:.2f}, "
               f"splits {splits}\n    {corpus.location}\n    "
-              f"{storage.path('label_corpus', key, 'particles_with_masks.png')}")
+              f"{storage.path('particle_masks', key, 'particles_with_masks.png')}")
+    print("\nany partition from the command line (30003, the micrograph entry, runs RELION "
+          "extraction and\n3D auto-refine: about an hour on 2 cores), with the demo archive "
+          "served in another shell by `make serve`:\n"
+          "  eval \"$(make -s env)\"\n"
+          "  .venv/bin/dagster job execute -m particleseg_assets.definitions -j dataset_job "
+          "--tags '{\"dagster/partition\": \"30001\"}'")
     print(f"\ncatalog:   {storage.catalog_path()}\neligible:  {storage.eligible_path()}"
           f"\ninstance:  {os.environ['DAGSTER_HOME']} (see it with `make dev`)"
           f"\ndone in {time.perf_counter() - started:.1f} s")

@@ -1,15 +1,19 @@
 """Jobs runnable from the web UI and from ``dagster job execute``."""
 
-from dagster import AssetSelection, define_asset_job
+import shutil
+
+from dagster import AssetSelection, Config, OpExecutionContext, define_asset_job, job, op
 
 from particleseg_assets.assets.catalog import eligible_entries, empiar_entries
 from particleseg_assets.assets.corpus import (
-    label_corpus,
+    PER_DATASET_FOLDERS,
     mask_volume,
+    particle_masks,
     particle_stacks,
     refined_particles,
 )
-from particleseg_assets.partitions import empiar_partitions
+from particleseg_assets.partitions import EMPIAR_PARTITIONS_NAME
+from particleseg_assets.resources import StorageResource
 
 catalog_job = define_asset_job(
     "catalog_job",
@@ -17,10 +21,60 @@ catalog_job = define_asset_job(
     description="Refresh the EMPIAR catalog (incrementally) and select the eligible entries.",
 )
 
-corpus_job = define_asset_job(
-    "corpus_job",
-    selection=AssetSelection.assets(particle_stacks, refined_particles, mask_volume, label_corpus),
-    partitions_def=empiar_partitions,
-    description="One EMPIAR entry into the corpus: stacks, poses, mask, labels (Zarr). Run it "
-                "with --tags '{\"dagster/partition\": \"10028\"}'.",
+DATASET_ASSETS = (particle_stacks, refined_particles, mask_volume, particle_masks)
+
+dataset_job = define_asset_job(
+    "dataset_job",
+    selection=AssetSelection.assets(*DATASET_ASSETS),
+    description="One EMPIAR entry into the corpus: fetch its particles, refine (or take the "
+                "deposited poses), mask, label (Zarr). Run it with "
+                "--tags '{\"dagster/partition\": \"10028\"}'.",
 )
+
+
+class RemoveDatasetConfig(Config):
+    empiar_id: str
+    """The partition to remove ("10028" or "EMPIAR-10028")."""
+    keep_downloads: bool = False
+    """Keep the downloaded files (a later re-add then fetches nothing)."""
+
+
+@op(description="Delete one empiar_id partition: its materialization history, its files under "
+                "the storage root and its corpus group. The other partitions are untouched.")
+def remove_dataset(context: OpExecutionContext, config: RemoveDatasetConfig,
+                   storage: StorageResource) -> None:
+    from particleseg_model.corpus import remove_corpus
+    from particleseg_model.empiar import partition_key
+
+    key = partition_key(config.empiar_id)
+    instance = context.instance
+    if not instance.has_dynamic_partition(EMPIAR_PARTITIONS_NAME, key):
+        raise ValueError(f"EMPIAR-{key} is not an {EMPIAR_PARTITIONS_NAME} partition "
+                         f"(known: {len(instance.get_dynamic_partitions(EMPIAR_PARTITIONS_NAME))})")
+    folders = [f for f in PER_DATASET_FOLDERS if not (config.keep_downloads and f == "downloads")]
+    removed = []
+    for folder in folders:
+        path = storage.path(folder, key)
+        if path.exists():
+            shutil.rmtree(path)
+            removed.append(str(path))
+    if remove_corpus(storage.path("corpus"), key):
+        removed.append(str(storage.path("corpus", f"{key}.zarr")))
+    history = "wiped"
+    try:
+        for asset in DATASET_ASSETS:
+            instance.wipe_asset_partitions(asset.key, [key])
+    except NotImplementedError:
+        # SQLite event logs cannot wipe single partitions (PostgreSQL can): the events stay
+        # as history, and the UI stops listing them once the partition is gone
+        history = "kept as history (this event log cannot wipe partitions)"
+    instance.delete_dynamic_partition(EMPIAR_PARTITIONS_NAME, key)
+    context.log.info(f"EMPIAR-{key} removed: partition deleted, materializations {history}, "
+                     f"{len(removed)} folders ({', '.join(removed) or 'none on disk'})")
+
+
+@job(description="Remove one dataset (an obsoleted or unwanted entry) without touching the "
+                 "others: --config '{\"ops\": {\"remove_dataset\": {\"config\": "
+                 "{\"empiar_id\": \"10028\"}}}}'.")
+def remove_dataset_job() -> None:
+    remove_dataset()

@@ -1,8 +1,11 @@
-"""Resources configured from the environment: EMPIAR/EMDB/archive clients, storage root."""
+"""Resources configured from the environment: EMPIAR/EMDB/archive clients, storage root,
+RELION (where its programs are, how many MPI ranks and threads a refinement gets)."""
 
 from __future__ import annotations
 
 import os
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 from dagster import ConfigurableResource
@@ -54,3 +57,58 @@ class StorageResource(ConfigurableResource):
 
     def eligible_path(self) -> Path:
         return self.path("catalog", "eligible_entries.parquet")
+
+
+RELION_BIN_ENV = "PARTICLESEG_RELION_BIN"
+RELION_MPI_ENV = "PARTICLESEG_RELION_MPI_RANKS"
+RELION_THREADS_ENV = "PARTICLESEG_RELION_THREADS"
+
+
+def _env_int(name: str, default: int) -> int:
+    text = os.environ.get(name, "").strip()
+    if not text:
+        return default
+    try:
+        value = int(text)
+    except ValueError:
+        raise ValueError(f"{name}={text!r} is not a whole number") from None
+    if value < 1:
+        raise ValueError(f"{name}={value} must be at least 1")
+    return value
+
+
+class RelionResource(ConfigurableResource):
+    """How RELION runs here. Unset fields fall back to ``PARTICLESEG_RELION_BIN`` (a directory
+    put first on PATH, for a RELION built from source), ``PARTICLESEG_RELION_MPI_RANKS``
+    (default 3: a leader and one rank per half-set) and ``PARTICLESEG_RELION_THREADS``
+    (default 1 per rank: 3 ranks x 1 thread already fill a 2-core host)."""
+
+    bin_dir: str | None = None
+    mpi_ranks: int | None = None
+    threads: int | None = None
+
+    def ranks(self) -> int:
+        return self.mpi_ranks or _env_int(RELION_MPI_ENV, 3)
+
+    def threads_per_rank(self) -> int:
+        return self.threads or _env_int(RELION_THREADS_ENV, 1)
+
+    def program_dir(self) -> Path | None:
+        text = self.bin_dir or os.environ.get(RELION_BIN_ENV)
+        return Path(text).expanduser().resolve() if text else None
+
+    @contextmanager
+    def on_path(self) -> Iterator[None]:
+        """Put :meth:`program_dir` first on PATH for the RELION calls inside the block."""
+        where = self.program_dir()
+        if where is None:
+            yield
+            return
+        if not where.is_dir():
+            raise FileNotFoundError(f"{RELION_BIN_ENV}/bin_dir {where} is not a directory")
+        before = os.environ.get("PATH", "")
+        os.environ["PATH"] = f"{where}{os.pathsep}{before}"
+        try:
+            yield
+        finally:
+            os.environ["PATH"] = before

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import hashlib
+import os
 
 import pandas as pd
 from dagster import (
@@ -15,7 +16,7 @@ from dagster import (
     sensor,
 )
 
-from particleseg_assets.jobs import catalog_job
+from particleseg_assets.jobs import catalog_job, dataset_job
 from particleseg_assets.partitions import EMPIAR_PARTITIONS_NAME, empiar_partitions
 from particleseg_assets.resources import EmpiarResource, StorageResource
 from particleseg_model.catalog import UpdateCursor, find_updates, read_catalog
@@ -51,9 +52,21 @@ def empiar_updates_sensor(context: SensorEvaluationContext, empiar: EmpiarResour
     )
 
 
-@sensor(minimum_interval_seconds=60, default_status=DefaultSensorStatus.RUNNING,
-        description="Adds one empiar_id partition per eligible entry after each "
-                    "eligible_entries materialization.")
+AUTO_RUN_ENV = "PARTICLESEG_AUTO_RUN"
+"""``new`` (default): request a dataset_job run for each partition the sensor adds; ``off``:
+only add partitions (a person launches the runs)."""
+
+
+def dataset_run_key(key: str) -> str:
+    """One run request per dataset, ever: Dagster drops a second request with this key."""
+    return f"dataset-{key}"
+
+
+@sensor(job=dataset_job, minimum_interval_seconds=60,
+        default_status=DefaultSensorStatus.RUNNING,
+        description="After each eligible_entries materialization, adds one empiar_id partition "
+                    "per new eligible entry and requests a dataset_job run for it (run key "
+                    "dataset-<id>; PARTICLESEG_AUTO_RUN=off only adds the partitions).")
 def eligible_partitions_sensor(context: SensorEvaluationContext,
                                storage: StorageResource) -> SensorResult | SkipReason:
     records = context.instance.fetch_materializations(AssetKey("eligible_entries"), limit=1)
@@ -74,7 +87,14 @@ def eligible_partitions_sensor(context: SensorEvaluationContext,
         context.log.info(f"{len(gone)} partitions are no longer eligible: {', '.join(gone[:20])}")
     if new_keys:
         context.log.info(f"adding {len(new_keys)} partitions: {', '.join(new_keys[:20])}")
+    auto = os.environ.get(AUTO_RUN_ENV, "new").strip().lower()
+    if auto not in ("new", "off"):
+        raise ValueError(f"{AUTO_RUN_ENV}={auto!r}: use 'new' or 'off'")
+    runs = [RunRequest(partition_key=key, run_key=dataset_run_key(key),
+                       tags={"particleseg/requested_by": "eligible_partitions_sensor"})
+            for key in new_keys] if auto == "new" else []
     return SensorResult(
+        run_requests=runs,
         dynamic_partitions_requests=[empiar_partitions.build_add_request(new_keys)]
         if new_keys else [],
         cursor=str(event.storage_id),

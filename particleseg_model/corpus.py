@@ -393,6 +393,31 @@ def list_corpus(root: str | os.PathLike[str], *,
     return sorted(k for k in keys if _resolve(place, k) is not None)
 
 
+def remove_corpus(root: str | os.PathLike[str], empiar_id: str | int, *,
+                  storage_options: Mapping[str, Any] | None = None,
+                  lock_timeout_s: float = 60.0) -> bool:
+    """Delete a partition (its committed version and anything a killed writer left), under
+    the partition's writer lock; the other partitions are not touched. False when there was
+    nothing to delete."""
+    place = _Place(root, storage_options)
+    key = normalise_id(empiar_id)
+    live = place.name(key)
+    lock = _Lock(place.local / f".{key}.zarr.lock", key, lock_timeout_s) \
+        if place.local is not None else None
+    if lock is not None:
+        lock.acquire()
+    try:
+        doomed = [e for e in place.entries()
+                  if e == live or e.startswith(live + ".old-") or e.startswith(live + ".tmp-")]
+        for entry in doomed:
+            place.remove(entry)
+        # the lock file stays: a writer waiting on it must keep locking the same inode
+        return bool(doomed)
+    finally:
+        if lock is not None:
+            lock.release()
+
+
 # ------------------------------------------------------------------------------ local commit
 
 

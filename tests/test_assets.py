@@ -124,6 +124,10 @@ def test_partition_sensor_adds_each_eligible_entry_once(server_env, dagster_home
     (request,) = result.dynamic_partitions_requests
     assert len(request.partition_keys) == N_ELIGIBLE
     assert "10028" in request.partition_keys and "10934" not in request.partition_keys
+    # one dataset_job run per new partition, keyed so that Dagster never launches it twice
+    runs = {r.partition_key: r for r in result.run_requests}
+    assert sorted(runs) == sorted(request.partition_keys)
+    assert runs["10028"].run_key == "dataset-10028"
     instance.add_dynamic_partitions(request.partitions_def_name, request.partition_keys)
     again, _ = sensor_tick(eligible_partitions_sensor, instance, tmp_path, cursor=result.cursor)
     assert isinstance(again, SkipReason)
@@ -132,6 +136,20 @@ def test_partition_sensor_adds_each_eligible_entry_once(server_env, dagster_home
     third, _ = sensor_tick(eligible_partitions_sensor, instance, tmp_path, cursor=result.cursor)
     assert isinstance(third, SensorResult) and third.dynamic_partitions_requests == []
     assert len(instance.get_dynamic_partitions(EMPIAR_PARTITIONS_NAME)) == N_ELIGIBLE
+    assert third.run_requests == []
+
+
+def test_partition_sensor_only_adds_partitions_when_auto_run_is_off(
+        server_env, dagster_home, tmp_path, monkeypatch):
+    instance = DagsterInstance.get()
+    assert run_catalog(instance, tmp_path).success
+    monkeypatch.setenv("PARTICLESEG_AUTO_RUN", "off")
+    result, _ = sensor_tick(eligible_partitions_sensor, instance, tmp_path)
+    assert len(result.dynamic_partitions_requests[0].partition_keys) == N_ELIGIBLE
+    assert result.run_requests == []
+    monkeypatch.setenv("PARTICLESEG_AUTO_RUN", "always")
+    with pytest.raises(ValueError, match="PARTICLESEG_AUTO_RUN='always'"):
+        sensor_tick(eligible_partitions_sensor, instance, tmp_path)
 
 
 def dagster_cli(*args: str, env: dict) -> subprocess.CompletedProcess:

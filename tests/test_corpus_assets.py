@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import shutil
 from pathlib import Path
 
@@ -12,17 +13,17 @@ import pytest
 from dagster import DagsterInstance, materialize
 
 from particleseg_assets.assets.corpus import (
-    label_corpus,
     mask_volume,
+    particle_masks,
     particle_stacks,
     refined_particles,
 )
-from particleseg_assets.resources import EmpiarResource, StorageResource
+from particleseg_assets.resources import EmpiarResource, RelionResource, StorageResource
 from particleseg_model.corpus import open_corpus
 from particleseg_model.demo_archive import write_demo_archive
 from particleseg_model.server import serve
 
-ASSETS = [particle_stacks, refined_particles, mask_volume, label_corpus]
+ASSETS = [particle_stacks, refined_particles, mask_volume, particle_masks]
 N_PARTICLES = 40
 
 
@@ -49,7 +50,8 @@ def _run(tmp_path: Path, key: str, selection=None, config: dict | None = None,
     instance.add_dynamic_partitions("empiar_id", [key])
     return materialize(
         ASSETS, partition_key=key, instance=instance, selection=selection,
-        resources={"empiar": EmpiarResource(), "storage": StorageResource(root=str(tmp_path))},
+        resources={"empiar": EmpiarResource(), "storage": StorageResource(root=str(tmp_path)),
+                   "relion": RelionResource()},
         run_config={"ops": config or {}}, raise_on_error=raise_on_error)
 
 
@@ -78,8 +80,17 @@ def test_particle_entry_becomes_a_labelled_corpus(served, tmp_path: Path) -> Non
     assert refined["pose_median_angle_error_deg"] == pytest.approx(0, abs=1e-3)
     mask = _metadata(result, "mask_volume")
     assert 0.005 < mask["volume_fraction"] < 0.5
-    labels_md = _metadata(result, "label_corpus")
+    # the simulated entries state a nominal 3.2 A map in their EMDB records
+    assert refined["resolution_a"] == pytest.approx(3.2)
+    labels_md = _metadata(result, "particle_masks")
     assert labels_md["particles"] == N_PARTICLES
+    checks = {e.check_name: e for e in result.get_asset_check_evaluations()}
+    assert {name: check.passed for name, check in checks.items()} == {
+        "poses_for_every_particle": True, "resolution_reported": True,
+        "masks_not_empty": True, "zarr_parquet_rows_agree": True}
+    rows = checks["zarr_parquet_rows_agree"].metadata
+    assert rows["images"].value == rows["parquet"].value == N_PARTICLES
+    assert checks["poses_for_every_particle"].metadata["without_pose"].value == 0
     assert labels_md["particles_with_masks"].startswith("![")
 
     corpus = open_corpus(tmp_path / "corpus", "30001")
@@ -120,7 +131,7 @@ def test_bad_rows_are_named_and_the_last_corpus_survives(served, small_archive: 
     # a stack goes missing under the refined STAR file
     stack = tmp_path / "downloads" / "30001" / "data" / "Particles" / "particles_002.mrcs"
     stack.unlink()
-    failed = _run(tmp_path, "30001", selection=[label_corpus], raise_on_error=False)
+    failed = _run(tmp_path, "30001", selection=[particle_masks], raise_on_error=False)
     assert not failed.success
     message = _failure(failed)
     assert "16 particles cannot be read: stack Particles/particles_002.mrcs, rows 17-32" \
@@ -129,9 +140,9 @@ def test_bad_rows_are_named_and_the_last_corpus_survives(served, small_archive: 
     assert np.array_equal(np.asarray(after.labels[:]), before_labels)
     assert not [p for p in (tmp_path / "corpus").iterdir() if "tmp" in p.name]
 
-    skipped = _run(tmp_path, "30001", selection=[label_corpus],
-                   config={"label_corpus": {"config": {"skip_bad_rows": True}}})
-    md = _metadata(skipped, "label_corpus")
+    skipped = _run(tmp_path, "30001", selection=[particle_masks],
+                   config={"particle_masks": {"config": {"skip_bad_rows": True}}})
+    md = _metadata(skipped, "particle_masks")
     assert md["skipped_bad_rows"] == 16 and md["particles"] == N_PARTICLES - 16
     assert open_corpus(tmp_path / "corpus", "30001").n_particles == N_PARTICLES - 16
 
@@ -160,9 +171,87 @@ def test_append_adds_only_new_particles(served, tmp_path: Path) -> None:
     config = {"refined_particles": {"config": {"source": "deposited"}}}
     assert _run(tmp_path, "30001", config=config).success
     first = open_corpus(tmp_path / "corpus", "30001").table[["image_name", "split"]]
-    again = _run(tmp_path, "30001", selection=[label_corpus],
-                 config={"label_corpus": {"config": {"append": True}}})
-    md = _metadata(again, "label_corpus")
+    again = _run(tmp_path, "30001", selection=[particle_masks],
+                 config={"particle_masks": {"config": {"append": True}}})
+    md = _metadata(again, "particle_masks")
     assert md["already_in_corpus"] == N_PARTICLES and md["particles"] == 0
     after = open_corpus(tmp_path / "corpus", "30001").table[["image_name", "split"]]
     pd.testing.assert_frame_equal(after, first)  # old particles keep their rows and splits
+
+
+def test_checks_fail_on_empty_masks_and_missing_poses(served, tmp_path: Path) -> None:
+    assert _run(tmp_path, "30001").success
+    # a threshold above any projected value leaves every particle without signal
+    result = _run(tmp_path, "30001", selection=[particle_masks],
+                  config={"particle_masks": {"config": {"threshold": 1e9}}})
+    checks = {e.check_name: e for e in result.get_asset_check_evaluations()}
+    assert checks["masks_not_empty"].passed is False
+    assert checks["masks_not_empty"].metadata["particles_without_signal"].value == N_PARTICLES
+    assert checks["zarr_parquet_rows_agree"].passed is True
+
+    from particleseg_assets.assets.corpus import _poses_check
+
+    table = pd.DataFrame({"rot_deg": [0.0, np.nan, 3.0], "tilt_deg": [1.0, 2.0, np.inf],
+                          "psi_deg": 0.0, "origin_x_a": 0.0, "origin_y_a": 0.0})
+    check = _poses_check(table, Path("run_data.star"))
+    assert check.passed is False and check.metadata["first_rows"].value == "2-3"
+    no_origins = _poses_check(table.drop(columns=["origin_x_a"]), Path("run_data.star"))
+    assert no_origins.metadata["missing_columns"].value == "origin_x_a"
+
+
+def test_remove_dataset_job_leaves_the_other_partitions(dagster_home: Path, tmp_path: Path,
+                                                        monkeypatch) -> None:
+    from particleseg_assets.jobs import remove_dataset_job
+
+    archive = tmp_path / "archive"
+    write_demo_archive(archive, maps=["generated:globular", "generated:ring"], n_particles=24,
+                       box=48, micrograph_entries=0, seed=3, progress=False)
+    instance = DagsterInstance.get()
+    instance.add_dynamic_partitions("empiar_id", ["30001", "30002"])
+    storage = StorageResource(root=str(tmp_path / "data"))
+    resources = {"empiar": EmpiarResource(), "storage": storage, "relion": RelionResource()}
+    with serve(archive) as server:
+        for name, value in server.env().items():
+            monkeypatch.setenv(name, value)
+        for key in ("30001", "30002"):
+            assert materialize(ASSETS, partition_key=key, instance=instance,
+                               resources=resources).success
+    kept_labels = np.asarray(open_corpus(storage.path("corpus"), "30002").labels[:])
+
+    result = remove_dataset_job.execute_in_process(
+        instance=instance, resources={"storage": storage},
+        run_config={"ops": {"remove_dataset": {"config": {"empiar_id": "EMPIAR-30001"}}}})
+    assert result.success
+    assert instance.get_dynamic_partitions("empiar_id") == ["30002"]
+    for folder in ("downloads", "particle_stacks", "refined_particles", "mask_volume",
+                   "particle_masks"):
+        assert not storage.path(folder, "30001").exists()
+        assert storage.path(folder, "30002", "manifest.json").exists() or folder == "downloads"
+    assert not (storage.path("corpus") / "30001.zarr").exists()
+    assert instance.get_materialized_partitions(particle_masks.key) >= {"30002"}
+    kept = open_corpus(storage.path("corpus"), "30002")
+    assert np.array_equal(np.asarray(kept.labels[:]), kept_labels)
+
+    missing = remove_dataset_job.execute_in_process(
+        instance=instance, resources={"storage": storage}, raise_on_error=False,
+        run_config={"ops": {"remove_dataset": {"config": {"empiar_id": "30001"}}}})
+    assert not missing.success
+    assert "EMPIAR-30001 is not an empiar_id partition" in _failure(missing)
+
+
+def test_relion_resource_reads_the_environment(monkeypatch, tmp_path: Path) -> None:
+    monkeypatch.setenv("PARTICLESEG_RELION_MPI_RANKS", "5")
+    monkeypatch.setenv("PARTICLESEG_RELION_THREADS", "2")
+    monkeypatch.setenv("PARTICLESEG_RELION_BIN", str(tmp_path))
+    relion = RelionResource()
+    assert (relion.ranks(), relion.threads_per_rank()) == (5, 2)
+    assert RelionResource(mpi_ranks=4).ranks() == 4
+    with relion.on_path():
+        assert os.environ["PATH"].split(os.pathsep)[0] == str(tmp_path)
+    assert os.environ["PATH"].split(os.pathsep)[0] != str(tmp_path)
+    monkeypatch.setenv("PARTICLESEG_RELION_MPI_RANKS", "three")
+    with pytest.raises(ValueError, match="PARTICLESEG_RELION_MPI_RANKS='three'"):
+        relion.ranks()
+    with pytest.raises(FileNotFoundError, match="not a directory"), \
+            RelionResource(bin_dir=str(tmp_path / "nowhere")).on_path():
+        pass

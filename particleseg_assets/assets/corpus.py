@@ -16,6 +16,9 @@ from typing import Any
 import numpy as np
 import pandas as pd
 from dagster import (
+    AssetCheckResult,
+    AssetCheckSeverity,
+    AssetCheckSpec,
     AssetExecutionContext,
     Config,
     MaterializeResult,
@@ -25,9 +28,13 @@ from dagster import (
 
 from particleseg_assets.assets.catalog import eligible_entries
 from particleseg_assets.partitions import empiar_partitions
-from particleseg_assets.resources import EmpiarResource, StorageResource
+from particleseg_assets.resources import EmpiarResource, RelionResource, StorageResource
 
 MANIFEST = "manifest.json"
+PER_DATASET_FOLDERS = ("downloads", "particle_stacks", "refined_particles", "mask_volume",
+                       "particle_masks")
+"""The folders under the storage root holding one sub-folder per partition (plus the corpus
+group ``corpus/<id>.zarr``)."""
 
 
 def write_manifest(folder: Path, manifest: dict[str, Any]) -> Path:
@@ -86,6 +93,27 @@ def _extracted_truth(particles: pd.DataFrame, truth: pd.DataFrame) -> pd.DataFra
     return left.merge(right, on=["mic", "x", "y"], how="inner").drop(columns=["mic", "x", "y"])
 
 
+def _map_resolution_a(storage: StorageResource, empiar: EmpiarResource, entry) -> float | None:
+    """The entry's best EMDB map resolution: as the catalog recorded it, else asked of EMDB
+    (None when no linked map states one)."""
+    path = storage.eligible_path()
+    if path.exists():
+        eligible = pd.read_parquet(path, columns=["empiar_id", "best_resolution_a"])
+        row = eligible[eligible["empiar_id"] == entry.empiar_id]
+        if len(row) and not pd.isna(row["best_resolution_a"].iloc[0]):
+            return float(row["best_resolution_a"].iloc[0])
+    from particleseg_model.http import HttpError
+
+    emdb, found = empiar.emdb(), []
+    for emd_id in entry.emdb_ids:
+        try:
+            found.append(emdb.resolution_a(emd_id))
+        except (HttpError, ValueError):
+            continue  # an unresolvable map is reported by the catalog, not fatal here
+    found = [r for r in found if r is not None]
+    return min(found) if found else None
+
+
 # -------------------------------------------------------------------------- particle_stacks
 
 
@@ -120,7 +148,8 @@ def _extraction_box(files, config: StacksConfig) -> int:
 @asset(partitions_def=empiar_partitions, group_name="corpus", deps=[eligible_entries],
        kinds={"relion", "mrc"}, pool="relion")
 def particle_stacks(context: AssetExecutionContext, config: StacksConfig,
-                    empiar: EmpiarResource, storage: StorageResource) -> MaterializeResult:
+                    empiar: EmpiarResource, storage: StorageResource,
+                    relion: RelionResource) -> MaterializeResult:
     """The entry's particle images and their STAR file: the deposited stacks when the entry
     ships them, else particles extracted from its micrographs and coordinate files with
     ``relion_preprocess``. Only what the entry needs is downloaded (resumable)."""
@@ -144,11 +173,12 @@ def particle_stacks(context: AssetExecutionContext, config: StacksConfig,
         star_path, base_dir = files.particles_star, files.particles_star.parent
     else:
         box = _extraction_box(files, config)
-        result = extract_particles(
-            files.micrographs, files.coordinates, out / "extract", box_px=box,
-            rescale_px=config.rescale_px or None, invert_contrast=config.invert_contrast,
-            pixel_size_a=files.pixel_size_a, overwrite=True, progress=False,
-            log=_log_lines(context, "relion_preprocess"))
+        with relion.on_path():
+            result = extract_particles(
+                files.micrographs, files.coordinates, out / "extract", box_px=box,
+                rescale_px=config.rescale_px or None, invert_contrast=config.invert_contrast,
+                pixel_size_a=files.pixel_size_a, overwrite=True, progress=False,
+                log=_log_lines(context, "relion_preprocess"))
         star_path, base_dir = result.particles_star, result.project_dir
         extraction = {"box_px": result.box_px, "rescale_px": result.rescale_px,
                       "image_size_px": result.image_size_px, "normalise": result.normalise,
@@ -174,6 +204,7 @@ def particle_stacks(context: AssetExecutionContext, config: StacksConfig,
         "has_poses": bool(has_poses(particles)),
         "maps": [str(p) for p in files.maps],
         "ground_truth": str(truth_path) if truth_path else None, "extraction": extraction,
+        "map_resolution_a": _map_resolution_a(storage, empiar, entry),
         "downloaded_bytes": files.nbytes}
     write_manifest(out, manifest)
     return MaterializeResult(metadata={
@@ -201,13 +232,22 @@ class RefineConfig(Config):
     """Stop auto-refine after this many iterations; 0: until it converges."""
     ini_lowpass_a: float = 0.0
     """Low-pass of the initial model in Angstrom; 0: the wrapper's default."""
-    mpi_ranks: int = 3
+    mpi_ranks: int = 0
+    """MPI ranks of relion_refine_mpi; 0: the relion resource's (PARTICLESEG_RELION_MPI_RANKS,
+    default 3)."""
 
 
 @asset(partitions_def=empiar_partitions, group_name="corpus", deps=[particle_stacks],
-       kinds={"relion", "star"}, pool="relion")
+       kinds={"relion", "star"}, pool="relion",
+       check_specs=[
+           AssetCheckSpec("poses_for_every_particle", asset="refined_particles",
+                          description="Every particle of the STAR file has rot, tilt, psi and "
+                                      "origins (finite numbers)."),
+           AssetCheckSpec("resolution_reported", asset="refined_particles",
+                          description="A resolution is known for the map behind the poses: "
+                                      "RELION's final one, or the deposited EMDB map's.")])
 def refined_particles(context: AssetExecutionContext, config: RefineConfig,
-                      storage: StorageResource) -> MaterializeResult:
+                      storage: StorageResource, relion: RelionResource) -> MaterializeResult:
     """Particle poses: the depositors' refined STAR file when it has poses, otherwise RELION
     3D auto-refine (``relion_refine_mpi`` under ``mpirun``) from the entry's map, low-pass
     filtered. Angular and shift errors against the simulator's ground truth when there is one."""
@@ -242,14 +282,16 @@ def refined_particles(context: AssetExecutionContext, config: RefineConfig,
             star_in = out / "input_particles.star"
             out.mkdir(parents=True, exist_ok=True)
             write_star(star_in, star, particles=subset)
-        options: dict[str, Any] = {"mpi_ranks": config.mpi_ranks}
+        options: dict[str, Any] = {"mpi_ranks": config.mpi_ranks or relion.ranks(),
+                                   "threads": relion.threads_per_rank()}
         if config.ini_lowpass_a:
             options["ini_lowpass_a"] = config.ini_lowpass_a
         if config.max_iterations:
             options["max_iterations"] = config.max_iterations
-        refinement = auto_refine(star_in, density, out / "refine",
-                                 project_dir=stacks["base_dir"],
-                                 log=_log_lines(context, "relion_refine"), **options)
+        with relion.on_path():
+            refinement = auto_refine(star_in, density, out / "refine",
+                                     project_dir=stacks["base_dir"],
+                                     log=_log_lines(context, "relion_refine"), **options)
         star_path, base_dir = refinement.data_star, stacks["base_dir"]
         refined_map = str(refinement.map_path)
         metadata.update({"resolution_a": round(refinement.resolution_a, 2),
@@ -257,6 +299,10 @@ def refined_particles(context: AssetExecutionContext, config: RefineConfig,
                          "refine_settings": MetadataValue.json(refinement.settings),
                          "command": " ".join(refinement.command)})
     particles = read_star(star_path).particles
+    resolution_a = refinement.resolution_a if source == "refine" else \
+        stacks.get("map_resolution_a")
+    if source == "deposited" and resolution_a is not None:
+        metadata["resolution_a"] = round(float(resolution_a), 2)
     if stacks.get("ground_truth"):
         truth = pd.read_csv(stacks["ground_truth"])
         truth = truth[truth["is_good"].astype(bool)]  # junk has no pose worth scoring
@@ -272,7 +318,28 @@ def refined_particles(context: AssetExecutionContext, config: RefineConfig,
     metadata.update({"particles": len(particles),
                      "particles_star": MetadataValue.path(str(star_path)),
                      "seconds": round(time.perf_counter() - started, 1)})
-    return MaterializeResult(metadata=metadata)
+    return MaterializeResult(metadata=metadata, check_results=[
+        _poses_check(particles, star_path),
+        AssetCheckResult(check_name="resolution_reported", passed=resolution_a is not None,
+                         severity=AssetCheckSeverity.WARN,
+                         metadata={"resolution_a": float(resolution_a or float("nan")),
+                                   "from": "relion_refine" if source == "refine"
+                                   else "EMDB map of the entry"})])
+
+
+def _poses_check(particles: pd.DataFrame, star_path: Path) -> AssetCheckResult:
+    columns = ["rot_deg", "tilt_deg", "psi_deg", "origin_x_a", "origin_y_a"]
+    missing = [c for c in columns if c not in particles.columns]
+    if missing:
+        return AssetCheckResult(check_name="poses_for_every_particle", passed=False,
+                                metadata={"star": str(star_path),
+                                          "missing_columns": ", ".join(missing)})
+    finite = np.isfinite(particles[columns].to_numpy(dtype=np.float64)).all(axis=1)
+    rows = (np.flatnonzero(~finite) + 1).tolist()
+    return AssetCheckResult(check_name="poses_for_every_particle", passed=not rows,
+                            metadata={"star": str(star_path), "particles": len(particles),
+                                      "without_pose": len(rows),
+                                      "first_rows": _row_ranges(rows) if rows else ""})
 
 
 # -------------------------------------------------------------------------- mask_volume
@@ -355,7 +422,7 @@ def mask_volume(context: AssetExecutionContext, config: MaskConfig,
         "volume_fraction": round(float((mask >= 0.5).mean()), 4)})
 
 
-# -------------------------------------------------------------------------- label_corpus
+# -------------------------------------------------------------------------- particle_masks
 
 
 class LabelConfig(Config):
@@ -415,9 +482,24 @@ def _check_rows(particles: pd.DataFrame, base_dir: Path) -> tuple[np.ndarray, li
     return good, problems
 
 
+SIGNAL_FRACTION_RANGE = (0.01, 0.8)
+"""Plausible share of signal pixels over a dataset: below, the mask or the poses are off (a
+particle of ~half the box covers ~0.2); above, the threshold is below the solvent."""
+MAX_EMPTY_SHARE = 0.05
+"""At most this share of particles may have no signal pixel at all."""
+
+
 @asset(partitions_def=empiar_partitions, group_name="corpus",
-       deps=[refined_particles, mask_volume], kinds={"zarr", "parquet"})
-def label_corpus(context: AssetExecutionContext, config: LabelConfig,
+       deps=[refined_particles, mask_volume], kinds={"zarr", "parquet"},
+       check_specs=[
+           AssetCheckSpec("masks_not_empty", asset="particle_masks",
+                          description=f"Signal fraction over the dataset within "
+                                      f"{SIGNAL_FRACTION_RANGE}, and at most "
+                                      f"{MAX_EMPTY_SHARE:.0%} of the particles without signal."),
+           AssetCheckSpec("zarr_parquet_rows_agree", asset="particle_masks",
+                          description="The Zarr images, labels and the Parquet particle table "
+                                      "have one row per particle each.")])
+def particle_masks(context: AssetExecutionContext, config: LabelConfig,
                  storage: StorageResource) -> MaterializeResult:
     """Every particle's image and its 3-class label mask (0 background, 1 signal, 2 edge) from
     the projection of the mask volume at the particle's pose, in the Zarr corpus (one group per
@@ -468,6 +550,7 @@ def label_corpus(context: AssetExecutionContext, config: LabelConfig,
                                                         "soft_edge_px", "threshold")},
              "dagster_run_id": context.run.run_id}
     counts = np.zeros(3, dtype=np.float64)
+    empty = 0
     shown: tuple[np.ndarray, np.ndarray] | None = None
     columns = [c for c in ("image_name", "rot_deg", "tilt_deg", "psi_deg", "origin_x_a",
                            "origin_y_a", "defocus_u_a", "defocus_v_a", "defocus_angle_deg",
@@ -487,6 +570,7 @@ def label_corpus(context: AssetExecutionContext, config: LabelConfig,
                 table = table.merge(truth, on="image_name", how="left")
             writer.append(images, labels, table)
             counts += np.bincount(labels.ravel(), minlength=3)[:3]
+            empty += int((~(labels == 1).any(axis=(1, 2))).sum())
             if shown is None:
                 shown = (images[:8], labels[:8])
             done += len(projected)
@@ -494,9 +578,10 @@ def label_corpus(context: AssetExecutionContext, config: LabelConfig,
                 rate = done / max(time.perf_counter() - started, 1e-9)
                 context.log.info(f"labels: {done}/{len(particles)} particles ({rate:.0f}/s)")
     seconds = time.perf_counter() - started
-    store = Path(open_corpus(root, key).location)
+    corpus = open_corpus(root, key)
+    store = Path(corpus.location)
     on_disk = sum(p.stat().st_size for p in store.rglob("*") if p.is_file())
-    out = storage.path("label_corpus", key)
+    out = storage.path("particle_masks", key)
     gallery = write_png(out / "particles_with_masks.png", particles_with_masks(*shown)) \
         if shown is not None else None
     fractions = counts / max(counts.sum(), 1)
@@ -514,5 +599,16 @@ def label_corpus(context: AssetExecutionContext, config: LabelConfig,
         "threshold": config.threshold, "edge_px": config.edge_px}
     if gallery is not None:
         metadata["particles_with_masks"] = _gallery_md(gallery)
-    return MaterializeResult(metadata=metadata)
+    low, high = SIGNAL_FRACTION_RANGE
+    rows = {"images": int(corpus.images.shape[0]), "labels": int(corpus.labels.shape[0]),
+            "parquet": len(corpus.table)}
+    return MaterializeResult(metadata=metadata, check_results=[
+        AssetCheckResult(check_name="masks_not_empty",
+                         passed=bool(low <= fractions[1] <= high
+                                     and empty <= MAX_EMPTY_SHARE * max(done, 1)),
+                         metadata={"signal_fraction": round(float(fractions[1]), 4),
+                                   "particles_without_signal": empty,
+                                   "particles_written": done}),
+        AssetCheckResult(check_name="zarr_parquet_rows_agree",
+                         passed=len(set(rows.values())) == 1, metadata=rows)])
 

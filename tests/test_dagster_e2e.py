@@ -1,0 +1,210 @@
+"""The platform as people run it: dagster-webserver + dagster-daemon on loopback, a run launched
+through the GraphQL API, and a run killed in the middle of particle_masks."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+import urllib.request
+from collections.abc import Iterator
+from pathlib import Path
+
+import numpy as np
+import pytest
+from dagster import AssetKey, DagsterInstance, DagsterRunStatus
+
+from particleseg_model.corpus import open_corpus
+from particleseg_model.demo_archive import write_demo_archive
+from particleseg_model.server import serve
+
+REPO = Path(__file__).resolve().parents[1]
+BIN = Path(sys.executable).parent
+N_PARTICLES = 64
+
+pytestmark = pytest.mark.slow
+
+
+@pytest.fixture(scope="module")
+def particle_archive(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    out = tmp_path_factory.mktemp("e2e") / "archive"
+    write_demo_archive(out, maps=["generated:globular", "generated:ring"],
+                       n_particles=N_PARTICLES, box=48, micrograph_entries=0, seed=11,
+                       progress=False)
+    return out
+
+
+@pytest.fixture
+def platform_env(particle_archive: Path, dagster_home: Path, tmp_path: Path,
+                 monkeypatch: pytest.MonkeyPatch) -> Iterator[dict[str, str]]:
+    """The environment of a deployment: DAGSTER_HOME, storage root, EMPIAR server."""
+    data = tmp_path / "data"
+    monkeypatch.setenv("PARTICLESEG_DATA", str(data))
+    with serve(particle_archive) as server:
+        for name, value in server.env().items():
+            monkeypatch.setenv(name, value)
+        instance = DagsterInstance.get()
+        instance.add_dynamic_partitions("empiar_id", ["30001", "30002"])
+        yield {**os.environ, "PYTHONUNBUFFERED": "1"}
+
+
+def _free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def _start(args: list[str], env: dict[str, str], log: Path) -> subprocess.Popen:
+    handle = open(log, "wb")  # noqa: SIM115 - closed with the process
+    return subprocess.Popen(args, cwd=REPO, env=env, stdout=handle, stderr=subprocess.STDOUT,
+                            start_new_session=True)
+
+
+def _stop(proc: subprocess.Popen) -> None:
+    if proc.poll() is None:
+        os.killpg(proc.pid, signal.SIGTERM)
+        try:
+            proc.wait(timeout=20)
+        except subprocess.TimeoutExpired:
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait(timeout=10)
+
+
+def _wait_http(url: str, proc: subprocess.Popen, log: Path, timeout_s: float = 120) -> None:
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        if proc.poll() is not None:
+            raise AssertionError(f"{proc.args[0]} exited {proc.returncode}:\n"
+                                 f"{log.read_text()[-3000:]}")
+        try:
+            with urllib.request.urlopen(url, timeout=2) as response:
+                if response.status == 200:
+                    return
+        except OSError:
+            time.sleep(0.5)
+    raise AssertionError(f"{url} did not answer in {timeout_s} s:\n{log.read_text()[-3000:]}")
+
+
+def _graphql(port: int, query: str, variables: dict | None = None) -> dict:
+    body = json.dumps({"query": query, "variables": variables or {}}).encode()
+    request = urllib.request.Request(f"http://127.0.0.1:{port}/graphql", data=body,
+                                     headers={"Content-Type": "application/json"})
+    with urllib.request.urlopen(request, timeout=30) as response:
+        answer = json.loads(response.read())
+    assert "errors" not in answer, answer
+    return answer["data"]
+
+
+def test_webserver_and_daemon_run_dataset_job_from_graphql(platform_env, tmp_path: Path):
+    from dagster_graphql import DagsterGraphQLClient
+
+    port = _free_port()
+    target = ["-m", "particleseg_assets.definitions"]
+    web_log, daemon_log = tmp_path / "webserver.log", tmp_path / "daemon.log"
+    web = _start([str(BIN / "dagster-webserver"), *target, "-h", "127.0.0.1", "-p", str(port)],
+                 platform_env, web_log)
+    daemon = _start([str(BIN / "dagster-daemon"), "run", *target], platform_env, daemon_log)
+    try:
+        _wait_http(f"http://127.0.0.1:{port}/server_info", web, web_log)
+        client = DagsterGraphQLClient("127.0.0.1", port_number=port)
+        run_id = client.submit_job_execution("dataset_job",
+                                             tags={"dagster/partition": "30001"})
+        # queued until the daemon's run coordinator launches it
+        deadline = time.monotonic() + 240
+        status = client.get_run_status(run_id)
+        while status not in (DagsterRunStatus.SUCCESS, DagsterRunStatus.FAILURE,
+                             DagsterRunStatus.CANCELED) and time.monotonic() < deadline:
+            assert daemon.poll() is None, daemon_log.read_text()[-3000:]
+            time.sleep(1)
+            status = client.get_run_status(run_id)
+        assert status == DagsterRunStatus.SUCCESS, daemon_log.read_text()[-3000:]
+
+        # the materialization events, read back through the same API the UI uses
+        data = _graphql(port, """
+            query($runId: ID!) { runOrError(runId: $runId) { ... on Run {
+              tags { key value }
+              assetMaterializations { assetKey { path } partition
+                metadataEntries { label ... on IntMetadataEntry { intValue } } } } } }""",
+                        {"runId": run_id})
+        run = data["runOrError"]
+        assert {"key": "dagster/partition", "value": "30001"} in run["tags"]
+        events = {tuple(e["assetKey"]["path"]): e for e in run["assetMaterializations"]}
+        assert set(events) == {("particle_stacks",), ("refined_particles",), ("mask_volume",),
+                               ("particle_masks",)}
+        assert all(e["partition"] == "30001" for e in events.values())
+        counts = {m["label"]: m.get("intValue") for m in
+                  events[("particle_masks",)]["metadataEntries"]}
+        assert counts["particles"] == N_PARTICLES
+        checks = _graphql(port, """
+            { assetNodes(assetKeys: [{path: ["particle_masks"]}]) {
+                assetChecksOrError { ... on AssetChecks { checks { name
+                  executionForLatestMaterialization { status } } } } } }""")
+        found = {c["name"]: c["executionForLatestMaterialization"]["status"] for c in
+                 checks["assetNodes"][0]["assetChecksOrError"]["checks"]}
+        assert found == {"masks_not_empty": "SUCCEEDED", "zarr_parquet_rows_agree": "SUCCEEDED"}
+    finally:
+        _stop(daemon)
+        _stop(web)
+    instance = DagsterInstance.get()
+    assert instance.get_materialized_partitions(AssetKey("particle_masks")) == {"30001"}
+    corpus = open_corpus(Path(platform_env["PARTICLESEG_DATA"]) / "corpus", "30001")
+    assert corpus.n_particles == N_PARTICLES
+
+
+def _dagster(*args: str, env: dict[str, str]) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "dagster", *args], cwd=REPO, env=env,
+                          capture_output=True, text=True, timeout=300)
+
+
+def test_a_run_killed_in_particle_masks_leaves_the_last_corpus(platform_env):
+    data = Path(platform_env["PARTICLESEG_DATA"])
+    target = ["-m", "particleseg_assets.definitions"]
+    partition = json.dumps({"dagster/partition": "30002"})
+    first = _dagster("job", "execute", *target, "-j", "dataset_job", "--tags", partition,
+                     env=platform_env)
+    assert first.returncode == 0, first.stdout[-3000:] + first.stderr[-3000:]
+    before = open_corpus(data / "corpus", "30002")
+    before_images = np.asarray(before.images[:])
+    before_created = before.attrs["created"]
+
+    # a slow re-labelling (one particle per batch), killed once its temporary version exists
+    config = json.dumps({"ops": {"particle_masks": {"config": {"batch": 1, "threshold": 5.0}}}})
+    config_file = data / "relabel.json"
+    config_file.write_text(config)
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "dagster", "asset", "materialize", *target, "--select",
+         "particle_masks", "--partition", "30002", "--config", str(config_file)],
+        cwd=REPO, env=platform_env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+        start_new_session=True)
+    try:
+        deadline = time.monotonic() + 120
+        while not any(p.name.startswith("30002.zarr.tmp-") for p in (data / "corpus").iterdir()):
+            assert proc.poll() is None, "the run ended before it was killed"
+            assert time.monotonic() < deadline, "no temporary corpus version appeared"
+            time.sleep(0.02)
+        os.killpg(proc.pid, signal.SIGKILL)
+        proc.wait(timeout=30)
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+
+    # the half-written version is invisible; the last good one is intact
+    after_kill = open_corpus(data / "corpus", "30002")
+    assert after_kill.attrs["created"] == before_created
+    assert np.array_equal(np.asarray(after_kill.images[:]), before_images)
+    instance = DagsterInstance.get()
+    latest = instance.get_latest_materialization_event(AssetKey("particle_masks"))
+    assert latest is not None and latest.run_id != "" and latest.asset_materialization.partition \
+        == "30002"
+    assert latest.asset_materialization.metadata["threshold"].value == 10.0
+
+    again = _dagster("asset", "materialize", *target, "--select", "particle_masks",
+                     "--partition", "30002", "--config", str(config_file), env=platform_env)
+    assert again.returncode == 0, again.stdout[-3000:] + again.stderr[-3000:]
+    rebuilt = open_corpus(data / "corpus", "30002")
+    assert rebuilt.attrs["threshold"] == 5.0 and rebuilt.n_particles == N_PARTICLES
+    assert not [p for p in (data / "corpus").iterdir() if ".tmp-" in p.name or ".old-" in p.name]
