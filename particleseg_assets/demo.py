@@ -110,7 +110,7 @@ def main() -> int:
               f"{getattr(tick, 'skip_message', None) or 'new entries found'}")
 
         # The two simulated particle entries go into the corpus here (their poses are
-        # deposited). The micrograph entry needs a RELION refinement (tens of minutes on two
+        # deposited). The micrograph entry needs a RELION refinement (over an hour on two
         # cores) and the fixture entries are real EMPIAR ids whose files the demo mirror lacks:
         # their partitions exist, their runs are one command away (printed below).
         for key in DATASET_DEMO_KEYS:
@@ -152,7 +152,7 @@ def main() -> int:
               f"splits {splits}\n    {corpus.location}\n    "
               f"{storage.path('particle_masks', key, 'particles_with_masks.png')}")
     print("\nany partition from the command line (30003, the micrograph entry, runs RELION "
-          "extraction and\n3D auto-refine: about an hour on 2 cores), with the demo archive "
+          "extraction and\n3D auto-refine: over an hour on 2 cores), with the demo archive "
           "served in another shell by `make serve`:\n"
           "  eval \"$(make -s env)\"\n"
           "  .venv/bin/dagster job execute -m particleseg_assets.definitions -j dataset_job "
