@@ -132,6 +132,19 @@ def demo_archive(args: argparse.Namespace) -> int:
     return 0
 
 
+def segment(args: argparse.Namespace) -> int:
+    """Segment every particle of a RELION STAR file: label masks (Zarr, STAR row order)."""
+    from particleseg_model.segment import segment_star
+
+    result = segment_star(args.star, args.out, model=args.model, models_root=args.models_root,
+                          particles_dir=args.particles_dir, batch=args.batch,
+                          progress=False if args.no_progress else None,
+                          log=lambda line: print(line, file=sys.stderr))
+    print(f"{result.particles} particles segmented with model {result.model_version} in "
+          f"{result.seconds:.1f} s ({result.particles_per_s:.0f} particles/s): {result.out}")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="particleseg", description=__doc__)
     parser.add_argument("-v", "--verbose", action="store_true", help="log debug messages")
@@ -181,6 +194,20 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--particles-per-stack", type=int, default=1000)
     p.add_argument("--no-progress", action="store_true", help="no progress bars")
     p.set_defaults(func=demo_archive)
+
+    p = sub.add_parser("segment", help=segment.__doc__)
+    p.add_argument("star", help="RELION particle STAR file (3.0, 3.1 or 5.0)")
+    p.add_argument("--out", required=True, help="Zarr group to write (must not exist)")
+    p.add_argument("--model", default=None,
+                   help="a registered model version folder or its model.keras (default: the "
+                        "latest under --models-root)")
+    p.add_argument("--models-root", default=None,
+                   help="model registry (default: $PARTICLESEG_DATA/models or data/models)")
+    p.add_argument("--particles-dir", default=None,
+                   help="where the stacks' paths start (default: the STAR file's folder)")
+    p.add_argument("--batch", type=int, default=256, help="particles per batch")
+    p.add_argument("--no-progress", action="store_true", help="no progress bar")
+    p.set_defaults(func=segment)
 
     p = sub.add_parser("star-info", help=star_info.__doc__)
     p.add_argument("star")

@@ -14,7 +14,8 @@ import numpy as np
 
 from particleseg_model.demo_archive import write_png
 
-__all__ = ["LABEL_GRAY", "markdown_image", "particles_with_masks", "write_png"]
+__all__ = ["LABEL_GRAY", "markdown_image", "particle_grid", "particles_with_masks",
+           "segmentation_overlay", "write_png"]
 
 # label code -> gray level: background black, edge mid-gray, signal white
 LABEL_GRAY = np.array([0, 255, 128], dtype=np.uint8)
@@ -31,11 +32,23 @@ def particles_with_masks(images: np.ndarray, labels: np.ndarray | None = None,
     """A grid of bands of ``columns`` particles: the particle (contrast stretched to its
     1-99th percentiles) above its label mask (background black, edge gray, signal white);
     without ``labels``, the particles only. ``images`` and ``labels`` are ``(n, S, S)``."""
+    return particle_grid(images, [] if labels is None else [labels], columns, gap)
+
+
+def segmentation_overlay(images: np.ndarray, truth: np.ndarray, predicted: np.ndarray,
+                         columns: int = 8, gap: int = 2) -> np.ndarray:
+    """Particles, their true masks and the model's masks, in bands of three rows."""
+    return particle_grid(images, [truth, predicted], columns, gap)
+
+
+def particle_grid(images: np.ndarray, label_rows: list[np.ndarray], columns: int = 8,
+                  gap: int = 2) -> np.ndarray:
+    """Bands of ``columns`` particles, each above one mask per array of ``label_rows``."""
     n, size = len(images), images.shape[-1]
     if n == 0:
         return np.zeros((1, 1), dtype=np.uint8)
     columns = max(1, min(columns, n))
-    rows = 1 if labels is None else 2
+    rows = 1 + len(label_rows)
     band_height = rows * (size + gap)
     grid = np.full((-(-n // columns) * band_height + gap, columns * (size + gap) + gap), 64,
                    dtype=np.uint8)
@@ -44,9 +57,9 @@ def particles_with_masks(images: np.ndarray, labels: np.ndarray | None = None,
         x = gap + col * (size + gap)
         y = gap + band * band_height
         grid[y:y + size, x:x + size] = _to_uint8(np.asarray(images[i], dtype=np.float32))
-        if labels is not None:
-            grid[y + size + gap:y + 2 * size + gap, x:x + size] = LABEL_GRAY[
-                np.clip(np.asarray(labels[i]), 0, 2)]
+        for r, labels in enumerate(label_rows, start=1):
+            top = y + r * (size + gap)
+            grid[top:top + size, x:x + size] = LABEL_GRAY[np.clip(np.asarray(labels[i]), 0, 2)]
     return grid
 
 

@@ -1,0 +1,338 @@
+"""Training, prediction and evaluation of the segmentation model on the Zarr corpus.
+
+- :func:`train_segmentation` trains from scratch on the train split of some partitions, or
+  incrementally from a parent model on new partitions with replay of the old ones; early
+  stopping on the validation loss of *all* partitions (so forgetting the old ones shows there);
+  sparse categorical crossentropy, rmsprop or adam, a fixed seed.
+- :func:`predict_labels` segments particle images of any box: resized to the model's input
+  (area averaging when shrinking), softmax resized back to the box (bilinear), argmax. Codes
+  0 background, 1 signal, 2 edge.
+- :func:`evaluate_partition` computes the paper's mean IoU (one confusion matrix over every
+  pixel of a split, IoU per class, mean of the three) at the particles' own box.
+
+Keras and TensorFlow are imported inside the functions.
+"""
+
+from __future__ import annotations
+
+import os
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from particleseg_model.corpus import CorpusDataset, open_corpus
+from particleseg_model.labels import resize_images
+from particleseg_model.loader import CorpusBatches
+from particleseg_model.metrics import ConfusionAccumulator
+
+Log = Callable[[str], None]
+
+
+@dataclass
+class TrainConfig:
+    """How to train. ``size`` is the model input in pixels (the paper: 256); every particle
+    is resized to it whatever its box."""
+
+    arch: str = "custom"
+    size: int = 64
+    base_filters: int = 16
+    weights: str | None = None
+    """Local ImageNet weights for a keras.applications encoder (never downloaded)."""
+    optimizer: str = "rmsprop"
+    learning_rate: float = 1e-3
+    batch_size: int = 16
+    epochs: int = 30
+    patience: int = 3
+    """Early stopping: epochs without a lower validation loss before stopping (the paper: 3)."""
+    reduce_lr_patience: int = 2
+    """Halve the learning rate after this many epochs without improvement (0: never)."""
+    seed: int = 0
+    flips: bool = True
+    rot90: bool = True
+    replay: float = 0.5
+    """Incremental training: old-partition particles per new one in every batch."""
+    max_train_particles: int = 0
+    """Use at most this many train particles per epoch (0: all); for quick runs."""
+    finetune_lr_factor: float = 0.1
+    """Incremental training: learning rate times this (a fresh optimizer at the full rate
+    would first undo much of what the parent learnt)."""
+
+    def check(self) -> None:
+        if self.optimizer not in ("rmsprop", "adam"):
+            raise ValueError(f"optimizer must be rmsprop or adam, got {self.optimizer!r}")
+        if self.size < 16 or self.batch_size < 1 or self.epochs < 1 or self.patience < 0:
+            raise ValueError(f"bad training config: {asdict(self)}")
+        if not 0 <= self.replay <= 4:
+            raise ValueError(f"replay must be in [0, 4], got {self.replay}")
+
+
+@dataclass
+class TrainResult:
+    """What a training produced (in ``out_dir``) and how it went."""
+
+    model_path: Path
+    history: dict[str, list[float]]
+    epochs_run: int
+    best_epoch: int
+    seconds: float
+    train_particles: dict[str, int]
+    images_seen: int
+    mode: str
+    new_partitions: list[str] = field(default_factory=list)
+
+    @property
+    def images_per_s(self) -> float:
+        return self.images_seen / max(self.seconds, 1e-9)
+
+
+def _open(root: str | os.PathLike, ids: Sequence[str]) -> list[CorpusDataset]:
+    if not ids:
+        raise ValueError(f"no corpus partitions to train on under {root}")
+    return [open_corpus(root, i) for i in ids]
+
+
+def _batches(datasets: list[CorpusDataset], split: str, config: TrainConfig, batch_size: int,
+             train: bool, seed_offset: int = 0) -> CorpusBatches:
+    return CorpusBatches(datasets, split=split, batch_size=batch_size, size=config.size,
+                         shuffle=train, seed=config.seed + seed_offset,
+                         flips=train and config.flips, rot90=train and config.rot90)
+
+
+def _train_dataset(new: CorpusBatches, old: CorpusBatches | None, limit_steps: int):
+    """A PyDataset of the new partitions' batches, each topped up with a replay batch of the
+    old ones (cycled) when ``old`` is given."""
+    import keras
+
+    class Mixed(keras.utils.PyDataset):
+        def __init__(self) -> None:
+            super().__init__(workers=1, use_multiprocessing=False)
+            self.epoch = 0
+
+        def __len__(self) -> int:
+            return min(len(new), limit_steps) if limit_steps else len(new)
+
+        def __getitem__(self, i: int):
+            x, y = new[i]
+            if old is not None:
+                k = (self.epoch * len(self) + i) % len(old)
+                x_old, y_old = old[k]
+                x, y = np.concatenate([x, x_old]), np.concatenate([y, y_old])
+            # own, contiguous copies: at the stored box the loader hands out views of its
+            # decoded-chunk cache, and TensorFlow aliasing those crashed (double free)
+            return np.array(x, dtype=np.float32, order="C"), np.array(y, order="C")
+
+        def on_epoch_end(self) -> None:
+            self.epoch += 1
+            new.on_epoch_end()
+            if old is not None and (self.epoch * len(self)) % len(old) < len(self):
+                old.on_epoch_end()
+
+    return Mixed()
+
+
+class _EpochLog:
+    """Keras callback factory: one log line per epoch with the rate (built lazily)."""
+
+    @staticmethod
+    def make(log: Log, n_images_per_epoch: int):
+        import keras
+
+        class EpochLog(keras.callbacks.Callback):
+            def on_epoch_begin(self, epoch, logs=None):
+                self.started = time.perf_counter()
+
+            def on_epoch_end(self, epoch, logs=None):
+                seconds = time.perf_counter() - self.started
+                shown = ", ".join(f"{k} {v:.4f}" for k, v in sorted((logs or {}).items())
+                                  if k in ("loss", "val_loss", "accuracy", "val_accuracy"))
+                log(f"epoch {epoch + 1}: {shown} ({n_images_per_epoch / seconds:.1f} images/s, "
+                    f"{seconds:.0f} s)")
+
+        return EpochLog()
+
+
+def train_segmentation(corpus_root: str | os.PathLike, ids: Sequence[str],
+                       config: TrainConfig, out_dir: str | os.PathLike, *,
+                       parent: str | os.PathLike | None = None,
+                       new_ids: Sequence[str] | None = None,
+                       log: Log = print) -> TrainResult:
+    """Train on the partitions ``ids`` and save ``out_dir/model.keras`` (plus
+    ``history.csv``). With ``parent`` (a ``.keras`` file) and ``new_ids``, training starts
+    from the parent and each batch mixes ``batch_size`` particles of the new partitions with
+    ``replay * batch_size`` of the others; without, from scratch on all of ``ids``."""
+    import keras
+
+    from particleseg_model.unet import build_unet
+
+    config.check()
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    datasets = _open(corpus_root, ids)
+    by_id = {d.empiar_id: d for d in datasets}
+    incremental = parent is not None and bool(new_ids)
+    keras.utils.set_random_seed(config.seed)
+    if incremental:
+        unknown = [i for i in new_ids if i not in by_id]
+        if unknown:
+            raise ValueError(f"new partitions {unknown} are not among the training ids")
+        fresh = [by_id[i] for i in new_ids]
+        older = [d for d in datasets if d.empiar_id not in set(new_ids)]
+        new_batches = _batches(fresh, "train", config, config.batch_size, True)
+        n_replay = max(1, round(config.replay * config.batch_size)) if older and \
+            config.replay > 0 else 0
+        old_batches = _batches(older, "train", config, n_replay, True, 1) if n_replay else None
+        model = keras.models.load_model(parent, compile=False)
+        if tuple(model.input_shape[1:3]) != (config.size, config.size):
+            raise ValueError(f"{parent}: input {model.input_shape[1:3]} but the config asks "
+                             f"for {config.size}x{config.size}")
+    else:
+        new_batches = _batches(datasets, "train", config, config.batch_size, True)
+        old_batches, n_replay = None, 0
+        model = build_unet(config.arch, size=config.size, base_filters=config.base_filters,
+                           weights=config.weights, seed=config.seed)
+    limit = config.max_train_particles // config.batch_size if config.max_train_particles \
+        else 0
+    train = _train_dataset(new_batches, old_batches, limit)
+    val_sets = [d for d in datasets if len(d.split_indices("val"))]
+    if not val_sets:
+        raise ValueError(f"no validation particles in {list(ids)}: cannot stop early")
+    val = _train_dataset(_batches(val_sets, "val", config, 64, False), None, 0)
+    rate = config.learning_rate * (config.finetune_lr_factor if incremental else 1.0)
+    optimizer = (keras.optimizers.RMSprop if config.optimizer == "rmsprop"
+                 else keras.optimizers.Adam)(learning_rate=rate)
+    model.compile(optimizer=optimizer, loss="sparse_categorical_crossentropy",
+                  metrics=["accuracy"])
+    per_epoch = len(train) * (config.batch_size + n_replay)
+    callbacks = [
+        keras.callbacks.EarlyStopping(monitor="val_loss", patience=config.patience,
+                                      restore_best_weights=True),
+        keras.callbacks.ModelCheckpoint(str(out / "checkpoint.keras"), monitor="val_loss",
+                                        save_best_only=True),
+        keras.callbacks.CSVLogger(str(out / "history.csv")),
+        *([keras.callbacks.ReduceLROnPlateau(monitor="val_loss", factor=0.5,
+                                             patience=config.reduce_lr_patience, min_lr=1e-5)]
+          if config.reduce_lr_patience else []),
+        _EpochLog.make(log, per_epoch),
+    ]
+    mode = "incremental" if incremental else "full"
+    log(f"{mode} training of {model.name} ({model.count_params():,} parameters) on "
+        f"{len(ids)} partitions, {per_epoch} images an epoch, up to {config.epochs} epochs")
+    started = time.perf_counter()
+    fitted = model.fit(train, validation_data=val, epochs=config.epochs, shuffle=False,
+                       callbacks=callbacks, verbose=0)
+    seconds = time.perf_counter() - started
+    history = {k: [float(v) for v in vals] for k, vals in fitted.history.items()}
+    model.save(out / "model.keras")
+    (out / "checkpoint.keras").unlink(missing_ok=True)
+    epochs_run = len(history.get("loss", []))
+    best = int(np.argmin(history["val_loss"])) + 1 if history.get("val_loss") else epochs_run
+    counts = {d.empiar_id: int(len(d.split_indices("train"))) for d in datasets}
+    return TrainResult(out / "model.keras", history, epochs_run, best, seconds, counts,
+                       epochs_run * per_epoch, mode, list(new_ids or []))
+
+
+def predict_probabilities(model: Any, images: np.ndarray, *, batch: int = 64) -> np.ndarray:
+    """Softmax ``(N, S, S, 3)`` float32 at the images' own box ``S`` (float32 ``(N, S, S)``
+    particle images normalised per particle)."""
+    data = np.asarray(images, dtype=np.float32)
+    if data.ndim != 3 or data.shape[1] != data.shape[2]:
+        raise ValueError(f"particle images must be (N, S, S) squares, got {data.shape}")
+    size = int(model.input_shape[1])
+    box = data.shape[1]
+    out = np.empty((len(data), box, box, 3), dtype=np.float32)
+    for start in range(0, len(data), batch):
+        chunk = data[start:start + batch]
+        x = resize_images(chunk, size) if box != size else chunk
+        probs = np.asarray(model.predict_on_batch(x[..., None]), dtype=np.float32)
+        if box != size:
+            probs = np.stack([resize_images(probs[..., c], box, "bilinear")
+                              for c in range(probs.shape[-1])], axis=-1)
+        out[start:start + len(chunk)] = probs
+    return out
+
+
+def predict_labels(model: Any, images: np.ndarray, *, batch: int = 64) -> np.ndarray:
+    """Label codes ``(N, S, S)`` uint8 (0 background, 1 signal, 2 edge) at the images' box."""
+    data = np.asarray(images, dtype=np.float32)
+    labels = np.empty(data.shape, dtype=np.uint8)
+    for start in range(0, len(data), batch):
+        probs = predict_probabilities(model, data[start:start + batch], batch=batch)
+        labels[start:start + len(probs)] = probs.argmax(axis=-1)
+    return labels
+
+
+@dataclass
+class Evaluation:
+    """Scores of one model on one split of one partition (fractions in [0, 1])."""
+
+    empiar_id: str
+    split: str
+    particles: int
+    scores: dict[str, float]
+    seconds: float
+    examples: tuple[np.ndarray, np.ndarray, np.ndarray] | None = None
+    """(images, true labels, predicted labels) of the first few particles, for overlays."""
+
+    @property
+    def mean_iou(self) -> float:
+        return float(self.scores["mean_iou"])
+
+
+def evaluate_partition(model: Any, corpus_root: str | os.PathLike, empiar_id: str, *,
+                       split: str = "test", batch: int = 64, examples: int = 8,
+                       max_particles: int = 0) -> Evaluation:
+    """The paper's scores of ``model`` on a split of one partition, at the particles' box."""
+    dataset = open_corpus(corpus_root, empiar_id)
+    rows = dataset.split_indices(split)
+    if max_particles:
+        rows = rows[:max_particles]
+    if len(rows) == 0:
+        raise ValueError(f"{empiar_id}: no particles in the {split!r} split of "
+                         f"{dataset.location}")
+    accumulator = ConfusionAccumulator()
+    shown = None
+    started = time.perf_counter()
+    for start in range(0, len(rows), batch):
+        index = rows[start:start + batch]
+        images = np.asarray(dataset.images.get_orthogonal_selection((index,)),
+                            dtype=np.float32)
+        truth = np.asarray(dataset.labels.get_orthogonal_selection((index,)))
+        predicted = predict_labels(model, images, batch=batch)
+        accumulator.update(truth, predicted)
+        if shown is None and examples:
+            shown = (images[:examples], truth[:examples], predicted[:examples])
+    seconds = time.perf_counter() - started
+    return Evaluation(dataset.empiar_id, split, int(len(rows)), accumulator.scores(), seconds,
+                      shown)
+
+
+def training_curve_png(history: dict[str, list[float]], path: str | os.PathLike,
+                       title: str = "training") -> Path:
+    """Loss and accuracy per epoch (train and validation) as a PNG."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(1, 2, figsize=(9, 3.4), dpi=100)
+    epochs = np.arange(1, len(history.get("loss", [])) + 1)
+    for ax, key in zip(axes, ("loss", "accuracy"), strict=True):
+        if key in history:
+            ax.plot(epochs, history[key], "o-", label=f"train {key}")
+        if f"val_{key}" in history:
+            ax.plot(epochs, history[f"val_{key}"], "s-", label=f"validation {key}")
+        ax.set_xlabel("epoch")
+        ax.set_ylabel(key)
+        ax.grid(alpha=0.3)
+        ax.legend()
+    fig.suptitle(title)
+    fig.tight_layout()
+    out = Path(path)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(out)
+    plt.close(fig)
+    return out
