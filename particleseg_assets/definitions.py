@@ -9,19 +9,30 @@ from particleseg_assets.assets.corpus import (
     particle_stacks,
     refined_particles,
 )
+from particleseg_assets.assets.model import iou_reports, segmentation_model
 from particleseg_assets.checks import eligible_rule_holds, entry_ids_unique, few_catalog_errors
-from particleseg_assets.jobs import catalog_job, dataset_job, remove_dataset_job
+from particleseg_assets.jobs import (
+    catalog_job,
+    dataset_job,
+    remove_dataset_job,
+    report_job,
+    train_job,
+)
 from particleseg_assets.resources import EmpiarResource, RelionResource, StorageResource
 from particleseg_assets.schedules import daily_catalog_refresh
-from particleseg_assets.sensors import eligible_partitions_sensor, empiar_updates_sensor
+from particleseg_assets.sensors import (
+    eligible_partitions_sensor,
+    empiar_updates_sensor,
+    model_reports_sensor,
+)
 
 defs = Definitions(
     assets=[empiar_entries, eligible_entries, particle_stacks, refined_particles, mask_volume,
-            particle_masks],
+            particle_masks, segmentation_model, iou_reports],
     asset_checks=[entry_ids_unique, few_catalog_errors, eligible_rule_holds],
-    jobs=[catalog_job, dataset_job, remove_dataset_job],
+    jobs=[catalog_job, dataset_job, train_job, report_job, remove_dataset_job],
     schedules=[daily_catalog_refresh],
-    sensors=[empiar_updates_sensor, eligible_partitions_sensor],
+    sensors=[empiar_updates_sensor, eligible_partitions_sensor, model_reports_sensor],
     resources={"empiar": EmpiarResource(), "storage": StorageResource(),
                "relion": RelionResource()},
 )

@@ -12,6 +12,7 @@ from particleseg_assets.assets.corpus import (
     particle_stacks,
     refined_particles,
 )
+from particleseg_assets.assets.model import iou_reports, segmentation_model
 from particleseg_assets.partitions import EMPIAR_PARTITIONS_NAME
 from particleseg_assets.resources import StorageResource
 
@@ -29,6 +30,20 @@ dataset_job = define_asset_job(
     description="One EMPIAR entry into the corpus: fetch its particles, refine (or take the "
                 "deposited poses), mask, label (Zarr). Run it with "
                 "--tags '{\"dagster/partition\": \"10028\"}'.",
+)
+
+train_job = define_asset_job(
+    "train_job",
+    selection=AssetSelection.assets(segmentation_model),
+    description="Train the segmentation model on every corpus partition (incrementally when "
+                "partitions were added) and register a new version.",
+)
+
+report_job = define_asset_job(
+    "report_job",
+    selection=AssetSelection.assets(iou_reports),
+    description="The latest model's IoU report for one partition: --tags "
+                "'{\"dagster/partition\": \"10028\"}'.",
 )
 
 
@@ -74,7 +89,7 @@ def remove_dataset(context: OpExecutionContext, config: RemoveDatasetConfig,
 
 
 @job(description="Remove one dataset (an obsoleted or unwanted entry) without touching the "
-                 "others: --config '{\"ops\": {\"remove_dataset\": {\"config\": "
-                 "{\"empiar_id\": \"10028\"}}}}'.")
+                 "others: --config FILE with {\"ops\": {\"remove_dataset\": {\"config\": "
+                 "{\"empiar_id\": \"10028\"}}}} (JSON is YAML).")
 def remove_dataset_job() -> None:
     remove_dataset()

@@ -16,7 +16,7 @@ from dagster import (
     sensor,
 )
 
-from particleseg_assets.jobs import catalog_job, dataset_job
+from particleseg_assets.jobs import catalog_job, dataset_job, report_job
 from particleseg_assets.partitions import EMPIAR_PARTITIONS_NAME, empiar_partitions
 from particleseg_assets.resources import EmpiarResource, StorageResource
 from particleseg_model.catalog import UpdateCursor, find_updates, read_catalog
@@ -99,3 +99,23 @@ def eligible_partitions_sensor(context: SensorEvaluationContext,
         if new_keys else [],
         cursor=str(event.storage_id),
     )
+
+
+@sensor(job=report_job, minimum_interval_seconds=60,
+        default_status=DefaultSensorStatus.RUNNING,
+        description="After each new segmentation_model version, requests the IoU report of "
+                    "every partition that has a corpus (run key iou-<version>-<id>).")
+def model_reports_sensor(context: SensorEvaluationContext) -> SensorResult | SkipReason:
+    records = context.instance.fetch_materializations(AssetKey("segmentation_model"), limit=1)
+    event = records.records[0] if records.records else None
+    if event is None:
+        return SkipReason("segmentation_model has not been materialized yet")
+    if context.cursor == str(event.storage_id):
+        return SkipReason("no new model version")
+    version = event.asset_materialization.metadata["version"].value
+    keys = sorted(context.instance.get_materialized_partitions(AssetKey("particle_masks")))
+    existing = set(context.instance.get_dynamic_partitions(EMPIAR_PARTITIONS_NAME))
+    return SensorResult(
+        run_requests=[RunRequest(partition_key=key, run_key=f"iou-{version}-{key}")
+                      for key in keys if key in existing],
+        cursor=str(event.storage_id))
