@@ -108,6 +108,14 @@ def _dihedral(image: np.ndarray, k: int, flip: bool) -> np.ndarray:
 # ------------------------------------------------------------------------------ batches
 
 
+def known_good(dataset: CorpusDataset, rows: np.ndarray) -> np.ndarray:
+    """Boolean mask over ``rows``: False where the table's ``is_good`` says junk (all True
+    when the partition has no ground truth)."""
+    if "is_good" not in dataset.table.columns:
+        return np.ones(len(rows), dtype=bool)
+    return dataset.table["is_good"].fillna(True).to_numpy(dtype=bool)[rows]
+
+
 class CorpusBatches:
     """Shuffled, chunk-aware batches over many corpus partitions (see the module docstring).
 
@@ -126,13 +134,17 @@ class CorpusBatches:
         drop_last: leave out the last, short batch of an epoch.
         image_resize: ``"auto"`` (bilinear up, area down), ``"bilinear"`` or ``"area"``.
         label_dtype: dtype of the label codes when not one-hot.
+        good_only: leave out the particles a partition's table marks as junk (``is_good``
+            False: simulated ground truth, whose labels come from a pose that does not match
+            the image); partitions without ``is_good`` keep every particle.
     """
 
     def __init__(self, datasets: Sequence[CorpusDataset], *, split: str | None = "train",
                  batch_size: int = 8, size: int | None = 256, shuffle: bool = True,
                  seed: int = 0, buffer_chunks: int = 4, flips: bool = False,
                  rot90: bool = False, one_hot: bool = False, drop_last: bool = False,
-                 image_resize: str = "auto", label_dtype: str = "uint8"):
+                 image_resize: str = "auto", label_dtype: str = "uint8",
+                 good_only: bool = False):
         self.datasets = list(datasets)
         if not self.datasets:
             raise ValueError("no corpus datasets to load")
@@ -153,6 +165,8 @@ class CorpusBatches:
         self._units: list[tuple[int, int, np.ndarray]] = []
         for d, ds in enumerate(self.datasets):
             rows = ds.split_indices(split)
+            if good_only:
+                rows = rows[known_good(ds, rows)]
             chunk_of = rows // ds.chunk_particles
             bounds = np.flatnonzero(np.diff(chunk_of)) + 1
             for part in np.split(rows, bounds):

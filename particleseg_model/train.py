@@ -8,7 +8,8 @@
   (area averaging when shrinking), softmax resized back to the box (bilinear), argmax. Codes
   0 background, 1 signal, 2 edge.
 - :func:`evaluate_partition` computes the paper's mean IoU (one confusion matrix over every
-  pixel of a split, IoU per class, mean of the three) at the particles' own box.
+  pixel of a split, IoU per class, mean of the three) at the particles' own box, over all
+  particles of the split and, where a simulation left ground truth, over the good ones.
 
 Keras and TensorFlow are imported inside the functions.
 """
@@ -25,8 +26,8 @@ from typing import Any
 import numpy as np
 
 from particleseg_model.corpus import CorpusDataset, open_corpus
-from particleseg_model.labels import resize_images
-from particleseg_model.loader import CorpusBatches
+from particleseg_model.labels import SIGNAL, resize_images
+from particleseg_model.loader import CorpusBatches, known_good
 from particleseg_model.metrics import ConfusionAccumulator
 
 Log = Callable[[str], None]
@@ -60,6 +61,10 @@ class TrainConfig:
     finetune_lr_factor: float = 0.1
     """Incremental training: learning rate times this (a fresh optimizer at the full rate
     would first undo much of what the parent learnt)."""
+    good_only: bool = True
+    """Train and stop early on the particles not known to be junk: a simulated partition's
+    junk (``is_good`` False) carries the mask of a pose that is not in the image. Partitions
+    without ground truth (real EMPIAR entries) keep every particle."""
 
     def check(self) -> None:
         if self.optimizer not in ("rmsprop", "adam"):
@@ -95,11 +100,18 @@ def _open(root: str | os.PathLike, ids: Sequence[str]) -> list[CorpusDataset]:
     return [open_corpus(root, i) for i in ids]
 
 
+def _used(dataset: CorpusDataset, split: str, config: TrainConfig) -> int:
+    """Particles of ``split`` that training uses (the good ones with ``good_only``)."""
+    rows = dataset.split_indices(split)
+    return int(known_good(dataset, rows).sum()) if config.good_only else int(len(rows))
+
+
 def _batches(datasets: list[CorpusDataset], split: str, config: TrainConfig, batch_size: int,
              train: bool, seed_offset: int = 0) -> CorpusBatches:
     return CorpusBatches(datasets, split=split, batch_size=batch_size, size=config.size,
                          shuffle=train, seed=config.seed + seed_offset,
-                         flips=train and config.flips, rot90=train and config.rot90)
+                         flips=train and config.flips, rot90=train and config.rot90,
+                         good_only=config.good_only)
 
 
 def _train_dataset(new: CorpusBatches, old: CorpusBatches | None, limit_steps: int):
@@ -197,7 +209,7 @@ def train_segmentation(corpus_root: str | os.PathLike, ids: Sequence[str],
     limit = config.max_train_particles // config.batch_size if config.max_train_particles \
         else 0
     train = _train_dataset(new_batches, old_batches, limit)
-    val_sets = [d for d in datasets if len(d.split_indices("val"))]
+    val_sets = [d for d in datasets if _used(d, "val", config)]
     if not val_sets:
         raise ValueError(f"no validation particles in {list(ids)}: cannot stop early")
     val = _train_dataset(_batches(val_sets, "val", config, 64, False), None, 0)
@@ -230,39 +242,78 @@ def train_segmentation(corpus_root: str | os.PathLike, ids: Sequence[str],
     (out / "checkpoint.keras").unlink(missing_ok=True)
     epochs_run = len(history.get("loss", []))
     best = int(np.argmin(history["val_loss"])) + 1 if history.get("val_loss") else epochs_run
-    counts = {d.empiar_id: int(len(d.split_indices("train"))) for d in datasets}
+    counts = {d.empiar_id: _used(d, "train", config) for d in datasets}
     return TrainResult(out / "model.keras", history, epochs_run, best, seconds, counts,
                        epochs_run * per_epoch, mode, list(new_ids or []))
 
 
-def predict_probabilities(model: Any, images: np.ndarray, *, batch: int = 64) -> np.ndarray:
-    """Softmax ``(N, S, S, 3)`` float32 at the images' own box ``S`` (float32 ``(N, S, S)``
-    particle images normalised per particle)."""
+def _class_maps(model: Any, images: np.ndarray) -> np.ndarray:
+    """Softmax ``(n, classes, S, S)`` at the images' box for one batch ``(n, S, S)``."""
+    size, box = int(model.input_shape[1]), images.shape[1]
+    x = resize_images(images, size) if box != size else images
+    probs = np.asarray(model.predict_on_batch(x[..., None]), dtype=np.float32)
+    n, _, _, classes = probs.shape
+    maps = np.ascontiguousarray(probs.transpose(0, 3, 1, 2))
+    if box != size:  # every class map of the batch in one resize
+        maps = resize_images(maps.reshape(n * classes, size, size), box, "bilinear")
+    return maps.reshape(n, classes, box, box)
+
+
+def _checked_images(images: np.ndarray) -> np.ndarray:
     data = np.asarray(images, dtype=np.float32)
     if data.ndim != 3 or data.shape[1] != data.shape[2]:
         raise ValueError(f"particle images must be (N, S, S) squares, got {data.shape}")
-    size = int(model.input_shape[1])
-    box = data.shape[1]
-    out = np.empty((len(data), box, box, 3), dtype=np.float32)
+    return data
+
+
+def predict_probabilities(model: Any, images: np.ndarray, *, batch: int = 64) -> np.ndarray:
+    """Softmax ``(N, S, S, 3)`` float32 at the images' own box ``S`` (float32 ``(N, S, S)``
+    particle images normalised per particle): resized to the model's input (area averaging
+    when shrinking), the softmax resized back (bilinear)."""
+    data = _checked_images(images)
+    out = np.empty(data.shape + (3,), dtype=np.float32)
     for start in range(0, len(data), batch):
-        chunk = data[start:start + batch]
-        x = resize_images(chunk, size) if box != size else chunk
-        probs = np.asarray(model.predict_on_batch(x[..., None]), dtype=np.float32)
-        if box != size:
-            probs = np.stack([resize_images(probs[..., c], box, "bilinear")
-                              for c in range(probs.shape[-1])], axis=-1)
-        out[start:start + len(chunk)] = probs
+        maps = _class_maps(model, data[start:start + batch])
+        out[start:start + len(maps)] = maps.transpose(0, 2, 3, 1)
     return out
 
 
 def predict_labels(model: Any, images: np.ndarray, *, batch: int = 64) -> np.ndarray:
-    """Label codes ``(N, S, S)`` uint8 (0 background, 1 signal, 2 edge) at the images' box."""
-    data = np.asarray(images, dtype=np.float32)
+    """Label codes ``(N, S, S)`` uint8 (0 background, 1 signal, 2 edge) at the images' box:
+    the argmax of :func:`predict_probabilities`."""
+    data = _checked_images(images)
     labels = np.empty(data.shape, dtype=np.uint8)
     for start in range(0, len(data), batch):
-        probs = predict_probabilities(model, data[start:start + batch], batch=batch)
-        labels[start:start + len(probs)] = probs.argmax(axis=-1)
+        maps = _class_maps(model, data[start:start + batch])
+        labels[start:start + len(maps)] = maps.argmax(axis=1)
     return labels
+
+
+def mask_calibration(model: Any, corpus_root: str | os.PathLike, ids: Sequence[str], *,
+                     split: str = "val", max_particles: int = 2000, batch: int = 64
+                     ) -> dict[str, Any]:
+    """The distribution of the model's masks on good particles of ``split`` (ETS and signal
+    share, :func:`particleseg_model.clean.fit_calibration`): the reference of the calibrated
+    cleaning score, kept in the model's manifest. At most ``max_particles`` in all."""
+    from particleseg_model.clean import fit_calibration, mask_features
+    from particleseg_model.metrics import edge_to_signal
+
+    features, per = [], max(1, max_particles // max(1, len(ids)))
+    for key in ids:
+        dataset = open_corpus(corpus_root, key)
+        rows = dataset.split_indices(split)
+        rows = rows[known_good(dataset, rows)][:per]
+        if not len(rows):
+            continue
+        images = np.asarray(dataset.images.get_orthogonal_selection((rows,)), np.float32)
+        labels = predict_labels(model, images, batch=batch)
+        signal = np.count_nonzero(labels == SIGNAL, axis=(1, 2))
+        has = signal > 0
+        features.append(mask_features(edge_to_signal(labels)[has], signal[has], dataset.box))
+    if not features or sum(len(f) for f in features) < 3:
+        raise ValueError(f"no good {split} particles with predicted signal in {list(ids)}: "
+                         "cannot calibrate")
+    return fit_calibration(np.concatenate(features))
 
 
 @dataclass
@@ -276,6 +327,10 @@ class Evaluation:
     seconds: float
     examples: tuple[np.ndarray, np.ndarray, np.ndarray] | None = None
     """(images, true labels, predicted labels) of the first few particles, for overlays."""
+    good_particles: int = 0
+    scores_good: dict[str, float] | None = None
+    """The same scores over the particles known to be good (None without ground truth):
+    junk particles' labels show a pose that is not in the image, which no model can find."""
 
     @property
     def mean_iou(self) -> float:
@@ -293,7 +348,9 @@ def evaluate_partition(model: Any, corpus_root: str | os.PathLike, empiar_id: st
     if len(rows) == 0:
         raise ValueError(f"{empiar_id}: no particles in the {split!r} split of "
                          f"{dataset.location}")
-    accumulator = ConfusionAccumulator()
+    has_truth = "is_good" in dataset.table.columns
+    good = known_good(dataset, rows)
+    accumulator, accumulator_good = ConfusionAccumulator(), ConfusionAccumulator()
     shown = None
     started = time.perf_counter()
     for start in range(0, len(rows), batch):
@@ -303,11 +360,14 @@ def evaluate_partition(model: Any, corpus_root: str | os.PathLike, empiar_id: st
         truth = np.asarray(dataset.labels.get_orthogonal_selection((index,)))
         predicted = predict_labels(model, images, batch=batch)
         accumulator.update(truth, predicted)
+        keep = good[start:start + batch]
+        accumulator_good.update(truth[keep], predicted[keep])
         if shown is None and examples:
             shown = (images[:examples], truth[:examples], predicted[:examples])
     seconds = time.perf_counter() - started
     return Evaluation(dataset.empiar_id, split, int(len(rows)), accumulator.scores(), seconds,
-                      shown)
+                      shown, int(good.sum()),
+                      accumulator_good.scores() if has_truth and good.any() else None)
 
 
 def training_curve_png(history: dict[str, list[float]], path: str | os.PathLike,

@@ -181,6 +181,24 @@ def test_registry_versions_latest_and_refusals(trained, tmp_path: Path) -> None:
         load_model(root / "v0001")
 
 
+def test_mask_calibration_describes_the_good_particles_masks(trained, corpus: Path) -> None:
+    import keras
+
+    from particleseg_model.clean import mask_features
+    from particleseg_model.metrics import edge_to_signal
+    from particleseg_model.train import mask_calibration
+
+    model = keras.models.load_model(trained.model_path, compile=False)
+    calibration = mask_calibration(model, corpus, ["40001", "40002"])
+    val = sum(len(open_corpus(corpus, k).split_indices("val")) for k in ("40001", "40002"))
+    assert calibration["particles"] == val
+    # near the features of the true masks (the model learnt them)
+    truth = open_corpus(corpus, "40001")
+    labels = truth.labels.get_orthogonal_selection((truth.split_indices("val"),))
+    true = mask_features(edge_to_signal(labels), (labels == 1).sum(axis=(1, 2)), BOX)
+    assert np.allclose(calibration["mean"], true.mean(axis=0), atol=0.25)
+
+
 def test_training_curve_png(trained, tmp_path: Path) -> None:
     path = training_curve_png(trained.history, tmp_path / "curve.png")
     assert path.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and path.stat().st_size > 5000
@@ -271,3 +289,34 @@ def test_segment_refuses_non_square_images_and_no_model(registry: Path, tmp_path
     assert "no model registered" in capsys.readouterr().err
     assert not (tmp_path / "x.zarr").exists() and not (tmp_path / "y.zarr").exists()
     assert os.listdir(tmp_path) == ["project"]
+
+
+def test_known_junk_is_left_out_of_training_and_scored_apart(tmp_path: Path) -> None:
+    from particleseg_model.loader import CorpusBatches
+
+    images, labels = disc_particles(200, seed=5)
+    good = np.arange(200) % 4 != 0
+    images[~good] = np.random.default_rng(0).normal(size=(int((~good).sum()), BOX, BOX))
+    with CorpusWriter(tmp_path, "40010", BOX, attrs={"pixel_size_a": 2.0}) as writer:
+        writer.append(images, labels, {"image_name": [f"{i + 1}@s.mrcs" for i in range(200)],
+                                       "is_good": good})
+    dataset = open_corpus(tmp_path, "40010")
+    train_rows = dataset.split_indices("train")
+    kept = CorpusBatches([dataset], split="train", good_only=True, size=None)
+    assert kept.n_samples == int(good[train_rows].sum()) < len(train_rows)
+    assert CorpusBatches([dataset], split="train", size=None).n_samples == len(train_rows)
+
+    class Oracle:  # predicts the true labels of the good particles and nothing on noise
+        input_shape = (None, BOX, BOX, 1)
+
+        def predict_on_batch(self, x):
+            disc = np.asarray(x[..., 0]) > 0.8
+            return np.stack([~disc, disc, np.zeros_like(disc)], axis=-1).astype(np.float32)
+
+    evaluation = evaluate_partition(Oracle(), tmp_path, "40010")
+    test_rows = dataset.split_indices("test")
+    assert evaluation.particles == len(test_rows)
+    assert evaluation.good_particles == int(good[test_rows].sum())
+    # the junk rows' labels show a disc that is not in the image: only the good-only signal
+    # IoU is high
+    assert evaluation.scores_good["iou_signal"] > evaluation.scores["iou_signal"] + 0.05

@@ -115,3 +115,31 @@ def test_report_sensor_requests_one_report_per_partition_and_version(dagster_hom
         ("40001", "iou-v0007-40001"), ("40002", "iou-v0007-40002")]
     with build_sensor_context(instance=instance, definitions=defs, cursor=cursor) as context:
         assert isinstance(model_reports_sensor(context), SkipReason)
+
+
+def test_training_refuses_an_empty_corpus_and_a_partition_without_test_particles(
+        dagster_home, tmp_path):
+    from test_model import BOX, disc_particles
+
+    from particleseg_model.corpus import CorpusWriter, assign_split
+
+    instance = DagsterInstance.get()
+    empty = StorageResource(root=str(tmp_path / "empty"))
+    failed = _train(instance, empty, raise_on_error=False)
+    assert not failed.success
+    assert "no corpus partitions to train on" in _failure(failed)
+
+    storage = StorageResource(root=str(tmp_path / "data"))
+    names = [n for n in (f"{i}@s.mrcs" for i in range(1, 200))
+             if assign_split("40020", n) != "test"][:40]
+    images, labels = disc_particles(len(names), seed=6)
+    with CorpusWriter(storage.path("corpus"), "40020", BOX, attrs={"pixel_size_a": 2.0}) as w:
+        w.append(images, labels, {"image_name": names})
+    failed = _train(instance, storage, raise_on_error=False)
+    assert "partitions ['40020'] have no test particles" in _failure(failed)
+    assert latest_model(storage.path("models")) is None
+
+
+def _failure(result) -> str:
+    events = [e for e in result.all_events if e.event_type_value == "STEP_FAILURE"]
+    return events[0].event_specific_data.error.to_string()

@@ -41,6 +41,8 @@ class ModelConfig(Config):
     seed: int = 0
     replay: float = 0.5
     max_train_particles: int = 0
+    good_only: bool = True
+    """Leave out particles the corpus knows to be junk (simulated ground truth)."""
 
 
 def _train_config(config: ModelConfig):
@@ -50,7 +52,8 @@ def _train_config(config: ModelConfig):
                        weights=config.weights or None, optimizer=config.optimizer,
                        learning_rate=config.learning_rate, batch_size=config.batch_size,
                        epochs=config.epochs, patience=config.patience, seed=config.seed,
-                       replay=config.replay, max_train_particles=config.max_train_particles)
+                       replay=config.replay, max_train_particles=config.max_train_particles,
+                       good_only=config.good_only)
 
 
 def _score_row(evaluation, seen: bool, before: float | None = None) -> dict[str, Any]:
@@ -62,6 +65,9 @@ def _score_row(evaluation, seen: bool, before: float | None = None) -> dict[str,
            "iou_signal": round(100 * scores["iou_signal"], 2),
            "iou_edge": round(100 * scores["iou_edge"], 2),
            "pixel_accuracy": round(100 * scores["pixel_accuracy"], 2)}
+    if evaluation.scores_good is not None:
+        row["good_test_particles"] = evaluation.good_particles
+        row["mean_iou_good"] = round(100 * evaluation.scores_good["mean_iou"], 2)
     if before is not None:
         row["mean_iou_parent"] = round(100 * before, 2)
     return row
@@ -91,6 +97,7 @@ def segmentation_model(context: AssetExecutionContext, config: ModelConfig,
     from particleseg_model.registry import latest_model, load_model, register_model, staging_dir
     from particleseg_model.train import (
         evaluate_partition,
+        mask_calibration,
         train_segmentation,
         training_curve_png,
     )
@@ -158,6 +165,7 @@ def segmentation_model(context: AssetExecutionContext, config: ModelConfig,
         metrics = {"mean_iou_seen": round(sum(seen) / len(seen), 2) if seen else None,
                    "mean_iou_unseen": round(sum(unseen) / len(unseen), 2) if unseen else None,
                    "per_partition": rows}
+        calibration = mask_calibration(model, corpus_root, ids)
         partitions = dict(latest.partitions) if incremental and latest else {}
         partitions.update(result.train_particles)
         manifest = {"arch": config.arch, "input_size": config.size, "channels": 1,
@@ -168,6 +176,7 @@ def segmentation_model(context: AssetExecutionContext, config: ModelConfig,
                     "best_epoch": result.best_epoch, "seconds": round(result.seconds, 1),
                     "train_images_per_s": round(result.images_per_s, 1),
                     "history": result.history, "metrics": metrics,
+                    "calibration": calibration,
                     "dagster_run_id": context.run.run_id}
         version = register_model(models_root, staged, manifest)
     except BaseException:
@@ -224,7 +233,8 @@ def iou_reports(context: AssetExecutionContext, storage: StorageResource) -> Mat
     out = storage.path("iou_reports", key)
     overlay = write_png(out / "overlay.png", segmentation_overlay(*evaluation.examples))
     report = {**row, "model_version": version.version, "split": "test",
-              "scores": evaluation.scores, "seconds": round(time.perf_counter() - started, 2)}
+              "scores": evaluation.scores, "scores_good": evaluation.scores_good,
+              "seconds": round(time.perf_counter() - started, 2)}
     tmp = out / ".report.json.tmp"
     tmp.write_text(json.dumps(report, indent=2))
     tmp.replace(out / "report.json")
@@ -235,6 +245,7 @@ def iou_reports(context: AssetExecutionContext, storage: StorageResource) -> Mat
         "test_particles": evaluation.particles, "mean_iou": row["mean_iou"],
         "iou_background": row["iou_background"], "iou_signal": row["iou_signal"],
         "iou_edge": row["iou_edge"], "pixel_accuracy": row["pixel_accuracy"],
+        **({"mean_iou_good": row["mean_iou_good"]} if "mean_iou_good" in row else {}),
         "particles_per_s": round(evaluation.particles / max(evaluation.seconds, 1e-9), 1),
         "report": MetadataValue.path(str(out / "report.json")),
         "overlay": MetadataValue.md(markdown_image(overlay, "particle / true / predicted"))})
