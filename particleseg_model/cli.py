@@ -145,6 +145,24 @@ def segment(args: argparse.Namespace) -> int:
     return 0
 
 
+def clean(args: argparse.Namespace) -> int:
+    """Clean a RELION particle set: score each particle's predicted mask, drop the worst."""
+    from particleseg_model.clean import clean_star
+
+    result = clean_star(args.star, args.out, model=args.model, models_root=args.models_root,
+                        drop=args.drop, keep_above=args.keep_above, score=args.score,
+                        particles_dir=args.particles_dir, report_dir=args.report,
+                        scores_out=args.scores, on_bad=args.on_bad, batch=args.batch,
+                        overwrite=args.overwrite, progress=False if args.no_progress else None,
+                        log=lambda line: print(line, file=sys.stderr))
+    report = f"; report: {Path(args.report)}" if args.report else ""
+    print(f"kept {result.kept}/{result.total} particles ({result.score} score, cut "
+          f"{result.cut:.4g}), dropped {result.dropped}, skipped {result.skipped} unreadable, "
+          f"model {result.model_version}, {result.particles_per_s:.0f} particles/s: "
+          f"{result.out} (RELION {result.version}); scores: {result.scores_path}{report}")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="particleseg", description=__doc__)
     parser.add_argument("-v", "--verbose", action="store_true", help="log debug messages")
@@ -208,6 +226,40 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--batch", type=int, default=256, help="particles per batch")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
     p.set_defaults(func=segment)
+
+    p = sub.add_parser("clean", help=clean.__doc__)
+    p.add_argument("star", help="RELION particle STAR file (3.0, 3.1 or 5.0)")
+    p.add_argument("--out", required=True,
+                   help="cleaned STAR file to write, in the input's RELION version (never the "
+                        "input; must not exist unless --overwrite)")
+    p.add_argument("--model", default=None,
+                   help="a registered model version folder or its model.keras (default: the "
+                        "latest under --models-root)")
+    p.add_argument("--models-root", default=None,
+                   help="model registry (default: $PARTICLESEG_DATA/models or data/models)")
+    rule = p.add_mutually_exclusive_group()
+    rule.add_argument("--drop", type=float, default=None,
+                      help="fraction of the readable particles to drop, lowest scores first, "
+                           "in [0, 1) (default 0.3, the paper's)")
+    rule.add_argument("--keep-above", type=float, default=None, metavar="SCORE",
+                      help="keep the particles scoring above SCORE instead")
+    p.add_argument("--score", choices=["ets", "calibrated"], default="ets",
+                   help="ets: the paper's edge/signal ratio; calibrated: also drops fragments, "
+                        "aggregates and empty particles (default ets)")
+    p.add_argument("--report", default=None, metavar="DIR",
+                   help="folder for score_histogram.png, gallery.png and report.json")
+    p.add_argument("--scores", default=None, metavar="PATH",
+                   help="per-particle scores (.parquet, or .csv; default "
+                        "<out stem>_scores.parquet beside --out)")
+    p.add_argument("--particles-dir", default=None,
+                   help="where the stacks' paths start (default: the STAR file's folder)")
+    p.add_argument("--on-bad", choices=["skip", "stop"], default="skip",
+                   help="a missing or unreadable image: skip (drop) it and count, or stop")
+    p.add_argument("--batch", type=int, default=256, help="particles per batch")
+    p.add_argument("--overwrite", action="store_true",
+                   help="replace an existing --out and --scores (never the input)")
+    p.add_argument("--no-progress", action="store_true", help="no progress bar")
+    p.set_defaults(func=clean)
 
     p = sub.add_parser("star-info", help=star_info.__doc__)
     p.add_argument("star")

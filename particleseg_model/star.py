@@ -41,6 +41,7 @@ __all__ = [
     "split_image_name",
     "write_loop_blocks",
     "write_star",
+    "write_star_as_read",
 ]
 
 CANONICAL_COLUMNS: tuple[str, ...] = (
@@ -653,3 +654,53 @@ def _optics_from_particles(particles: pd.DataFrame) -> pd.DataFrame:
             optics[label] = column.to_numpy()
     optics["rlnImageDimensionality"] = 2
     return optics
+
+
+def write_star_as_read(path: str | os.PathLike, star: ParticleStar,
+                       rows: pd.Index | np.ndarray | list | None = None) -> Path:
+    """Write ``star`` back in its own RELION flavour, with only the particle rows ``rows``.
+
+    Unlike :func:`write_star` (always RELION 3.1), every block is written as read: same block
+    names and order, same columns with their original values (pixel origins stay in pixels),
+    the optics table unchanged. A 3.0 file gets no ``# version`` stamps (which would make it
+    3.1), a 3.1 file ``30001``, a 5.0 file ``50001``. ``rows`` selects particle rows: a boolean
+    mask over the particle block, or labels of ``star.particles.index`` (written in the order
+    given); None writes them all. Written to a temporary name beside ``path`` and renamed
+    over it, so a failure never leaves a partial file.
+    """
+    path = Path(path)
+    block = star.blocks[star.particles_block]
+    if rows is not None:
+        chosen = np.asarray(rows)
+        if chosen.dtype == np.bool_:
+            if chosen.shape != (len(block),):
+                raise StarError(f"{star.source}: row mask of shape {chosen.shape}, the particle "
+                                f"block has {len(block)} rows")
+            block = block[chosen]
+        else:
+            foreign = pd.Index(chosen).difference(block.index)
+            if len(foreign):
+                raise StarError(f"{star.source}: cannot write rows {list(foreign[:5])}: not "
+                                "rows of the STAR file's particles")
+            block = block.loc[chosen]
+    blocks = {name: (block.reset_index(drop=True) if name == star.particles_block else table)
+              for name, table in star.blocks.items()}
+    stamp = _WRITE_STAMPS.get(star.version)
+    if stamp is None:
+        # _format_star stamps every block; for 3.0, format block by block and cut the stamp off
+        prefix = "\n# version 0\n"
+        text = "".join(_format_star({name: table}, "0")[len(prefix):]
+                       for name, table in blocks.items())
+    else:
+        text = _format_star(blocks, stamp)
+    tmp = path.with_name(f".{path.name}.{uuid.uuid4().hex[:12]}.tmp")
+    try:
+        with open(tmp, "x", encoding="utf-8", newline="\n") as fh:
+            fh.write(text)
+            fh.flush()
+            os.fsync(fh.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+    return path
