@@ -3,6 +3,7 @@
 from dagster import Definitions
 
 from particleseg_assets.assets.catalog import eligible_entries, empiar_entries
+from particleseg_assets.assets.cleaning import cleaned_particles
 from particleseg_assets.assets.corpus import (
     mask_volume,
     particle_masks,
@@ -13,6 +14,7 @@ from particleseg_assets.assets.model import iou_reports, segmentation_model
 from particleseg_assets.checks import eligible_rule_holds, entry_ids_unique, few_catalog_errors
 from particleseg_assets.jobs import (
     catalog_job,
+    clean_job,
     dataset_job,
     remove_dataset_job,
     report_job,
@@ -28,9 +30,9 @@ from particleseg_assets.sensors import (
 
 defs = Definitions(
     assets=[empiar_entries, eligible_entries, particle_stacks, refined_particles, mask_volume,
-            particle_masks, segmentation_model, iou_reports],
+            particle_masks, segmentation_model, iou_reports, cleaned_particles],
     asset_checks=[entry_ids_unique, few_catalog_errors, eligible_rule_holds],
-    jobs=[catalog_job, dataset_job, train_job, report_job, remove_dataset_job],
+    jobs=[catalog_job, dataset_job, train_job, report_job, clean_job, remove_dataset_job],
     schedules=[daily_catalog_refresh],
     sensors=[empiar_updates_sensor, eligible_partitions_sensor, model_reports_sensor],
     resources={"empiar": EmpiarResource(), "storage": StorageResource(),

@@ -5,6 +5,7 @@ import shutil
 from dagster import AssetSelection, Config, OpExecutionContext, define_asset_job, job, op
 
 from particleseg_assets.assets.catalog import eligible_entries, empiar_entries
+from particleseg_assets.assets.cleaning import cleaned_particles
 from particleseg_assets.assets.corpus import (
     PER_DATASET_FOLDERS,
     mask_volume,
@@ -44,6 +45,14 @@ report_job = define_asset_job(
     selection=AssetSelection.assets(iou_reports),
     description="The latest model's IoU report for one partition: --tags "
                 "'{\"dagster/partition\": \"10028\"}'.",
+)
+
+clean_job = define_asset_job(
+    "clean_job",
+    selection=AssetSelection.assets(cleaned_particles),
+    description="Clean a RELION particle STAR file with the registered model: --config FILE "
+                "with {\"ops\": {\"cleaned_particles\": {\"config\": {\"star\": "
+                "\"/path/particles.star\", \"drop\": 0.3}}}}.",
 )
 
 
