@@ -22,6 +22,7 @@
 
     .venv/bin/python benchmarks/model_quality.py [--particles 800] [--size 64] [--base 16]
         [--epochs 25] [--work DIR] [--skip-native] [--skip-256] [--skip-incremental]
+        [--speeds-only]
 """
 
 from __future__ import annotations
@@ -150,6 +151,20 @@ def training_rate(corpus: Path, size: int, base: int, steps: int = 6, batch: int
     return steps * batch / (time.perf_counter() - began)
 
 
+def speeds(corpus: Path, size: int, base: int) -> None:
+    """Training images/s and inference particles/s of untrained networks (the speed does not
+    depend on the weights): the default, the native 128 px and the paper's 256 px base 32."""
+    from particleseg_model.unet import build_unet
+
+    print("\n[speeds] box-128 particles in, masks at box 128 out; training batches of 8")
+    for label, s, b in (("default", size, base), ("native", 128, base), ("paper", 256, 32)):
+        model = build_unet("custom", size=s, base_filters=b)
+        n = 128 if s >= 256 else 512
+        print(f"  {label:<8} {s}x{s} base {b}: training {training_rate(corpus, s, b):.1f} "
+              f"images/s, inference {inference_rate(model, corpus, n=n):.1f} particles/s "
+              f"({model.count_params():,} parameters)", flush=True)
+
+
 def run_size(corpus: Path, work: Path, label: str, size: int, base: int, epochs: int):
     from particleseg_model.train import TrainConfig
 
@@ -180,6 +195,8 @@ def main() -> int:
     parser.add_argument("--skip-native", action="store_true")
     parser.add_argument("--skip-256", action="store_true")
     parser.add_argument("--skip-incremental", action="store_true")
+    parser.add_argument("--speeds-only", action="store_true",
+                        help="only the training and inference speeds (on the corpus in --work)")
     args = parser.parse_args()
 
     work = Path(args.work) if args.work else Path(tempfile.mkdtemp(prefix="model-quality-"))
@@ -189,6 +206,9 @@ def main() -> int:
     print(f"load average {os.getloadavg()[0]:.1f} on {os.cpu_count()} cores; "
           f"TF_ENABLE_ONEDNN_OPTS={os.environ.get('TF_ENABLE_ONEDNN_OPTS')}")
 
+    if args.speeds_only:
+        speeds(corpus, args.size, args.base)
+        return 0
     config, result, held, _ = run_size(corpus, work, "default", args.size, args.base,
                                        args.epochs)
     if not args.skip_256:
