@@ -4,8 +4,11 @@ Builds the simulated demo archive once (three EMPIAR-shaped entries with ground 
 :mod:`particleseg_model.demo_archive`; deterministic, so a later demo reuses it), adds the
 embedded EMPIAR fixture catalog to the same mirror, serves it on a free loopback port, points the
 clients at it, runs ``catalog_job`` with ``dagster job execute`` on the instance in
-``$DAGSTER_HOME``, lets the partition sensor add one partition per eligible entry, and prints
-the eligible entries and where everything is.
+``$DAGSTER_HOME``, lets the partition sensor add one partition per eligible entry, builds the
+corpus of the two simulated particle entries (``dataset_job``), trains and registers a small
+model on one of them (``train_job``; the other map stays unseen), lets the report sensor request
+one ``report_job`` per partition, cleans EMPIAR-30002's particle STAR file (``clean_job``), and
+prints the eligible entries, the corpus, the IoU table, the cleaning and where everything is.
 """
 
 from __future__ import annotations
@@ -18,6 +21,7 @@ import time
 from pathlib import Path
 
 import numpy as np
+import pandas as pd
 from dagster import (
     AddDynamicPartitionsRequest,
     AssetKey,
@@ -29,14 +33,20 @@ from dagster import (
 from particleseg_assets.definitions import defs
 from particleseg_assets.partitions import EMPIAR_PARTITIONS_NAME
 from particleseg_assets.resources import EmpiarResource, StorageResource
-from particleseg_assets.sensors import eligible_partitions_sensor, empiar_updates_sensor
+from particleseg_assets.sensors import (
+    eligible_partitions_sensor,
+    empiar_updates_sensor,
+    model_reports_sensor,
+)
 from particleseg_model.catalog import read_catalog
 from particleseg_model.cli import print_eligible
 from particleseg_model.corpus import open_corpus
 from particleseg_model.demo_archive import write_demo_archive
 from particleseg_model.fixtures import write_fixture_mirror
 from particleseg_model.mirror import Mirror
+from particleseg_model.registry import latest_model
 from particleseg_model.server import serve
+from particleseg_model.star import read_star
 
 
 def apply_sensor(instance: DagsterInstance, result) -> None:
@@ -50,6 +60,30 @@ def apply_sensor(instance: DagsterInstance, result) -> None:
 
 DEMO_ENTRIES = ("EMPIAR-30001", "EMPIAR-30002", "EMPIAR-30003")
 DATASET_DEMO_KEYS = ("30001", "30002")
+# A small model that trains in a few minutes on two cores (the defaults of ModelConfig but
+# fewer epochs); 30002 is never trained on, so its report is the unseen-map figure.
+DEMO_TRAINING = {"holdout": ["30002"], "epochs": 12, "mode": "full"}
+
+
+def demo_clean_star(mirror_dir: Path) -> Path:
+    """The particle STAR file the demo cleans: EMPIAR-30002's, 30% junk of six kinds."""
+    return mirror_dir / "archive" / "30002" / "data" / "particles.star"
+
+
+def run_job(storage: StorageResource, env: dict, step: str, log_name: str, job: str,
+            *args: str) -> int:
+    """``dagster job execute`` of one job on the demo instance, logged to a file; on failure
+    the end of the log is printed."""
+    log_path = storage.path("demo", f"{log_name}.log")
+    command = [sys.executable, "-m", "dagster", "job", "execute",
+               "-m", "particleseg_assets.definitions", "-j", job, *args]
+    print(f"[{step}] {' '.join(command[2:])}  (log: {log_path})", flush=True)
+    with open(log_path, "w") as log:
+        code = subprocess.call(command, env=env, stdout=log, stderr=subprocess.STDOUT)
+    if code != 0:
+        print(Path(log_path).read_text()[-4000:], file=sys.stderr)
+        print(f"{job} failed (exit {code}); log: {log_path}", file=sys.stderr)
+    return code
 
 
 def demo_mirror(mirror_dir: Path) -> tuple[Mirror, str]:
@@ -73,23 +107,16 @@ def main() -> int:
     mirror_dir = storage.path("demo", "archive")
     started = time.perf_counter()
     mirror, how = demo_mirror(mirror_dir)
-    print(f"[1/5] demo mirror: {len(mirror.entry_ids())} EMPIAR entries in {mirror_dir} "
+    print(f"[1/8] demo mirror: {len(mirror.entry_ids())} EMPIAR entries in {mirror_dir} "
           f"({', '.join(DEMO_ENTRIES)} {how}, with ground truth and galleries; "
           f"the rest is the embedded catalog fixture)")
 
     with serve(mirror_dir) as server:
         env = {**os.environ, **server.env(), "PARTICLESEG_DATA": str(storage.base())}
         os.environ.update(server.env())
-        print(f"[2/5] local EMPIAR/EMDB server at {server.url}")
-        log_path = storage.path("demo", "catalog_job.log")
-        command = [sys.executable, "-m", "dagster", "job", "execute",
-                   "-m", "particleseg_assets.definitions", "-j", "catalog_job"]
-        print(f"[3/5] {' '.join(command[2:])}  (log: {log_path})")
-        with open(log_path, "w") as log:
-            code = subprocess.call(command, env=env, stdout=log, stderr=subprocess.STDOUT)
-        if code != 0:
-            print(Path(log_path).read_text()[-4000:], file=sys.stderr)
-            print(f"catalog_job failed (exit {code}); log: {log_path}", file=sys.stderr)
+        print(f"[2/8] local EMPIAR/EMDB server at {server.url}")
+        code = run_job(storage, env, "3/8", "catalog_job", "catalog_job")
+        if code:
             return code
 
         instance = DagsterInstance.get()
@@ -103,7 +130,7 @@ def main() -> int:
                                   definitions=defs) as context:
             tick = empiar_updates_sensor(context)
         partitions = instance.get_dynamic_partitions(EMPIAR_PARTITIONS_NAME)
-        print(f"[4/5] partition sensor: {len(partitions)} empiar_id partitions, "
+        print(f"[4/8] partition sensor: {len(partitions)} empiar_id partitions, "
               f"{len(requested)} dataset_job runs requested (run keys dataset-<id>; "
               f"{'this instance had them all already' if not requested else 'new partitions'})"
               f"; updates sensor: "
@@ -114,18 +141,35 @@ def main() -> int:
         # cores) and the fixture entries are real EMPIAR ids whose files the demo mirror lacks:
         # their partitions exist, their runs are one command away (printed below).
         for key in DATASET_DEMO_KEYS:
-            log_path = storage.path("demo", f"dataset_job_{key}.log")
-            command = [sys.executable, "-m", "dagster", "job", "execute", "-m",
-                       "particleseg_assets.definitions", "-j", "dataset_job", "--tags",
-                       json.dumps({"dagster/partition": key})]
-            print(f"[5/5] {' '.join(command[2:])}  (log: {log_path})")
-            with open(log_path, "w") as log:
-                code = subprocess.call(command, env=env, stdout=log, stderr=subprocess.STDOUT)
-            if code != 0:
-                print(Path(log_path).read_text()[-4000:], file=sys.stderr)
-                print(f"dataset_job for {key} failed (exit {code}); log: {log_path}",
-                      file=sys.stderr)
+            code = run_job(storage, env, "5/8", f"dataset_job_{key}", "dataset_job",
+                           "--tags", json.dumps({"dagster/partition": key}))
+            if code:
                 return code
+
+    # The model: trained on EMPIAR-30001, with 30002 (another map) held out as the unseen
+    # dataset; then the report sensor asks for one IoU report per partition with a corpus.
+    config_path = storage.path("demo", "train_config.yaml")
+    config_path.write_text(json.dumps({"ops": {"segmentation_model": {"config": DEMO_TRAINING}}},
+                                      indent=2) + "\n")
+    code = run_job(storage, env, "6/8", "train_job", "train_job", "--config", str(config_path))
+    if code:
+        return code
+    with build_sensor_context(instance=instance, definitions=defs) as context:
+        reports = model_reports_sensor(context)
+    for request in getattr(reports, "run_requests", None) or []:
+        code = run_job(storage, env, "7/8", f"report_job_{request.partition_key}", "report_job",
+                       "--tags", json.dumps({"dagster/partition": request.partition_key}))
+        if code:
+            return code
+
+    # Cleaning: the simulated particle set of EMPIAR-30002 (30% junk), as a user's STAR file
+    clean_path = storage.path("demo", "clean_config.yaml")
+    clean_path.write_text(json.dumps({"ops": {"cleaned_particles": {"config": {
+        "star": str(demo_clean_star(mirror_dir)), "drop": 0.3, "score": "calibrated",
+        "name": "EMPIAR-30002"}}}}, indent=2) + "\n")
+    code = run_job(storage, env, "8/8", "clean_job", "clean_job", "--config", str(clean_path))
+    if code:
+        return code
 
     catalog = read_catalog(storage.catalog_path())
     eligible = read_catalog(storage.eligible_path())
@@ -151,6 +195,40 @@ def main() -> int:
               f"background/signal/edge {share[0]:.2f}/{share[1]:.2f}/{share[2]:.2f}, "
               f"splits {splits}\n    {corpus.location}\n    "
               f"{storage.path('particle_masks', key, 'particles_with_masks.png')}")
+    version = latest_model(storage.path("models"))
+    manifest = version.manifest
+    print(f"\nmodel {version.version} ({manifest['arch']} U-Net, {manifest['input_size']} px, "
+          f"{manifest['mode']} training on {', '.join(manifest['partitions'])}, "
+          f"{manifest['epochs_run']} epochs, {manifest['train_images_per_s']} images/s): "
+          f"{version.path}\n  training curve {version.path / 'training_curve.png'}")
+    print("\nIoU reports of the latest model on each dataset's test split (x100, as the paper):")
+    print(f"  {'entry':<13}{'seen':<7}{'test':>6}{'mean IoU':>10}{'backgr.':>9}{'signal':>8}"
+          f"{'edge':>7}{'pixel acc.':>12}{'good only':>11}")
+    for key in DATASET_DEMO_KEYS:
+        report = json.loads(storage.path("iou_reports", key, "report.json").read_text())
+        print(f"  EMPIAR-{key:<6}{'yes' if report['seen_in_training'] else 'no':<7}"
+              f"{report['test_particles']:>6}{report['mean_iou']:>10.2f}"
+              f"{report['iou_background']:>9.2f}{report['iou_signal']:>8.2f}"
+              f"{report['iou_edge']:>7.2f}{report['pixel_accuracy']:>12.2f}"
+              f"{report.get('mean_iou_good', float('nan')):>11.2f}   "
+              f"{storage.path('iou_reports', key, 'overlay.png')}")
+    print("  (good only: the mean IoU over the particles the simulation made good; a junk "
+          "particle's label\n  is the mask of a pose that is not in its image)")
+    cleaned = read_star(storage.path("cleaned", "EMPIAR-30002", "particles_cleaned.star"))
+    truth = pd.read_csv(demo_clean_star(mirror_dir).parent / "ground_truth.csv").set_index(
+        "image_name")["is_good"]
+    before = read_star(demo_clean_star(mirror_dir)).particles["image_name"]
+    after = cleaned.particles["image_name"]
+    dropped = before[~before.isin(set(after))]
+    report = storage.path("cleaned", "EMPIAR-30002", "report")
+    print(f"\ncleaning EMPIAR-30002 (clean_job, calibrated score, drop 30%): {len(before)} -> "
+          f"{len(after)} particles; good share {truth.loc[before].mean():.1%} -> "
+          f"{truth.loc[after].mean():.1%}; {(~truth.loc[dropped]).mean():.1%} of the dropped "
+          f"particles are junk\n  cleaned STAR {storage.path('cleaned', 'EMPIAR-30002')}/"
+          f"particles_cleaned.star\n  report {report}/score_histogram.png, gallery.png")
+    print("\nsegment or clean your own particles with it:\n  .venv/bin/particleseg segment "
+          "particles.star --out labels.zarr\n  .venv/bin/particleseg clean particles.star "
+          "--score calibrated --drop 0.3 --out cleaned.star --report report/")
     print("\nany partition from the command line (30003, the micrograph entry, runs RELION "
           "extraction and\n3D auto-refine: over an hour on 2 cores), with the demo archive "
           "served in another shell by `make serve`:\n"
