@@ -13,7 +13,7 @@ DEMO_PORT ?= 8765
 DEMO_ARCHIVE := $(PARTICLESEG_DATA)/demo/archive
 DEMO_URL := http://127.0.0.1:$(DEMO_PORT)
 
-.PHONY: setup relion venv test lint demo dev serve env bench bench-refine clean
+.PHONY: setup relion venv test lint demo dev serve env bench bench-refine bench-model clean
 
 setup: relion venv
 
@@ -81,6 +81,14 @@ bench: setup
 	$(PY) benchmarks/projection_speed.py
 	$(PY) benchmarks/corpus_build.py --n 20000 --box 128
 	$(PY) benchmarks/loader_speed.py
+
+# The model (IoU held-out and unseen, speeds, incremental; about 60 minutes on 2 cores), then
+# cleaning with that model against the baselines (about 5 minutes)
+BENCH_MODEL := $(PARTICLESEG_DATA)/bench/model
+bench-model: setup
+	$(PY) benchmarks/model_quality.py --work $(BENCH_MODEL)
+	$(PY) benchmarks/clean_quality.py --keras $(BENCH_MODEL)/model_64_16/model.keras \
+		--corpus $(BENCH_MODEL)/data/corpus --work $(PARTICLESEG_DATA)/bench/clean
 
 # RELION auto-refine of 400 simulated particles: about 13 minutes on 2 cores
 bench-refine: setup
