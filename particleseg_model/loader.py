@@ -137,6 +137,8 @@ class CorpusBatches:
         good_only: leave out the particles a partition's table marks as junk (``is_good``
             False: simulated ground truth, whose labels come from a pose that does not match
             the image); partitions without ``is_good`` keep every particle.
+        junk_background: keep those particles but with an all-background label (the model
+            learns that there is no particle in them).
     """
 
     def __init__(self, datasets: Sequence[CorpusDataset], *, split: str | None = "train",
@@ -144,7 +146,7 @@ class CorpusBatches:
                  seed: int = 0, buffer_chunks: int = 4, flips: bool = False,
                  rot90: bool = False, one_hot: bool = False, drop_last: bool = False,
                  image_resize: str = "auto", label_dtype: str = "uint8",
-                 good_only: bool = False):
+                 good_only: bool = False, junk_background: bool = False):
         self.datasets = list(datasets)
         if not self.datasets:
             raise ValueError("no corpus datasets to load")
@@ -163,6 +165,9 @@ class CorpusBatches:
         self.label_dtype = np.dtype(label_dtype)
         # units: (dataset, chunk, rows of that chunk in the split)
         self._units: list[tuple[int, int, np.ndarray]] = []
+        # per dataset: rows known to be junk, whose labels are replaced by background
+        self._junk = [~known_good(ds, np.arange(ds.n_particles)) if junk_background else None
+                      for ds in self.datasets]
         for d, ds in enumerate(self.datasets):
             rows = ds.split_indices(split)
             if good_only:
@@ -293,6 +298,8 @@ class CorpusBatches:
                 local = rows[sel] - k * ds.chunk_particles
                 images[sel] = chunk_images[local]
                 labels[sel] = chunk_labels[local]
+            if self._junk[dataset] is not None:
+                labels[self._junk[dataset][rows]] = 0
             x[at] = _resample(images, size, self.image_resize)
             y[at] = resize_labels(labels, size)
         if self.flips or self.rot90:

@@ -61,16 +61,19 @@ class TrainConfig:
     finetune_lr_factor: float = 0.1
     """Incremental training: learning rate times this (a fresh optimizer at the full rate
     would first undo much of what the parent learnt)."""
-    good_only: bool = True
-    """Train and stop early on the particles not known to be junk: a simulated partition's
-    junk (``is_good`` False) carries the mask of a pose that is not in the image. Partitions
-    without ground truth (real EMPIAR entries) keep every particle."""
+    junk: str = "drop"
+    """Particles a partition knows to be junk (a simulation's ``is_good`` False), whose label
+    is the mask of a pose that is not in the image: "drop" (train and stop early on the good
+    ones), "background" (keep them with an all-background label: the model learns that no
+    particle is there), or "keep" (as labelled). Real corpora have no ``is_good``."""
 
     def check(self) -> None:
         if self.optimizer not in ("rmsprop", "adam"):
             raise ValueError(f"optimizer must be rmsprop or adam, got {self.optimizer!r}")
         if self.size < 16 or self.batch_size < 1 or self.epochs < 1 or self.patience < 0:
             raise ValueError(f"bad training config: {asdict(self)}")
+        if self.junk not in ("drop", "background", "keep"):
+            raise ValueError(f"junk must be drop, background or keep, got {self.junk!r}")
         if not 0 <= self.replay <= 4:
             raise ValueError(f"replay must be in [0, 4], got {self.replay}")
 
@@ -101,9 +104,9 @@ def _open(root: str | os.PathLike, ids: Sequence[str]) -> list[CorpusDataset]:
 
 
 def _used(dataset: CorpusDataset, split: str, config: TrainConfig) -> int:
-    """Particles of ``split`` that training uses (the good ones with ``good_only``)."""
+    """Particles of ``split`` that training uses (the good ones with ``junk="drop"``)."""
     rows = dataset.split_indices(split)
-    return int(known_good(dataset, rows).sum()) if config.good_only else int(len(rows))
+    return int(known_good(dataset, rows).sum()) if config.junk == "drop" else int(len(rows))
 
 
 def _batches(datasets: list[CorpusDataset], split: str, config: TrainConfig, batch_size: int,
@@ -111,7 +114,8 @@ def _batches(datasets: list[CorpusDataset], split: str, config: TrainConfig, bat
     return CorpusBatches(datasets, split=split, batch_size=batch_size, size=config.size,
                          shuffle=train, seed=config.seed + seed_offset,
                          flips=train and config.flips, rot90=train and config.rot90,
-                         good_only=config.good_only)
+                         good_only=config.junk == "drop",
+                         junk_background=config.junk == "background")
 
 
 def _train_dataset(new: CorpusBatches, old: CorpusBatches | None, limit_steps: int):

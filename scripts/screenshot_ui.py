@@ -5,7 +5,7 @@ Needs Playwright and a Chromium (``pip install playwright``; Debian's ``chromium
 
     make dev &   # or dagster-webserver -w workspace.yaml -p 3000
     python scripts/screenshot_ui.py --url http://127.0.0.1:3000 --out docs/asset_graph.png \
-        --zoom-out 4 --pan-x 250 --pan-y -200 --clip-height 470
+        --width 2400 --height 900 --zoom-out 3 --pan-x 780 --pan-y -190 --clip-height 800
 """
 
 from __future__ import annotations
@@ -44,7 +44,7 @@ def main() -> int:
         hide = page.get_by_text("Hide navigation", exact=True)
         if hide.count():
             hide.first.click()
-        for group in ("catalog", "corpus"):  # groups start collapsed: open them
+        for group in ("catalog", "corpus", "model", "cleaning"):  # groups start collapsed
             toggle = page.get_by_text(group, exact=True)
             if toggle.count():
                 toggle.last.click()

@@ -305,6 +305,14 @@ def test_known_junk_is_left_out_of_training_and_scored_apart(tmp_path: Path) -> 
     kept = CorpusBatches([dataset], split="train", good_only=True, size=None)
     assert kept.n_samples == int(good[train_rows].sum()) < len(train_rows)
     assert CorpusBatches([dataset], split="train", size=None).n_samples == len(train_rows)
+    # junk kept with background labels: every train particle, junk ones without signal
+    background = CorpusBatches([dataset], split="train", junk_background=True, size=None,
+                               shuffle=False, batch_size=len(train_rows))
+    _, y = background[0]
+    assert len(y) == len(train_rows)
+    assert not y[~good[train_rows]].any() and y[good[train_rows]].any(axis=(1, 2)).all()
+    with pytest.raises(ValueError, match="junk must be"):
+        TrainConfig(junk="ignore").check()
 
     class Oracle:  # predicts the true labels of the good particles and nothing on noise
         input_shape = (None, BOX, BOX, 1)

@@ -41,8 +41,9 @@ class ModelConfig(Config):
     seed: int = 0
     replay: float = 0.5
     max_train_particles: int = 0
-    good_only: bool = True
-    """Leave out particles the corpus knows to be junk (simulated ground truth)."""
+    junk: str = "drop"
+    """Particles the corpus knows to be junk (simulated ground truth): "drop", "background"
+    (kept with an all-background label) or "keep" (as labelled)."""
 
 
 def _train_config(config: ModelConfig):
@@ -53,7 +54,7 @@ def _train_config(config: ModelConfig):
                        learning_rate=config.learning_rate, batch_size=config.batch_size,
                        epochs=config.epochs, patience=config.patience, seed=config.seed,
                        replay=config.replay, max_train_particles=config.max_train_particles,
-                       good_only=config.good_only)
+                       junk=config.junk)
 
 
 def _score_row(evaluation, seen: bool, before: float | None = None) -> dict[str, Any]:
