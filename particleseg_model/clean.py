@@ -92,24 +92,6 @@ class CleanResult:
 # ------------------------------------------------------------------------------------ scoring
 
 
-def _resolve_model(model: str | os.PathLike | None, models_root: str | os.PathLike | None):
-    """The registered :class:`ModelVersion`: ``model`` (a version folder or its model.keras) or
-    the latest under ``models_root`` (default ``$PARTICLESEG_DATA/models``, else
-    ``./data/models``), as :func:`particleseg_model.segment.segment_star` finds it."""
-    from particleseg_model.registry import get_model, latest_model
-
-    if model is None:
-        root = Path(models_root or Path(os.environ.get("PARTICLESEG_DATA", "data")) / "models")
-        version = latest_model(root)
-        if version is None:
-            raise FileNotFoundError(f"no model registered under {root}: train one "
-                                    "(dagster train_job) or give --model")
-        return version
-    where = Path(model)
-    folder = where if where.is_dir() else where.parent
-    return get_model(folder.parent, folder.name)
-
-
 @dataclass
 class _Scored:
     star: ParticleStar
@@ -166,7 +148,7 @@ def _score(star: str | os.PathLike | ParticleStar, *, model: str | os.PathLike |
            models_root: str | os.PathLike | None, particles_dir: str | os.PathLike | None,
            batch: int, on_bad: str, progress: bool | None, log: Log | None) -> _Scored:
     from particleseg_model.progress import progress as bar
-    from particleseg_model.registry import load_model
+    from particleseg_model.registry import load_model, resolve_model
     from particleseg_model.train import predict_labels
 
     say = log or (lambda line: None)
@@ -176,7 +158,7 @@ def _score(star: str | os.PathLike | ParticleStar, *, model: str | os.PathLike |
     particles = parsed.particles
     if particles.empty:
         raise ValueError(f"{star_path}: no particles")
-    version = _resolve_model(model, models_root)
+    version = resolve_model(model, models_root)
     network = load_model(version)
     size = version.input_size
     base_dir = Path(particles_dir) if particles_dir else star_path.parent

@@ -157,6 +157,23 @@ def register_model(root: str | os.PathLike, staged: str | os.PathLike,
     return ModelVersion(name, base / name, full)
 
 
+def resolve_model(model: str | os.PathLike | None = None,
+                  models_root: str | os.PathLike | None = None) -> ModelVersion:
+    """The version a user asked for: ``model`` (a version folder or its ``model.keras``), or
+    the latest under ``models_root`` (default ``$PARTICLESEG_DATA/models``, else
+    ``./data/models``); FileNotFoundError when nothing is registered there."""
+    if model is None:
+        root = Path(models_root or Path(os.environ.get("PARTICLESEG_DATA", "data")) / "models")
+        version = latest_model(root)
+        if version is None:
+            raise FileNotFoundError(f"no model registered under {root}: train one "
+                                    "(dagster train_job) or give --model")
+        return version
+    where = Path(model)
+    folder = where if where.is_dir() else where.parent
+    return get_model(folder.parent, folder.name)
+
+
 def load_model(model: str | os.PathLike | ModelVersion, *, expect_size: int | None = None):
     """The Keras model of a registered version, a version folder, or a ``.keras`` file beside
     its manifest; inference only (not compiled). ``expect_size`` refuses a model trained at

@@ -54,7 +54,7 @@ def segment_star(star: str | os.PathLike, out: str | os.PathLike, *,
     import zarr
 
     from particleseg_model.progress import progress as bar
-    from particleseg_model.registry import get_model, latest_model, load_model
+    from particleseg_model.registry import load_model, resolve_model
     from particleseg_model.train import predict_labels
 
     say = log or (lambda line: None)
@@ -63,16 +63,7 @@ def segment_star(star: str | os.PathLike, out: str | os.PathLike, *,
         raise FileExistsError(f"{out_path} exists: choose another --out or remove it")
     if batch < 1:
         raise ValueError(f"batch must be positive, got {batch}")
-    if model is None:
-        root = Path(models_root or Path(os.environ.get("PARTICLESEG_DATA", "data")) / "models")
-        version = latest_model(root)
-        if version is None:
-            raise FileNotFoundError(f"no model registered under {root}: train one "
-                                    "(dagster train_job) or give --model")
-    else:
-        where = Path(model)
-        folder = where if where.is_dir() else where.parent
-        version = get_model(folder.parent, folder.name)
+    version = resolve_model(model, models_root)
     network = load_model(version)
     size = version.input_size
     particles = read_star(star_path).particles
