@@ -61,11 +61,12 @@ class TrainConfig:
     finetune_lr_factor: float = 0.1
     """Incremental training: learning rate times this (a fresh optimizer at the full rate
     would first undo much of what the parent learnt)."""
-    junk: str = "drop"
+    junk: str = "background"
     """Particles a partition knows to be junk (a simulation's ``is_good`` False), whose label
-    is the mask of a pose that is not in the image: "drop" (train and stop early on the good
-    ones), "background" (keep them with an all-background label: the model learns that no
-    particle is there), or "keep" (as labelled). Real corpora have no ``is_good``."""
+    is the mask of a pose that is not in the image: "background" (kept with an all-background
+    label: the model learns that no particle is there, which is what makes the paper's ETS
+    rule find junk), "drop" (train and stop early on the good ones only), or "keep" (as
+    labelled). Real corpora have no ``is_good``: every particle is kept as labelled."""
 
     def check(self) -> None:
         if self.optimizer not in ("rmsprop", "adam"):

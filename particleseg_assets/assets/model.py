@@ -41,9 +41,9 @@ class ModelConfig(Config):
     seed: int = 0
     replay: float = 0.5
     max_train_particles: int = 0
-    junk: str = "drop"
-    """Particles the corpus knows to be junk (simulated ground truth): "drop", "background"
-    (kept with an all-background label) or "keep" (as labelled)."""
+    junk: str = "background"
+    """Particles the corpus knows to be junk (simulated ground truth): "background" (kept with
+    an all-background label), "drop" or "keep" (as labelled)."""
 
 
 def _train_config(config: ModelConfig):
