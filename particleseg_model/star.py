@@ -503,6 +503,11 @@ def write_star(path: str | os.PathLike, star: ParticleStar,
     path = Path(path)
     blocks = _relion31_blocks(star, particles)
     text = _format_star(blocks, _WRITE_STAMPS.get(star.version, "30001"))
+    return _write_atomic(path, text)
+
+
+def _write_atomic(path: Path, text: str) -> Path:
+    """``text`` into ``path`` through a temporary name beside it, then one rename."""
     tmp = path.with_name(f".{path.name}.{uuid.uuid4().hex[:12]}.tmp")
     try:
         with open(tmp, "x", encoding="utf-8", newline="\n") as fh:
@@ -693,14 +698,4 @@ def write_star_as_read(path: str | os.PathLike, star: ParticleStar,
                        for name, table in blocks.items())
     else:
         text = _format_star(blocks, stamp)
-    tmp = path.with_name(f".{path.name}.{uuid.uuid4().hex[:12]}.tmp")
-    try:
-        with open(tmp, "x", encoding="utf-8", newline="\n") as fh:
-            fh.write(text)
-            fh.flush()
-            os.fsync(fh.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
-    return path
+    return _write_atomic(path, text)
