@@ -47,14 +47,15 @@ class ModelConfig(Config):
 
 
 def _train_config(config: ModelConfig):
+    """The library's TrainConfig from the launchpad fields of the same names (the rest keep
+    the library's defaults); an empty ``weights`` means none."""
+    from dataclasses import fields
+
     from particleseg_model.train import TrainConfig
 
-    return TrainConfig(arch=config.arch, size=config.size, base_filters=config.base_filters,
-                       weights=config.weights or None, optimizer=config.optimizer,
-                       learning_rate=config.learning_rate, batch_size=config.batch_size,
-                       epochs=config.epochs, patience=config.patience, seed=config.seed,
-                       replay=config.replay, max_train_particles=config.max_train_particles,
-                       junk=config.junk)
+    shared = {f.name: getattr(config, f.name) for f in fields(TrainConfig)
+              if f.name in type(config).model_fields}
+    return TrainConfig(**{**shared, "weights": config.weights or None})
 
 
 def _score_row(evaluation, seen: bool, before: float | None = None) -> dict[str, Any]:
