@@ -13,9 +13,9 @@ DEMO_PORT ?= 8765
 DEMO_ARCHIVE := $(PARTICLESEG_DATA)/demo/archive
 DEMO_URL := http://127.0.0.1:$(DEMO_PORT)
 
-.PHONY: setup relion venv test lint demo dev serve env bench bench-refine bench-model clean
+.PHONY: setup relion postgres venv test lint demo dev serve env bench bench-refine bench-model clean
 
-setup: relion venv
+setup: relion postgres venv
 
 relion:
 	@if command -v relion_project >/dev/null 2>&1; then \
@@ -28,6 +28,21 @@ relion:
 	else \
 		echo "RELION is not installed and we are not root: run 'sudo apt-get install -y relion'" \
 		     "(Debian/Ubuntu). Tests that need RELION are skipped until then." >&2; \
+	fi
+
+# PostgreSQL for the tests of the PostgreSQL instance storage (they start their own server on
+# loopback from these binaries; nothing listens otherwise)
+postgres:
+	@if ls /usr/lib/postgresql/*/bin/initdb >/dev/null 2>&1 || command -v initdb >/dev/null 2>&1; then \
+		echo "PostgreSQL: $$(ls -d /usr/lib/postgresql/*/bin 2>/dev/null | tail -1)"; \
+	elif [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1; then \
+		echo "PostgreSQL missing: installing the Debian package (apt-get install -y postgresql)"; \
+		export DEBIAN_FRONTEND=noninteractive; \
+		apt-get update -qq && apt-get install -y -qq postgresql >/dev/null \
+		&& echo "PostgreSQL: $$(ls -d /usr/lib/postgresql/*/bin | tail -1)"; \
+	else \
+		echo "PostgreSQL is not installed and we are not root: run 'sudo apt-get install -y" \
+		     "postgresql'. Tests of the PostgreSQL instance storage are skipped until then." >&2; \
 	fi
 
 venv: $(STAMP)

@@ -70,3 +70,37 @@ def pytest_report_header(config) -> list[str]:
     return [f"shared data: {SHARED_DATA if SHARED_DATA.is_dir() else 'absent (tests skip)'}",
             f"RELION: {shutil.which('relion_project') or 'absent (tests skip)'}",
             f"DAGSTER_HOME: {os.environ.get('DAGSTER_HOME', 'unset')}"]
+
+
+@pytest.fixture(scope="session")
+def postgres_server(tmp_path_factory: pytest.TempPathFactory):
+    """A real PostgreSQL server from the Debian binaries on a free loopback port (one per
+    test session; each test gets its own database from :func:`postgres_home`)."""
+    from particleseg_assets.postgres import find_postgres_bin, local_postgres
+
+    if find_postgres_bin() is None:
+        pytest.skip("PostgreSQL is not installed (apt-get install -y postgresql; "
+                    "`make setup` does it as root)")
+    try:
+        import psycopg2  # noqa: F401
+    except ImportError:
+        pytest.skip("psycopg2 missing: pip install -e '.[postgres]'")
+    with local_postgres(tmp_path_factory.mktemp("postgres")) as server:
+        yield server
+
+
+@pytest.fixture
+def postgres_home(postgres_server, tmp_path: Path, monkeypatch) -> Path:
+    """A Dagster instance on its own fresh PostgreSQL database, configured by the repository's
+    ``dagster_home/postgres/dagster.yaml`` through the PG* variables."""
+    import uuid
+
+    database = postgres_server.create_database(f"dagster_{uuid.uuid4().hex[:12]}")
+    for name, value in postgres_server.env(database).items():
+        monkeypatch.setenv(name, value)
+    home = tmp_path / "dagster_home_pg"
+    home.mkdir()
+    repo_yaml = Path(__file__).resolve().parents[1] / "dagster_home" / "postgres" / "dagster.yaml"
+    shutil.copy(repo_yaml, home / "dagster.yaml")
+    monkeypatch.setenv("DAGSTER_HOME", str(home))
+    return home
