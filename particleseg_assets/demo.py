@@ -187,7 +187,7 @@ def main() -> int:
         print(f"\nproblems the last catalog run reported (the rest refreshed):\n{reported}")
     print("\ncorpus (labels from the projected mask at each particle's pose):")
     for key in DATASET_DEMO_KEYS:
-        corpus = open_corpus(storage.path("corpus"), key)
+        corpus = open_corpus(storage.corpus_root(), key)
         labels = corpus.labels[:]
         share = np.bincount(labels.ravel(), minlength=3) / labels.size
         splits = corpus.table["split"].value_counts().to_dict()
@@ -195,7 +195,7 @@ def main() -> int:
               f"background/signal/edge {share[0]:.2f}/{share[1]:.2f}/{share[2]:.2f}, "
               f"splits {splits}\n    {corpus.location}\n    "
               f"{storage.path('particle_masks', key, 'particles_with_masks.png')}")
-    version = latest_model(storage.path("models"))
+    version = latest_model(storage.models_root())
     manifest = version.manifest
     print(f"\nmodel {version.version} ({manifest['arch']} U-Net, {manifest['input_size']} px, "
           f"{manifest['mode']} training on {', '.join(manifest['partitions'])}, "

@@ -82,8 +82,8 @@ def remove_dataset(context: OpExecutionContext, config: RemoveDatasetConfig,
         if path.exists():
             shutil.rmtree(path)
             removed.append(str(path))
-    if remove_corpus(storage.path("corpus"), key):
-        removed.append(str(storage.path("corpus", f"{key}.zarr")))
+    if remove_corpus(storage.corpus_root(), key):
+        removed.append(storage.url("corpus", f"{key}.zarr"))
     history = "wiped"
     try:
         for asset in DATASET_ASSETS:

@@ -11,6 +11,7 @@ from pathlib import Path
 from dagster import ConfigurableResource
 
 from particleseg_model.empiar import EmdbClient, EmpiarClient, archive_url, emdb_url, empiar_url
+from particleseg_model.storage import is_remote, join, local_path, work_dir
 
 DATA_ENV = "PARTICLESEG_DATA"
 
@@ -42,15 +43,50 @@ class EmpiarResource(ConfigurableResource):
 
 
 class StorageResource(ConfigurableResource):
-    """The storage root of every asset (``PARTICLESEG_DATA``, default ``./data``)."""
+    """The storage root of every asset (``PARTICLESEG_DATA``, default ``./data``): a local
+    path or an fsspec URL (``s3://bucket/particleseg``, ``gs://...``, ``memory://...``,
+    ``file://...``).
+
+    The Zarr corpus and the model registry live under the root whatever it is (:meth:`url`,
+    :meth:`corpus_root`, :meth:`models_root`). Everything else needs local files (RELION
+    working directories, downloaded stacks, MRC maps, the per-partition manifests, reports,
+    figures, the catalog Parquet files) and goes under :meth:`path`: the root itself when it
+    is local (nothing moves), else the local work directory ``PARTICLESEG_WORK`` (default
+    ``./data/work``; the model registry caches downloaded versions there too)."""
 
     root: str | None = None
 
+    def _root(self) -> str:
+        return self.root or os.environ.get(DATA_ENV) or "data"
+
+    def remote(self) -> bool:
+        """Whether the root is an fsspec URL other than ``file://``."""
+        return is_remote(self._root())
+
     def base(self) -> Path:
-        return Path(self.root or os.environ.get(DATA_ENV) or "data").resolve()
+        """The local directory of :meth:`path`: the root, or the work directory of a remote
+        root."""
+        if self.remote():
+            return work_dir()
+        return local_path(self._root()).resolve()
 
     def path(self, *parts: str) -> Path:
+        """A local path (RELION work, downloads, manifests, reports; see the class doc)."""
         return self.base().joinpath(*parts)
+
+    def url(self, *parts: str) -> str:
+        """A location under the root as a string: a URL for a remote root, else the same
+        local path as :meth:`path` (for the corpus and the model registry)."""
+        root = self._root()
+        return join(root, *parts) if is_remote(root) else str(self.path(*parts))
+
+    def corpus_root(self) -> str:
+        """The Zarr corpus (``<root>/corpus``)."""
+        return self.url("corpus")
+
+    def models_root(self) -> str:
+        """The model registry (``<root>/models``)."""
+        return self.url("models")
 
     def catalog_path(self) -> Path:
         return self.path("catalog", "empiar_entries.parquet")

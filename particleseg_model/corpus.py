@@ -9,6 +9,13 @@ Layout under the storage root (a local path, ``file://`` URL, or any fsspec URL)
     <root>/<id>.zarr.tmp-<hex>/       a write in progress (removed on failure / by the next writer)
     <root>/.<id>.zarr.lock            the partition's writer lock (flock; local roots only)
 
+On a remote root (an fsspec URL other than ``file://``) the committed version is named by a
+pointer object instead (see "Remote roots" below)::
+
+    <root>/<id>.zarr.current          JSON: {"version": "<id>.zarr.v-<ms>-<hex>", ...}
+    <root>/<id>.zarr.v-<ms>-<hex>/    one version (the same group as above); <ms>: creation
+                                      time, milliseconds since 1970 (UTC)
+
 The Parquet table lives *inside* the group directory, so the arrays and the table of one
 partition are one directory and one rename commits both. It has the caller's columns (the
 canonical particle columns of :mod:`particleseg_model.star`: image name, angles, origins, CTF,
@@ -54,10 +61,23 @@ Appending (copy-on-write by hard links, measured)
     count only. The chosen way: hard links.
 
 Remote roots (fsspec URLs, e.g. ``s3://bucket/corpus``, ``memory://corpus``)
-    The same layout through ``zarr.storage.FsspecStore``; the temporary version is moved over
-    the old one with ``fs.rm`` + ``fs.mv`` (object stores have no rename: a copy), which is
-    **not** atomic, and there is no lock. Appends copy the whole partition first. Good for
-    publishing a finished corpus to an object store; build it on a local disk.
+    Object stores have no rename (``mv`` is a copy and a delete, object by object), but a
+    single-object PUT is atomic. So each write goes through ``zarr.storage.FsspecStore`` to a
+    version of its own, ``<id>.zarr.v-<ms>-<hex>`` (never visible by itself), and commits by
+    writing the one small pointer object ``<id>.zarr.current`` naming it; readers
+    (:func:`open_corpus`, :func:`list_corpus`) follow the pointer, so they see the old version
+    or the new one, complete, never a half-written or missing partition. After the pointer
+    has moved the writer deletes the previous version: a reader that opened it before the
+    commit and reads chunks after that deletion gets FileNotFoundError (open again to get the
+    new version). An exception in the ``with`` block deletes the new version; a killed writer
+    leaves it behind, unreferenced and so invisible, and the next writer of the partition
+    deletes unreferenced versions older than ``stale_after_s`` (default 6 h; younger ones may
+    belong to a live writer, as there is no lock on an object store: run one writer per
+    partition at a time, which Dagster does for a partition's run). Appends copy the committed
+    version to the new name first (a server-side copy on S3) and commit the same way. A plain
+    ``<id>.zarr`` group with no pointer (a local corpus synced to a bucket) is read as the
+    committed version, and replaced by a pointer-managed version on the next write. Pointer
+    freshness relies on the store's read-after-write consistency (S3, GCS and Azure give it).
 
 Splits
     :func:`assign_split` hashes ``"<empiar_id>\\0<image_name>"`` with BLAKE2b (64 bits) into
@@ -136,6 +156,8 @@ SPLITS: tuple[str, ...] = ("train", "val", "test")
 DEFAULT_FRACTIONS: tuple[float, float, float] = (0.8, 0.1, 0.1)
 LABEL_CODES = {0: "background", 1: "signal", 2: "edge"}
 TABLE_NAME = "particles.parquet"
+POINTER_SUFFIX = ".current"  # <id>.zarr.current: the commit pointer of a remote root
+STALE_AFTER_S = 6 * 3600.0  # an unreferenced remote version this old belongs to no live writer
 SPLIT_HASH = "blake2b-64(empiar_id + NUL + image_name) / 2**64, cut at cumulative fractions"
 NORMALISATION = "per particle: mean 0, std 1 over the whole box"
 CHUNK_TARGET_BYTES = 4 << 20  # uncompressed image bytes per chunk (1-8 MiB asked)
@@ -268,6 +290,8 @@ class _Place:
             if not self.local.is_dir():
                 return []
             return sorted(p.name for p in self.local.iterdir())
+        # a listing cache (s3fs keeps one) would hide what other processes wrote
+        self.fs.invalidate_cache(self.path)
         if not self.fs.exists(self.path):
             return []
         return sorted(p.rstrip("/").rsplit("/", 1)[-1] for p in self.fs.ls(self.path,
@@ -294,17 +318,54 @@ class _Place:
             with self.fs.open(f"{self.fs_path(name)}/{TABLE_NAME}", "wb") as handle:
                 table.to_parquet(handle, index=False)
 
+    def stored_bytes(self, name: str) -> int:
+        """Bytes of every file of an entry (a version directory)."""
+        if self.local is not None:
+            return sum(p.stat().st_size for p in (self.local / name).rglob("*") if p.is_file())
+        return int(self.fs.du(self.fs_path(name), total=True))
+
     def read_table(self, name: str) -> pd.DataFrame:
         if self.local is not None:
             return pd.read_parquet(self.local / name / TABLE_NAME)
         with self.fs.open(f"{self.fs_path(name)}/{TABLE_NAME}", "rb") as handle:
             return pd.read_parquet(handle)
 
+    # the commit pointer of remote roots
+    def read_pointer(self, key: str) -> str | None:
+        """The version ``<id>.zarr.current`` names (remote roots), None without a pointer."""
+        try:
+            data = self.fs.cat_file(self.fs_path(self.name(key, POINTER_SUFFIX)))
+        except FileNotFoundError:
+            return None
+        version = json.loads(data)["version"]
+        if not (isinstance(version, str) and version.startswith(self.name(key, ".v-"))
+                and "/" not in version):
+            raise ValueError(f"{key}: {self.where(self.name(key, POINTER_SUFFIX))} names "
+                             f"{version!r}, not a version of this partition")
+        return version
+
+    def write_pointer(self, key: str, version: str, n_particles: int) -> None:
+        """Commit ``version`` (remote roots): one small object, written by a single PUT."""
+        body = {"format": FORMAT, "version": version, "n_particles": int(n_particles),
+                "committed": _now()}
+        self.fs.pipe_file(self.fs_path(self.name(key, POINTER_SUFFIX)),
+                          json.dumps(body).encode())
+
+    def remove_pointer(self, key: str) -> None:
+        with contextlib.suppress(FileNotFoundError):
+            self.fs.rm_file(self.fs_path(self.name(key, POINTER_SUFFIX)))
+
 
 def _resolve(place: _Place, key: str) -> str | None:
     """The committed version of a partition: ``<id>.zarr``, or (after a run killed between the
-    two renames of a non-atomic swap) the old version set aside."""
+    two renames of a non-atomic swap) the old version set aside; on a remote root, the version
+    the pointer names (else a plain ``<id>.zarr`` group)."""
     live = place.name(key)
+    if place.local is None:
+        version = place.read_pointer(key)
+        if version is not None:
+            return version
+        return live if place.exists(f"{live}/zarr.json") else None
     if place.exists(live):
         return live
     olds = [e for e in place.entries() if e.startswith(live + ".old-")]
@@ -342,6 +403,10 @@ class CorpusDataset:
     def n_chunks(self) -> int:
         return -(-self.n_particles // self.chunk_particles)
 
+    def stored_bytes(self) -> int:
+        """Bytes the partition takes in the store (compressed arrays, table, metadata)."""
+        return self._place.stored_bytes(self._name)
+
     @cached_property
     def table(self) -> pd.DataFrame:
         """The per-particle table (read on first use)."""
@@ -369,10 +434,17 @@ def open_corpus(root: str | os.PathLike[str], empiar_id: str | int, *,
 
     place = _Place(root, storage_options)
     key = normalise_id(empiar_id)
-    name = _resolve(place, key)
-    if name is None:
-        raise FileNotFoundError(f"{key}: no corpus partition under {place.root}")
-    group = zarr.open_group(place.store(name, read_only=True), mode="r")
+    for attempt in range(3):
+        name = _resolve(place, key)
+        if name is None:
+            raise FileNotFoundError(f"{key}: no corpus partition under {place.root}")
+        try:
+            group = zarr.open_group(place.store(name, read_only=True), mode="r")
+            break
+        except FileNotFoundError:
+            # remote: a commit moved the pointer and deleted this version meanwhile
+            if place.local is not None or attempt == 2:
+                raise
     attrs = dict(group.attrs)
     if attrs.get("format") != FORMAT or not attrs.get("complete"):
         raise ValueError(f"{key}: {place.where(name)} is not a complete {FORMAT} group")
@@ -387,7 +459,7 @@ def list_corpus(root: str | os.PathLike[str], *,
     place = _Place(root, storage_options)
     keys = set()
     for entry in place.entries():
-        match = re.fullmatch(r"(.+)\.zarr(?:\.old-[0-9a-f]+)?", entry)
+        match = re.fullmatch(r"(.+)\.zarr(?:\.old-[0-9a-f]+|\.current)?", entry)
         if match and _ID.fullmatch(match.group(1)):
             keys.add(match.group(1))
     return sorted(k for k in keys if _resolve(place, k) is not None)
@@ -407,8 +479,11 @@ def remove_corpus(root: str | os.PathLike[str], empiar_id: str | int, *,
     if lock is not None:
         lock.acquire()
     try:
+        if place.local is None:
+            place.remove_pointer(key)  # un-commit first: readers see no partition, not half
         doomed = [e for e in place.entries()
-                  if e == live or e.startswith(live + ".old-") or e.startswith(live + ".tmp-")]
+                  if e == live or e.startswith(live + ".old-") or e.startswith(live + ".tmp-")
+                  or e.startswith(live + ".v-") or e == live + POINTER_SUFFIX]
         for entry in doomed:
             place.remove(entry)
         # the lock file stays: a writer waiting on it must keep locking the same inode
@@ -449,6 +524,27 @@ def _swap_in(tmp: Path, live: Path) -> None:
     os.rename(live, old)
     os.rename(tmp, live)
     shutil.rmtree(old, ignore_errors=True)
+
+
+def _version_age_s(name: str) -> float | None:
+    """Seconds since a remote version ``<id>.zarr.v-<ms>-<hex>`` was started (its name)."""
+    match = re.search(r"\.v-(\d+)-[0-9a-f]+$", name)
+    return time.time() - int(match.group(1)) / 1000 if match else None
+
+
+def _recover_remote(place: _Place, key: str, stale_after_s: float) -> None:
+    """Delete the unreferenced versions of a remote partition older than ``stale_after_s``
+    (killed writers' and superseded ones whose deletion failed); younger ones may be a live
+    writer's. Temporary folders of the older remote layout (``.tmp-``) go too."""
+    live = place.name(key)
+    committed = _resolve(place, key)
+    for entry in place.entries():
+        if entry == committed:
+            continue
+        age = _version_age_s(entry) if entry.startswith(live + ".v-") else None
+        if (age is not None and age >= stale_after_s) or entry.startswith(live + ".tmp-") \
+                or entry == live:  # a plain group the pointer superseded
+            place.remove(entry)
 
 
 def _recover(place: _Place, key: str) -> None:
@@ -556,7 +652,7 @@ class CorpusWriter:
                  mode: str = "w", fractions: Sequence[float] = DEFAULT_FRACTIONS,
                  normalise: bool = True, chunk_particles: int | None = None,
                  storage_options: Mapping[str, Any] | None = None,
-                 lock_timeout_s: float = 600.0):
+                 lock_timeout_s: float = 600.0, stale_after_s: float = STALE_AFTER_S):
         self.key = normalise_id(empiar_id)
         if mode not in ("w", "a"):
             raise ValueError(f"{self.key}: mode must be 'w' or 'a', got {mode!r}")
@@ -570,6 +666,7 @@ class CorpusWriter:
         self.dtype = str(np.dtype(dtype)) if dtype is not None else None
         self.chunk = chunk_particles
         self.user_attrs = dict(attrs or {})
+        self.stale_after_s = float(stale_after_s)  # remote roots: see _recover_remote
         self._lock = (_Lock(self.place.local / f".{self.key}.zarr.lock", self.key, lock_timeout_s)
                       if self.place.local is not None else None)
         self._tmp: str | None = None
@@ -617,8 +714,13 @@ class CorpusWriter:
         if self._lock is not None:
             self._lock.acquire()
         try:
-            _recover(self.place, self.key)
-            self._tmp = self.place.name(self.key, f".tmp-{uuid.uuid4().hex}")
+            if self.place.local is not None:
+                _recover(self.place, self.key)
+                self._tmp = self.place.name(self.key, f".tmp-{uuid.uuid4().hex}")
+            else:
+                _recover_remote(self.place, self.key, self.stale_after_s)
+                stamp = int(time.time() * 1000)
+                self._tmp = self.place.name(self.key, f".v-{stamp:013d}-{uuid.uuid4().hex[:12]}")
             current = _resolve(self.place, self.key) if self.mode == "a" else None
             if current is not None:
                 self._start_append(current)
@@ -820,8 +922,9 @@ class CorpusWriter:
 
     # -- commit / abort -----------------------------------------------------------------------
     def commit(self) -> CorpusDataset | None:
-        """Write what is buffered, the table and the attributes; swap the new version in.
-        Returns the committed dataset (None for an append that added nothing)."""
+        """Write what is buffered, the table and the attributes; swap the new version in
+        (remote roots: write the pointer to it). Returns the committed dataset (None for an
+        append that added nothing)."""
         if not self._open:
             raise RuntimeError(f"{self.key}: writer is not open")
         try:
@@ -847,7 +950,7 @@ class CorpusWriter:
             update = {**extra, "n_particles": total, "updated": now, "history": history,
                       "complete": True}
             self._group.attrs.update(_jsonable(update, self.key))
-            self._swap()
+            self._swap(total)
             self._open = False
         except BaseException:
             self._cleanup()
@@ -856,15 +959,26 @@ class CorpusWriter:
         return open_corpus(self.place.root, self.key,
                            storage_options=self.place.storage_options)
 
-    def _swap(self) -> None:
+    def _swap(self, n_particles: int) -> None:
         live = self.place.name(self.key)
         if self.place.local is not None:
             _swap_in(self.place.local / self._tmp, self.place.local / live)
-        else:
-            fs = self.place.fs
-            self.place.remove(live)
-            fs.mv(self.place.fs_path(self._tmp), self.place.fs_path(live), recursive=True)
+            self._tmp = None
+            return
+        # remote: the pointer write is the commit; the version is complete before it
+        previous = _resolve(self.place, self.key)
+        try:
+            self.place.write_pointer(self.key, self._tmp, n_particles)
+        except Exception:
+            # an error after the PUT took effect (a lost reply): committed all the same, and
+            # the version must stay
+            if self.place.read_pointer(self.key) != self._tmp:
+                raise
         self._tmp = None
+        if previous is not None:
+            # unreferenced now; a failed delete is retried by a later writer (stale_after_s)
+            with contextlib.suppress(Exception):
+                self.place.remove(previous)
 
     def abort(self) -> None:
         """Discard the temporary version; the committed one is untouched."""

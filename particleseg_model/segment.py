@@ -99,7 +99,7 @@ def segment_star(star: str | os.PathLike, out: str | os.PathLike, *,
         seconds = time.perf_counter() - started
         group.attrs.update({"format": FORMAT, "source_star": str(star_path.resolve()),
                             "model_version": version.version,
-                            "model": str(version.model_path), "model_input_size": size,
+                            "model": version.model_location, "model_input_size": size,
                             "box": box, "particles": n, "resized": box != size,
                             "label_codes": {"0": "background", "1": "signal", "2": "edge"}})
         os.rename(tmp, out_path)

@@ -44,12 +44,13 @@ def cleaned_particles(context: AssetExecutionContext, config: CleanConfig,
     name = config.name or star.stem
     out_dir = storage.path("cleaned", name)
     out_dir.mkdir(parents=True, exist_ok=True)
-    model = (str(get_model(storage.path("models"), config.model_version).path)
+    models_root = storage.models_root()  # a local path or a URL (object storage)
+    model = (get_model(models_root, config.model_version).address
              if config.model_version else None)
     drop = None if config.keep_above is not None else config.drop
     # our own folder: outputs are replaced (each written to a temporary name, then renamed)
     result = clean_star(star, out_dir / f"{star.stem}_cleaned.star", model=model,
-                        models_root=storage.path("models"), drop=drop,
+                        models_root=models_root, drop=drop,
                         keep_above=config.keep_above, score=config.score,
                         particles_dir=config.particles_dir or None, report_dir=out_dir / "report",
                         scores_out=out_dir / "scores.parquet", on_bad=config.on_bad,
