@@ -1,4 +1,8 @@
-"""The code location: ``dagster dev -w workspace.yaml`` or ``-m particleseg_assets.definitions``."""
+"""The code location: ``dagster dev -w workspace.yaml`` or ``-m particleseg_assets.definitions``.
+
+``PARTICLESEG_EXECUTOR`` (``multiprocess``, ``in_process``, ``dask``, ``celery``, ``k8s``;
+unset: Dagster's default) picks the executor of every job: see ``particleseg_assets.executors``
+and the run configs under ``deploy/``."""
 
 from dagster import Definitions
 
@@ -12,6 +16,7 @@ from particleseg_assets.assets.corpus import (
 )
 from particleseg_assets.assets.model import iou_reports, segmentation_model
 from particleseg_assets.checks import eligible_rule_holds, entry_ids_unique, few_catalog_errors
+from particleseg_assets.executors import executor_from_env
 from particleseg_assets.jobs import (
     catalog_job,
     clean_job,
@@ -37,4 +42,5 @@ defs = Definitions(
     sensors=[empiar_updates_sensor, eligible_partitions_sensor, model_reports_sensor],
     resources={"empiar": EmpiarResource(), "storage": StorageResource(),
                "relion": RelionResource()},
+    executor=executor_from_env(),
 )

@@ -7,6 +7,9 @@
 - :func:`predict_labels` segments particle images of any box: resized to the model's input
   (area averaging when shrinking), softmax resized back to the box (bilinear), argmax. Codes
   0 background, 1 signal, 2 edge.
+- ``TrainConfig.distribute`` trains under a ``tf.distribute`` strategy (MirroredStrategy over
+  the GPUs of one node, MultiWorkerMirroredStrategy over the hosts of ``TF_CONFIG``); the
+  configured batch stays the global batch.
 - :func:`evaluate_partition` computes the paper's mean IoU (one confusion matrix over every
   pixel of a split, IoU per class, mean of the three) at the particles' own box, over all
   particles of the split and, where a simulation left ground truth, over the good ones.
@@ -16,6 +19,8 @@ Keras and TensorFlow are imported inside the functions.
 
 from __future__ import annotations
 
+import contextlib
+import json
 import os
 import time
 from collections.abc import Callable, Sequence
@@ -31,6 +36,8 @@ from particleseg_model.loader import CorpusBatches, known_good
 from particleseg_model.metrics import ConfusionAccumulator
 
 Log = Callable[[str], None]
+
+DISTRIBUTE = ("default", "mirrored", "multi_worker", "one_device")
 
 
 @dataclass
@@ -67,6 +74,12 @@ class TrainConfig:
     label: the model learns that no particle is there, which is what makes the paper's ETS
     rule find junk), "drop" (train and stop early on the good ones only), or "keep" (as
     labelled). Real corpora have no ``is_good``: every particle is kept as labelled."""
+    distribute: str = "default"
+    """The ``tf.distribute`` strategy: "default" (none: TensorFlow places the model itself, one
+    GPU at most), "mirrored" (MirroredStrategy: one replica per visible GPU, or per logical CPU
+    device on a host without GPU), "multi_worker" (MultiWorkerMirroredStrategy over the hosts
+    named in ``TF_CONFIG``; every host runs the same training) or "one_device" (the first GPU,
+    else the CPU). ``batch_size`` stays the global batch, split among the replicas."""
 
     def check(self) -> None:
         if self.optimizer not in ("rmsprop", "adam"):
@@ -77,6 +90,12 @@ class TrainConfig:
             raise ValueError(f"junk must be drop, background or keep, got {self.junk!r}")
         if not 0 <= self.replay <= 4:
             raise ValueError(f"replay must be in [0, 4], got {self.replay}")
+        if self.distribute not in DISTRIBUTE:
+            raise ValueError(f"distribute must be one of {', '.join(DISTRIBUTE)}, "
+                             f"got {self.distribute!r}")
+        if self.distribute == "multi_worker" and not os.environ.get("TF_CONFIG"):
+            raise ValueError('distribute "multi_worker" needs TF_CONFIG in the environment '
+                             '(the cluster\'s workers and this task\'s type and index)')
 
 
 @dataclass
@@ -92,6 +111,10 @@ class TrainResult:
     images_seen: int
     mode: str
     new_partitions: list[str] = field(default_factory=list)
+    strategy: str = "default"
+    """The ``TrainConfig.distribute`` it ran under."""
+    replicas: int = 1
+    """Model replicas that shared each global batch (1 without a strategy)."""
 
     @property
     def images_per_s(self) -> float:
@@ -119,9 +142,47 @@ def _batches(datasets: list[CorpusDataset], split: str, config: TrainConfig, bat
                          junk_background=config.junk == "background")
 
 
-def _train_dataset(new: CorpusBatches, old: CorpusBatches | None, limit_steps: int):
+def make_strategy(name: str) -> Any | None:
+    """The ``tf.distribute`` strategy of ``TrainConfig.distribute`` ``name`` (None for
+    "default"). Build it before any other TensorFlow work of the process: a multi-worker
+    strategy must be set up before the runtime starts its collectives."""
+    import tensorflow as tf
+
+    if name == "default":
+        return None
+    gpus = [d.name for d in tf.config.list_logical_devices("GPU")]
+    if name == "mirrored":
+        # without GPUs, MirroredStrategy would take CPU:0 only; the logical CPU devices (one
+        # unless the process split its CPU) are what this host offers instead
+        return tf.distribute.MirroredStrategy(
+            devices=gpus or [d.name for d in tf.config.list_logical_devices("CPU")])
+    if name == "multi_worker":
+        return tf.distribute.MultiWorkerMirroredStrategy()
+    if name == "one_device":
+        return tf.distribute.OneDeviceStrategy(gpus[0] if gpus else "/cpu:0")
+    raise ValueError(f"distribute must be one of {', '.join(DISTRIBUTE)}, got {name!r}")
+
+
+def _output_dir(out_dir: str | os.PathLike) -> Path:
+    """Where this process saves: ``out_dir`` on a single host and for the chief of a
+    multi-worker training (the "chief" task, or worker 0 of a cluster without one, in
+    ``TF_CONFIG``); ``out_dir/<type>-<index>`` for the other workers, which must save too (the
+    runtime expects every worker to) but leave the result alone."""
+    spec = json.loads(os.environ.get("TF_CONFIG") or "{}")
+    task = spec.get("task") or {}
+    kind, index = task.get("type", "worker"), int(task.get("index", 0))
+    has_chief = "chief" in spec.get("cluster", {})
+    chief = kind == "chief" if has_chief else (kind, index) == ("worker", 0)
+    return Path(out_dir) if not task or chief else Path(out_dir) / f"{kind}-{index}"
+
+
+def _train_dataset(new: CorpusBatches, old: CorpusBatches | None, limit_steps: int,
+                   multiple: int = 1):
     """A PyDataset of the new partitions' batches, each topped up with a replay batch of the
-    old ones (cycled) when ``old`` is given."""
+    old ones (cycled) when ``old`` is given. With ``multiple`` > 1 (the replicas of a
+    strategy) a batch whose size is no multiple of it is filled up by repeating its first
+    particles: TensorFlow's all-reduce fails when replicas get unequal shares, and this
+    touches only an epoch's last, short batch."""
     import keras
 
     class Mixed(keras.utils.PyDataset):
@@ -138,6 +199,9 @@ def _train_dataset(new: CorpusBatches, old: CorpusBatches | None, limit_steps: i
                 k = (self.epoch * len(self) + i) % len(old)
                 x_old, y_old = old[k]
                 x, y = np.concatenate([x, x_old]), np.concatenate([y, y_old])
+            if multiple > 1 and len(x) % multiple:
+                keep = np.arange(-(-len(x) // multiple) * multiple) % len(x)
+                x, y = x[keep], y[keep]
             # own, contiguous copies: at the stored box the loader hands out views of its
             # decoded-chunk cache, and TensorFlow aliasing those crashed (double free)
             return np.array(x, dtype=np.float32, order="C"), np.array(y, order="C")
@@ -186,7 +250,8 @@ def train_segmentation(corpus_root: str | os.PathLike, ids: Sequence[str],
     from particleseg_model.unet import build_unet
 
     config.check()
-    out = Path(out_dir)
+    strategy = make_strategy(config.distribute)
+    out = _output_dir(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     datasets = _open(corpus_root, ids)
     by_id = {d.empiar_id: d for d in datasets}
@@ -202,27 +267,34 @@ def train_segmentation(corpus_root: str | os.PathLike, ids: Sequence[str],
         n_replay = max(1, round(config.replay * config.batch_size)) if older and \
             config.replay > 0 else 0
         old_batches = _batches(older, "train", config, n_replay, True, 1) if n_replay else None
-        model = keras.models.load_model(parent, compile=False)
-        if tuple(model.input_shape[1:3]) != (config.size, config.size):
-            raise ValueError(f"{parent}: input {model.input_shape[1:3]} but the config asks "
-                             f"for {config.size}x{config.size}")
     else:
         new_batches = _batches(datasets, "train", config, config.batch_size, True)
         old_batches, n_replay = None, 0
-        model = build_unet(config.arch, size=config.size, base_filters=config.base_filters,
-                           weights=config.weights, seed=config.seed)
     limit = config.max_train_particles // config.batch_size if config.max_train_particles \
         else 0
-    train = _train_dataset(new_batches, old_batches, limit)
     val_sets = [d for d in datasets if _used(d, "val", config)]
     if not val_sets:
         raise ValueError(f"no validation particles in {list(ids)}: cannot stop early")
-    val = _train_dataset(_batches(val_sets, "val", config, 64, False), None, 0)
     rate = config.learning_rate * (config.finetune_lr_factor if incremental else 1.0)
-    optimizer = (keras.optimizers.RMSprop if config.optimizer == "rmsprop"
-                 else keras.optimizers.Adam)(learning_rate=rate)
-    model.compile(optimizer=optimizer, loss="sparse_categorical_crossentropy",
-                  metrics=["accuracy"])
+    # variables made inside the scope are mirrored on every replica (and the optimizer's with
+    # them); outside a strategy the scope is a no-op
+    with strategy.scope() if strategy is not None else contextlib.nullcontext():
+        if incremental:
+            model = keras.models.load_model(parent, compile=False)
+            if tuple(model.input_shape[1:3]) != (config.size, config.size):
+                raise ValueError(f"{parent}: input {model.input_shape[1:3]} but the config "
+                                 f"asks for {config.size}x{config.size}")
+        else:
+            model = build_unet(config.arch, size=config.size, base_filters=config.base_filters,
+                               weights=config.weights, seed=config.seed)
+        optimizer = (keras.optimizers.RMSprop if config.optimizer == "rmsprop"
+                     else keras.optimizers.Adam)(learning_rate=rate)
+        model.compile(optimizer=optimizer, loss="sparse_categorical_crossentropy",
+                      metrics=["accuracy"])
+    # the strategy the model was built under (Keras keeps it): what fit() will distribute over
+    replicas = int(model.distribute_strategy.num_replicas_in_sync)
+    train = _train_dataset(new_batches, old_batches, limit, replicas)
+    val = _train_dataset(_batches(val_sets, "val", config, 64, False), None, 0, replicas)
     per_epoch = len(train) * (config.batch_size + n_replay)
     callbacks = [
         keras.callbacks.EarlyStopping(monitor="val_loss", patience=config.patience,
@@ -236,8 +308,10 @@ def train_segmentation(corpus_root: str | os.PathLike, ids: Sequence[str],
         _EpochLog.make(log, per_epoch),
     ]
     mode = "incremental" if incremental else "full"
+    shared = f", {replicas} replicas ({config.distribute})" if strategy is not None else ""
     log(f"{mode} training of {model.name} ({model.count_params():,} parameters) on "
-        f"{len(ids)} partitions, {per_epoch} images an epoch, up to {config.epochs} epochs")
+        f"{len(ids)} partitions, {per_epoch} images an epoch, up to {config.epochs} epochs"
+        f"{shared}")
     started = time.perf_counter()
     fitted = model.fit(train, validation_data=val, epochs=config.epochs, shuffle=False,
                        callbacks=callbacks, verbose=0)
@@ -249,7 +323,8 @@ def train_segmentation(corpus_root: str | os.PathLike, ids: Sequence[str],
     best = int(np.argmin(history["val_loss"])) + 1 if history.get("val_loss") else epochs_run
     counts = {d.empiar_id: _used(d, "train", config) for d in datasets}
     return TrainResult(out / "model.keras", history, epochs_run, best, seconds, counts,
-                       epochs_run * per_epoch, mode, list(new_ids or []))
+                       epochs_run * per_epoch, mode, list(new_ids or []), config.distribute,
+                       replicas)
 
 
 def _class_maps(model: Any, images: np.ndarray) -> np.ndarray:

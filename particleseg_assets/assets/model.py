@@ -44,6 +44,10 @@ class ModelConfig(Config):
     junk: str = "background"
     """Particles the corpus knows to be junk (simulated ground truth): "background" (kept with
     an all-background label), "drop" or "keep" (as labelled)."""
+    distribute: str = "default"
+    """tf.distribute strategy: "default" (none), "mirrored" (one replica per GPU of the node;
+    ``batch_size`` is the global batch), "one_device", or "multi_worker" (TF_CONFIG names the
+    hosts, each running the same training)."""
 
 
 def _train_config(config: ModelConfig):
@@ -86,7 +90,18 @@ def _markdown_table(rows: list[dict[str, Any]]) -> str:
     return "\n".join(lines)
 
 
-@asset(group_name="model", deps=[particle_masks], kinds={"keras", "tensorflow"}, pool="train")
+# The training step's pod under the k8s_job_executor: one GPU (a run config's
+# per_step_k8s_config can raise the count for a MirroredStrategy run), and the toleration of the
+# taint GPU node pools usually carry. Other executors ignore the tag.
+TRAIN_K8S_CONFIG: dict[str, Any] = {
+    "container_config": {"resources": {"limits": {"nvidia.com/gpu": 1}}},
+    "pod_spec_config": {"tolerations": [{"key": "nvidia.com/gpu", "operator": "Exists",
+                                         "effect": "NoSchedule"}]},
+}
+
+
+@asset(group_name="model", deps=[particle_masks], kinds={"keras", "tensorflow"}, pool="train",
+       op_tags={"dagster-k8s/config": TRAIN_K8S_CONFIG})
 def segmentation_model(context: AssetExecutionContext, config: ModelConfig,
                        storage: StorageResource) -> MaterializeResult:
     """The particleSeg U-Net, trained on the train split of every corpus partition (early
@@ -104,7 +119,8 @@ def segmentation_model(context: AssetExecutionContext, config: ModelConfig,
         training_curve_png,
     )
 
-    corpus_root, models_root = storage.path("corpus"), storage.path("models")
+    # local paths or URLs (object storage); the staging folder is local either way
+    corpus_root, models_root = storage.corpus_root(), storage.models_root()
     available = list_corpus(corpus_root)
     holdout = [h for h in config.holdout if h in available]
     ids = [p for p in (config.partitions or available) if p not in set(config.holdout)]
@@ -177,6 +193,7 @@ def segmentation_model(context: AssetExecutionContext, config: ModelConfig,
                     "config": config.model_dump(), "epochs_run": result.epochs_run,
                     "best_epoch": result.best_epoch, "seconds": round(result.seconds, 1),
                     "train_images_per_s": round(result.images_per_s, 1),
+                    "distribute": result.strategy, "replicas": result.replicas,
                     "history": result.history, "metrics": metrics,
                     "calibration": calibration,
                     "dagster_run_id": context.run.run_id}
@@ -186,7 +203,7 @@ def segmentation_model(context: AssetExecutionContext, config: ModelConfig,
         raise
     from particleseg_model.figures import markdown_image
 
-    context.log.info(f"registered {version.version} ({result.mode}) in {version.path}")
+    context.log.info(f"registered {version.version} ({result.mode}) in {version.address}")
     metadata: dict[str, Any] = {
         "version": version.version, "parent": manifest["parent"] or "none",
         "mode": result.mode, "partitions": ", ".join(ids),
@@ -195,15 +212,16 @@ def segmentation_model(context: AssetExecutionContext, config: ModelConfig,
         "epochs_run": result.epochs_run, "best_epoch": result.best_epoch,
         "train_seconds": round(result.seconds, 1),
         "train_images_per_s": round(result.images_per_s, 1),
+        "replicas": result.replicas,
         "mean_iou_seen": metrics["mean_iou_seen"] or 0.0,
         "mean_iou_unseen": metrics["mean_iou_unseen"] or 0.0,
         "iou_table": MetadataValue.md(_markdown_table(rows)),
-        "model": MetadataValue.path(str(version.model_path)),
-        "training_curve": MetadataValue.md(markdown_image(version.path / curve.name,
+        "model": MetadataValue.path(version.model_location),
+        "training_curve": MetadataValue.md(markdown_image(version.fetch() / curve.name,
                                                           "training curve"))}
     if overlays is not None:
         metadata["test_overlay"] = MetadataValue.md(markdown_image(
-            version.path / overlays.name, "particle / true mask / predicted mask"))
+            version.fetch() / overlays.name, "particle / true mask / predicted mask"))
     return MaterializeResult(metadata=metadata)
 
 
@@ -225,12 +243,12 @@ def iou_reports(context: AssetExecutionContext, storage: StorageResource) -> Mat
     from particleseg_model.train import evaluate_partition
 
     key = context.partition_key
-    version = latest_model(storage.path("models"))
+    version = latest_model(storage.models_root())
     if version is None:
-        raise FileNotFoundError(f"no model registered under {storage.path('models')}: "
+        raise FileNotFoundError(f"no model registered under {storage.models_root()}: "
                                 "materialize segmentation_model first")
     started = time.perf_counter()
-    evaluation = evaluate_partition(load_model(version), storage.path("corpus"), key)
+    evaluation = evaluate_partition(load_model(version), storage.corpus_root(), key)
     row = _score_row(evaluation, key in version.partitions)
     out = storage.path("iou_reports", key)
     overlay = write_png(out / "overlay.png", segmentation_overlay(*evaluation.examples))
