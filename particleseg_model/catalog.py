@@ -168,11 +168,16 @@ def refresh_catalog(empiar: EmpiarClient, emdb: EmdbClient,
 
     errors: list[str] = []
     entries: list[Entry] = []
+    # Entries whose refresh failed and that keep their previous row: the row is marked with
+    # the error so that the next refresh asks for them again, even once newer entries have
+    # moved the update-date watermark past them (else their update would be lost for good).
+    stale: dict[str, str] = {}
     for key in sorted(records):
         try:
             entries.append(parse_entry(key, records[key]))
         except EntryError as exc:
             errors.append(str(exc))
+            stale[key] = str(exc)
             log.warning("skipping %s", exc)
 
     emd_ids = sorted({e for entry in entries for e in entry.emdb_ids})
@@ -194,11 +199,17 @@ def refresh_catalog(empiar: EmpiarClient, emdb: EmdbClient,
         errors.extend(entry_errors)
         unresolved = any(e not in resolutions for e in entry.emdb_ids)
         if unresolved and entry.empiar_id in previous_ids:
-            continue  # EMDB did not answer: keep the previous row rather than lose its resolution
+            # EMDB did not answer: keep the previous row rather than lose its resolution
+            stale[entry.empiar_id] = "; ".join(entry_errors) or "EMDB map unresolved"
+            continue
         rows.append(entry_row(entry, resolutions, "; ".join(entry_errors)))
 
     fresh = _typed(rows)
-    kept = previous[~previous["empiar_id"].isin(fresh["empiar_id"])]
+    kept = previous[~previous["empiar_id"].isin(fresh["empiar_id"])].copy()
+    retry = kept["empiar_id"].isin(list(stale))
+    if retry.any():
+        kept.loc[retry, "error"] = kept.loc[retry, "empiar_id"].map(
+            lambda i: f"refresh failed, previous row kept: {stale[i]}")
     table = pd.concat([kept, fresh], ignore_index=True) if len(kept) else fresh
     table = table.sort_values("empiar_id", kind="stable").reset_index(drop=True)
     return CatalogRefresh(

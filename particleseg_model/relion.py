@@ -32,7 +32,9 @@ import queue
 import re
 import shlex
 import shutil
+import signal
 import subprocess
+import sys
 import tempfile
 import threading
 import time
@@ -244,7 +246,8 @@ def run_relion(args: Sequence[str | os.PathLike], *, cwd: str | os.PathLike,
     logger.debug("running %s in %s", shlex.join(command), cwd)
     try:
         proc = subprocess.Popen(command, cwd=cwd, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                                stdin=subprocess.DEVNULL, env=full_env, start_new_session=True)
+                                stdin=subprocess.DEVNULL, env=full_env, start_new_session=True,
+                                preexec_fn=_parent_death_signal())
     except OSError as exc:
         if log_file:
             log_file.close()
@@ -323,6 +326,28 @@ def run_relion(args: Sequence[str | os.PathLike], *, cwd: str | os.PathLike,
                           error_text=error, stderr_tail=list(stderr_tail)[-20:], cwd=cwd)
     return RelionRun(command=command, cwd=cwd, returncode=0, seconds=seconds,
                      stdout_tail=list(stdout_tail), stderr_tail=list(stderr_tail))
+
+
+def _parent_death_signal() -> Callable[[], None] | None:
+    """A ``preexec_fn`` that has Linux send the program SIGTERM when the thread that started
+    it dies: a run worker killed outright (SIGKILL, out of memory) takes mpirun and its ranks
+    with it instead of leaving an orphan refinement writing on. None elsewhere."""
+    if not sys.platform.startswith("linux"):
+        return None
+    try:
+        import ctypes
+
+        prctl = ctypes.CDLL(None, use_errno=True).prctl  # looked up before the fork
+    except (OSError, AttributeError):
+        return None
+    parent = os.getpid()
+
+    def set_signal() -> None:
+        prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG
+        if os.getppid() != parent:  # the parent died before the call
+            os.kill(os.getpid(), signal.SIGTERM)
+
+    return set_signal
 
 
 def _kill(proc: subprocess.Popen) -> None:

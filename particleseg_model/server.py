@@ -45,8 +45,10 @@ class Fault:
     """A failure injected into the replies whose path matches ``path_pattern`` (a regex).
 
     ``kind``: ``"status"`` (reply ``status``, with ``Retry-After: retry_after_s`` if given),
-    ``"slow"`` (wait ``delay_s`` then reply normally), ``"cut"`` (close the connection after
-    ``cut_after_bytes`` bytes of the body), ``"garbage"`` (200 with a body that is not JSON).
+    ``"slow"`` (wait ``delay_s`` then reply normally; an archive file's body trickles at
+    ``bytes_per_s`` when that is set, to catch a download in flight), ``"cut"`` (close the
+    connection after ``cut_after_bytes`` bytes of the body), ``"garbage"`` (200 with a body
+    that is not JSON).
     ``times`` is how many replies it spoils; -1 means every one.
     """
 
@@ -57,6 +59,7 @@ class Fault:
     cut_after_bytes: int = 0
     times: int = 1
     retry_after_s: float | None = None
+    bytes_per_s: float = 0.0
 
     def __post_init__(self) -> None:
         if self.kind not in ("status", "slow", "cut", "garbage"):
@@ -309,6 +312,7 @@ class _Handler(BaseHTTPRequestHandler):
         if self.command == "HEAD":
             return
         limit = fault.cut_after_bytes if fault is not None and fault.kind == "cut" else None
+        rate = fault.bytes_per_s if fault is not None and fault.kind == "slow" else 0.0
         sent = 0
         with open(target, "rb") as handle:
             handle.seek(start)
@@ -324,6 +328,9 @@ class _Handler(BaseHTTPRequestHandler):
                     break
                 self.wfile.write(chunk)
                 sent += len(chunk)
+                if rate > 0:
+                    self.wfile.flush()
+                    time.sleep(len(chunk) / rate)
 
 
 class _Server(ThreadingHTTPServer):

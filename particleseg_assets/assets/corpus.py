@@ -8,6 +8,7 @@ RELION outputs are passed by path, never through an IO manager.
 
 import json
 import os
+import shutil
 import tempfile
 import time
 from pathlib import Path
@@ -275,12 +276,17 @@ def refined_particles(context: AssetExecutionContext, config: RefineConfig,
         density, _ = _maps(stacks)
         if density is None:
             raise FileNotFoundError(f"EMPIAR-{key}: no deposited map to start refinement from")
+        # A fresh folder per run: the manifest names the one in use, so a killed or failed
+        # refinement (RELION writes run_it000_* ... as it goes) never touches the files of the
+        # version readers see; the next good run removes the other folders.
+        work = out / f"refine-{context.run.run_id[:8]}"
+        shutil.rmtree(work, ignore_errors=True)
+        work.mkdir(parents=True)
         star_in = Path(stacks["particles_star"])
         if config.max_particles:
             star = read_star(star_in)
             subset = star.particles.head(config.max_particles)
-            star_in = out / "input_particles.star"
-            out.mkdir(parents=True, exist_ok=True)
+            star_in = work / "input_particles.star"
             write_star(star_in, star, particles=subset)
         options: dict[str, Any] = {"mpi_ranks": config.mpi_ranks or relion.ranks(),
                                    "threads": relion.threads_per_rank()}
@@ -289,8 +295,7 @@ def refined_particles(context: AssetExecutionContext, config: RefineConfig,
         if config.max_iterations:
             options["max_iterations"] = config.max_iterations
         with relion.on_path():
-            refinement = auto_refine(star_in, density, out / "refine",
-                                     project_dir=stacks["base_dir"],
+            refinement = auto_refine(star_in, density, work, project_dir=stacks["base_dir"],
                                      log=_log_lines(context, "relion_refine"), **options)
         star_path, base_dir = refinement.data_star, stacks["base_dir"]
         refined_map = str(refinement.map_path)
@@ -315,6 +320,7 @@ def refined_particles(context: AssetExecutionContext, config: RefineConfig,
                          "particles_star": str(star_path), "base_dir": str(base_dir),
                          "refined_map": refined_map, "n_particles": len(particles),
                          "box_px": stacks["box_px"], "pixel_size_a": stacks["pixel_size_a"]})
+    _remove_old_refinements(out, keep=Path(star_path).parent if source == "refine" else None)
     metadata.update({"particles": len(particles),
                      "particles_star": MetadataValue.path(str(star_path)),
                      "seconds": round(time.perf_counter() - started, 1)})
@@ -325,6 +331,15 @@ def refined_particles(context: AssetExecutionContext, config: RefineConfig,
                          metadata={"resolution_a": float(resolution_a or float("nan")),
                                    "from": "relion_refine" if source == "refine"
                                    else "EMDB map of the entry"})])
+
+
+def _remove_old_refinements(out: Path, keep: Path | None) -> None:
+    """After the manifest names the new version: the folders of earlier (or killed)
+    refinements, and the single ``refine/`` folder of the layout before per-run folders."""
+    for folder in out.glob("refine*"):
+        if folder.is_dir() and (keep is None or folder.resolve() != keep.resolve()):
+            shutil.rmtree(folder, ignore_errors=True)
+    (out / "input_particles.star").unlink(missing_ok=True)
 
 
 def _poses_check(particles: pd.DataFrame, star_path: Path) -> AssetCheckResult:
@@ -530,8 +545,8 @@ def particle_masks(context: AssetExecutionContext, config: LabelConfig,
         context.log.warning(f"skipping {n_bad} particles that cannot be read: {listed}")
         particles = particles[good].reset_index(drop=True)
     already = 0
-    if config.append and key in list_corpus(storage.path("corpus")):
-        present = set(open_corpus(storage.path("corpus"), key).table["image_name"])
+    if config.append and key in list_corpus(storage.corpus_root()):
+        present = set(open_corpus(storage.corpus_root(), key).table["image_name"])
         keep = ~particles["image_name"].isin(present).to_numpy()
         already = int((~keep).sum())
         particles = particles[keep].reset_index(drop=True)
@@ -542,7 +557,7 @@ def particle_masks(context: AssetExecutionContext, config: LabelConfig,
         truth = pd.read_csv(stacks["ground_truth"])[["image_name", "is_good", "junk_kind"]]
     mask = load_map(mask_info["mask"])
     started = time.perf_counter()
-    root = storage.path("corpus")
+    root = storage.corpus_root()  # a local path or a URL (object storage)
     attrs = {"pixel_size_a": float(refined["pixel_size_a"]), "threshold": config.threshold,
              "edge_px": config.edge_px, "source_star": refined["particles_star"],
              "pose_source": refined["source"], "mask": mask_info["mask"],
@@ -579,8 +594,7 @@ def particle_masks(context: AssetExecutionContext, config: LabelConfig,
                 context.log.info(f"labels: {done}/{len(particles)} particles ({rate:.0f}/s)")
     seconds = time.perf_counter() - started
     corpus = open_corpus(root, key)
-    store = Path(corpus.location)
-    on_disk = sum(p.stat().st_size for p in store.rglob("*") if p.is_file())
+    on_disk = corpus.stored_bytes()
     out = storage.path("particle_masks", key)
     gallery = write_png(out / "particles_with_masks.png", particles_with_masks(*shown)) \
         if shown is not None else None
@@ -592,7 +606,7 @@ def particle_masks(context: AssetExecutionContext, config: LabelConfig,
         "particles": done, "skipped_bad_rows": n_bad, "already_in_corpus": already,
         "seconds": round(seconds, 1), "particles_per_s": round(done / max(seconds, 1e-9), 1),
         "bytes_per_particle": round(on_disk / max(done, 1)),
-        "corpus": MetadataValue.path(str(store)),
+        "corpus": MetadataValue.path(corpus.location),
         "background_fraction": round(float(fractions[0]), 4),
         "signal_fraction": round(float(fractions[1]), 4),
         "edge_fraction": round(float(fractions[2]), 4),
