@@ -133,9 +133,11 @@ def _kill_when(platform: Platform, args: list[str], ready: Callable[[], bool],
 
 
 def _fail_the_killed_run() -> str:
-    """What the daemon's run monitoring does to a run whose process died (dagster.yaml:
-    ``run_monitoring``): mark it failed and give its pool slot back (``relion`` and ``train``
-    hold one slot each; without this the next run of the step waits for it forever)."""
+    """What terminating the dead run in the UI and then the daemon's run monitoring
+    (dagster.yaml: ``free_slots_after_run_end_seconds``) do to a run whose process was killed
+    (it cannot report its end itself): mark it failed and give its pool slot back (``relion``
+    and ``train`` hold one slot each; without this the next run of the step waits for it
+    forever; ``tests/test_postgres.py`` runs the daemon's part for real)."""
     instance = DagsterInstance.get()
     (killed,) = instance.get_runs(filters=RunsFilter(statuses=[DagsterRunStatus.STARTED]))
     instance.report_run_failed(killed, "the run process was killed (SIGKILL)")

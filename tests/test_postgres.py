@@ -17,6 +17,7 @@ from pathlib import Path
 import pytest
 import yaml
 from dagster import AssetKey, DagsterEventType, DagsterInstance, DagsterRunStatus, RunsFilter
+from test_dagster_e2e import _start, _stop
 
 from particleseg_model.corpus import open_corpus
 from particleseg_model.demo_archive import write_demo_archive
@@ -78,22 +79,6 @@ def _dagster(args: list[str], env: dict[str, str], timeout: float = 300) -> str:
                           capture_output=True, text=True, timeout=timeout)
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
     return done.stdout + done.stderr
-
-
-def _start(args: list[str], env: dict[str, str], log: Path) -> subprocess.Popen:
-    handle = open(log, "wb")  # noqa: SIM115 - closed with the process
-    return subprocess.Popen(args, cwd=REPO, env=env, stdout=handle, stderr=subprocess.STDOUT,
-                            start_new_session=True)
-
-
-def _stop(proc: subprocess.Popen) -> None:
-    if proc.poll() is None:
-        os.killpg(proc.pid, signal.SIGTERM)
-        try:
-            proc.wait(timeout=30)
-        except subprocess.TimeoutExpired:
-            os.killpg(proc.pid, signal.SIGKILL)
-            proc.wait(timeout=10)
 
 
 def _step_windows(instance: DagsterInstance, run_id: str) -> dict[str, tuple[float, float]]:
