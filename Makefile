@@ -111,4 +111,6 @@ bench-refine: setup
 
 clean:
 	rm -rf $(VENV) data .pytest_cache .ruff_cache
-	find dagster_home -mindepth 1 ! -name dagster.yaml ! -name README.md -exec rm -rf {} +
+	find dagster_home -mindepth 1 -maxdepth 1 ! -name dagster.yaml ! -name README.md ! -name postgres \
+		-exec rm -rf {} +
+	find dagster_home/postgres -mindepth 1 ! -name dagster.yaml -exec rm -rf {} +
