@@ -32,7 +32,6 @@ from html.parser import HTMLParser
 from pathlib import Path
 from typing import Any
 from urllib.parse import quote, unquote, urljoin, urlsplit, urlunsplit
-from urllib.request import url2pathname
 
 import requests
 import urllib3
@@ -40,6 +39,7 @@ import urllib3
 from particleseg_model.http import HttpClient, HttpError, NotFoundError
 from particleseg_model.progress import Bar
 from particleseg_model.progress import progress as progress_bar
+from particleseg_model.storage import is_remote, local_path
 
 __all__ = ["DownloadError", "RemoteFile", "download", "download_tree", "list_directory",
            "parse_size"]
@@ -85,16 +85,7 @@ def parse_size(text: str) -> int | None:
 # -- local paths ------------------------------------------------------------------------------
 def _local_path(url: str | os.PathLike[str]) -> Path | None:
     """The local path of a ``file://`` URL or a plain path; None for anything with a scheme."""
-    if isinstance(url, os.PathLike):
-        return Path(url)
-    if url.startswith("file:"):
-        parts = urlsplit(url)
-        if parts.netloc not in ("", "localhost"):
-            raise ValueError(f"file URL on another host: {url}")
-        return Path(url2pathname(unquote(parts.path)))
-    if "://" in url:
-        return None
-    return Path(url)
+    return None if is_remote(url) else local_path(url)
 
 
 def _list_local(folder: Path) -> list[RemoteFile]:

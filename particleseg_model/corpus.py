@@ -127,11 +127,11 @@ from datetime import UTC, datetime
 from functools import cached_property
 from pathlib import Path
 from typing import Any
-from urllib.parse import unquote, urlsplit
-from urllib.request import url2pathname
 
 import numpy as np
 import pandas as pd
+
+from particleseg_model.storage import is_remote, local_path
 
 __all__ = [
     "DEFAULT_FRACTIONS",
@@ -248,19 +248,14 @@ class _Place:
         text = os.fspath(root)
         self.local: Path | None = None
         self.fs: Any = None
-        if text.startswith("file:"):
-            parts = urlsplit(text)
-            if parts.netloc not in ("", "localhost"):
-                raise ValueError(f"file URL on another host: {text}")
-            self.local = Path(url2pathname(unquote(parts.path)))
-        elif "://" in text:
+        if is_remote(text):
             import fsspec
 
             self.fs, path = fsspec.core.url_to_fs(text, **self.storage_options)
             self.url = text.rstrip("/")
             self.path = path.rstrip("/")
         else:
-            self.local = Path(text)
+            self.local = local_path(text)
         self.root = str(self.local) if self.local is not None else self.url
 
     # names

@@ -151,10 +151,6 @@ def _remote(root: str | os.PathLike) -> tuple[Any, str, str]:
     return fs, path.rstrip("/"), url
 
 
-def _local_root(root: str | os.PathLike) -> Path:
-    return local_path(root) if os.fspath(root).startswith("file:") else Path(root)
-
-
 def cache_dir() -> Path:
     """Where remote versions are downloaded and staged: ``$PARTICLESEG_WORK/model-cache``."""
     return work_dir() / "model-cache"
@@ -246,7 +242,7 @@ def list_models(root: str | os.PathLike) -> list[ModelVersion]:
     if is_remote(root):
         found = (_remote_version(root, name) for _, name in _remote_folders(root))
         return [v for v in found if v is not None]
-    base = _local_root(root)
+    base = local_path(root)
     if not base.is_dir():
         return []
     found = sorted((int(m.group(1)), p) for p in base.iterdir()
@@ -263,7 +259,7 @@ def get_model(root: str | os.PathLike, version: str) -> ModelVersion:
             known = ", ".join(v.version for v in list_models(root)) or "none"
             raise ModelError(f"model {version!r} is not registered under {root} (known: {known})")
         return found
-    folder = _local_root(root) / name
+    folder = local_path(root) / name
     if not folder.is_dir():
         known = ", ".join(v.version for v in list_models(root)) or "none"
         raise ModelError(f"model {version!r} is not registered under {root} (known: {known})")
@@ -279,7 +275,7 @@ def latest_model(root: str | os.PathLike) -> ModelVersion | None:
         except FileNotFoundError:
             return None
         return get_model(root, name)
-    pointer = _local_root(root) / LATEST_FILE
+    pointer = local_path(root) / LATEST_FILE
     if not pointer.exists():
         return None
     return get_model(root, pointer.read_text().strip())
@@ -306,7 +302,7 @@ def _locked(root: Path, timeout_s: float = 120.0) -> Iterator[None]:
 def staging_dir(root: str | os.PathLike) -> Path:
     """A fresh folder to stage a version in (the trainer writes its files there); local
     for a remote root too (under :func:`cache_dir`)."""
-    base = cache_dir() if is_remote(root) else _local_root(root)
+    base = cache_dir() if is_remote(root) else local_path(root)
     base.mkdir(parents=True, exist_ok=True)
     return Path(tempfile.mkdtemp(dir=base, prefix=".staging-"))
 
@@ -324,7 +320,7 @@ def register_model(root: str | os.PathLike, staged: str | os.PathLike,
         raise ModelError("the manifest needs input_size")
     if is_remote(root):
         return _register_remote(root, staged, manifest)
-    base = _local_root(root)
+    base = local_path(root)
     with _locked(base):
         for leftover in base.glob(".staging-*"):
             if leftover != staged and time.time() - leftover.stat().st_mtime > 24 * 3600:
@@ -358,7 +354,7 @@ def resolve_model(model: str | os.PathLike | None = None,
         url = url.removesuffix(f"/{MODEL_FILE}")
         parent, name = url.rsplit("/", 1)
         return get_model(parent, name)
-    where = _local_root(model)
+    where = local_path(model)
     folder = where if where.is_dir() else where.parent
     return get_model(folder.parent, folder.name)
 
