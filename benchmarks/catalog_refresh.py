@@ -27,10 +27,10 @@ from dagster import DagsterInstance, build_sensor_context
 from particleseg_assets.definitions import defs
 from particleseg_assets.resources import EmpiarResource, StorageResource
 from particleseg_assets.sensors import empiar_updates_sensor
-from particleseg_model.catalog import UpdateCursor, refresh_catalog, write_parquet
-from particleseg_model.empiar import EmdbClient, EmpiarClient, parse_entry
-from particleseg_model.fixtures import emdb_record, fixture_records, write_synthetic_mirror
-from particleseg_model.server import Fault, serve
+from particleseg_model.access.catalog import UpdateCursor, refresh_catalog, write_parquet
+from particleseg_model.access.empiar import EmdbClient, EmpiarClient, parse_entry
+from particleseg_model.access.fixtures import emdb_record, fixture_records, write_synthetic_mirror
+from particleseg_model.access.server import Fault, serve
 
 
 def reference_refresh(empiar: EmpiarClient, emdb: EmdbClient, ids: list[str]) -> int:
@@ -53,10 +53,18 @@ def timed(fn, *args, **kwargs):
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--entries", type=int, default=3000)
-    parser.add_argument("--reference-sample", type=int, default=500,
-                        help="entries fetched the original way (extrapolated to all)")
-    parser.add_argument("--latency-ms", type=float, default=0.0,
-                        help="delay added to every reply, to model a real network")
+    parser.add_argument(
+        "--reference-sample",
+        type=int,
+        default=500,
+        help="entries fetched the original way (extrapolated to all)",
+    )
+    parser.add_argument(
+        "--latency-ms",
+        type=float,
+        default=0.0,
+        help="delay added to every reply, to model a real network",
+    )
     parser.add_argument("--map-workers", type=int, default=4, help="concurrent EMDB lookups")
     args = parser.parse_args()
 
@@ -79,15 +87,19 @@ def main() -> int:
             n = len(refresh.table)
             requests_full = len(server.requests)
             maps = sum(len(x.split(",")) for x in refresh.table["emdb_ids"] if x)
-            print(f"full refresh: {n} entries, {maps} maps, {requests_full} requests, "
-                  f"{full_s:.2f} s = {n / full_s:.0f} entries/s")
+            print(
+                f"full refresh: {n} entries, {maps} maps, {requests_full} requests, "
+                f"{full_s:.2f} s = {n / full_s:.0f} entries/s"
+            )
 
             sample = sorted(refresh.table["empiar_id"])[: args.reference_sample]
             _, ref_s = timed(reference_refresh, empiar, emdb, sample)
             ref_total = ref_s * n / len(sample)
-            print(f"reference (one GET per entry, {len(sample)} sampled): "
-                  f"{len(sample) / ref_s:.0f} entries/s, {ref_total:.1f} s projected for {n}; "
-                  f"speed-up of the full refresh over the reference: {ref_total / full_s:.2f}x")
+            print(
+                f"reference (one GET per entry, {len(sample)} sampled): "
+                f"{len(sample) / ref_s:.0f} entries/s, {ref_total:.1f} s projected for {n}; "
+                f"speed-up of the full refresh over the reference: {ref_total / full_s:.2f}x"
+            )
 
             storage = StorageResource(root=str(tmp_path / "data"))
             write_parquet(refresh.table, storage.catalog_path())
@@ -96,30 +108,43 @@ def main() -> int:
             cursor = UpdateCursor.from_catalog(refresh.table).to_json()
             ticks = []
             for _ in range(5):
-                with build_sensor_context(instance=instance, cursor=cursor, definitions=defs,
-                                          resources=resources) as context:
+                with build_sensor_context(
+                    instance=instance, cursor=cursor, definitions=defs, resources=resources
+                ) as context:
                     result, tick_s = timed(empiar_updates_sensor, context)
                 ticks.append(tick_s)
             assert result.__class__.__name__ == "SkipReason", result
-            print(f"sensor tick, nothing new: median {sorted(ticks)[2] * 1000:.0f} ms "
-                  f"over 5 ticks ({result.skip_message})")
+            print(
+                f"sensor tick, nothing new: median {sorted(ticks)[2] * 1000:.0f} ms "
+                f"over 5 ticks ({result.skip_message})"
+            )
 
             template = fixture_records()["entries"]["EMPIAR-10028"]
             for i in range(3):
-                record = dict(template, update_date="2026-11-20", release_date="2026-11-20",
-                              cross_references=[{"name": f"EMD-5999{i}"}])
+                record = dict(
+                    template,
+                    update_date="2026-11-20",
+                    release_date="2026-11-20",
+                    cross_references=[{"name": f"EMD-5999{i}"}],
+                )
                 built.put_entry(f"EMPIAR-{90000 + i}", record)
                 built.put_emdb(f"EMD-5999{i}", emdb_record("2.5"))
-            with build_sensor_context(instance=instance, cursor=cursor, definitions=defs,
-                                      resources=resources) as context:
+            with build_sensor_context(
+                instance=instance, cursor=cursor, definitions=defs, resources=resources
+            ) as context:
                 result, tick_s = timed(empiar_updates_sensor, context)
-            print(f"sensor tick, 3 new entries: {tick_s * 1000:.0f} ms "
-                  f"({len(result.run_requests)} run requested)")
-            incremental, inc_s = timed(refresh_catalog, empiar, emdb, refresh.table,
-                                       map_workers=args.map_workers)
-            print(f"incremental refresh after 3 new entries: {inc_s * 1000:.0f} ms, "
-                  f"{len(incremental.new_ids)} new, {len(incremental.table)} entries; "
-                  f"ratio full / incremental: {full_s / inc_s:.0f}x")
+            print(
+                f"sensor tick, 3 new entries: {tick_s * 1000:.0f} ms "
+                f"({len(result.run_requests)} run requested)"
+            )
+            incremental, inc_s = timed(
+                refresh_catalog, empiar, emdb, refresh.table, map_workers=args.map_workers
+            )
+            print(
+                f"incremental refresh after 3 new entries: {inc_s * 1000:.0f} ms, "
+                f"{len(incremental.new_ids)} new, {len(incremental.table)} entries; "
+                f"ratio full / incremental: {full_s / inc_s:.0f}x"
+            )
     return 0
 
 

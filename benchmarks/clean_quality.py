@@ -6,7 +6,8 @@
 2. the model: the latest registered one under ``--models-root`` (default
    ``$PARTICLESEG_DATA/models``, what ``make demo`` trained), or ``--keras FILE`` registered
    into a temporary registry; it never saw these particles;
-3. ``particleseg_model.clean.clean_star`` end to end (read, segment, score, write the cleaned
+3. ``particleseg_model.cleaning.clean.clean_star`` end to end (read, segment, score, write the
+cleaned
    STAR, the score table and the report) once per score, timed;
 4. against baselines computed on the same particles: random, the variance of the image in the
    central disc, and a template-matching figure of merit in the manner of ``relion_autopick``
@@ -33,7 +34,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from particleseg_model.demo_archive import find_shared_data, write_demo_archive
+from particleseg_model.simulation.demo_archive import find_shared_data, write_demo_archive
 
 GOOD_SHARE = 0.2457
 DROP = 0.3
@@ -53,7 +54,7 @@ def drop_lowest(score: np.ndarray, fraction: float) -> np.ndarray:
     s = np.where(np.isfinite(score), score, -np.inf)
     order = np.lexsort((np.arange(len(s)), s))
     keep = np.ones(len(s), dtype=bool)
-    keep[order[:int(fraction * len(s))]] = False
+    keep[order[: int(fraction * len(s))]] = False
     return keep
 
 
@@ -64,14 +65,21 @@ def central_variance(images: np.ndarray) -> np.ndarray:
     return images[:, disc].var(axis=1)
 
 
-def template_fom(images: np.ndarray, table: pd.DataFrame, map_path: Path, pixel_size_a: float,
-                 n_refs: int, max_shift_px: int = 4, batch: int = 64) -> np.ndarray:
+def template_fom(
+    images: np.ndarray,
+    table: pd.DataFrame,
+    map_path: Path,
+    pixel_size_a: float,
+    n_refs: int,
+    max_shift_px: int = 4,
+    batch: int = 64,
+) -> np.ndarray:
     """Best normalised cross-correlation of each particle with CTF-multiplied projections of
     the map (relion_autopick's figure of merit, without its micrograph search)."""
     import scipy.fft as sfft
 
-    from particleseg_model.maps import load_map
-    from particleseg_model.simulate import FourierProjector, ctf_2d, random_euler
+    from particleseg_model.em.maps import load_map
+    from particleseg_model.simulation.simulate import FourierProjector, ctf_2d, random_euler
 
     density = load_map(map_path)
     rng = np.random.default_rng(1)
@@ -80,13 +88,18 @@ def template_fom(images: np.ndarray, table: pd.DataFrame, map_path: Path, pixel_
     refs -= refs.mean(axis=(1, 2), keepdims=True)
     ref_ft = np.conj(sfft.rfft2(refs, workers=2))
     box = images.shape[-1]
-    shifts = np.r_[0:max_shift_px + 1, box - max_shift_px:box]
+    shifts = np.r_[0 : max_shift_px + 1, box - max_shift_px : box]
     fom = np.empty(len(images))
     for start in range(0, len(images), batch):
-        part = images[start:start + batch].astype(np.float32)
-        rows = table.iloc[start:start + batch]
-        ctf = ctf_2d(box, pixel_size_a, rows["defocus_u_a"].to_numpy(),
-                     rows["defocus_v_a"].to_numpy(), rows["defocus_angle_deg"].to_numpy())
+        part = images[start : start + batch].astype(np.float32)
+        rows = table.iloc[start : start + batch]
+        ctf = ctf_2d(
+            box,
+            pixel_size_a,
+            rows["defocus_u_a"].to_numpy(),
+            rows["defocus_v_a"].to_numpy(),
+            rows["defocus_angle_deg"].to_numpy(),
+        )
         part_ft = sfft.rfft2(part - part.mean(axis=(1, 2), keepdims=True), workers=2)
         # CTF-multiplied references: corr(p, ctf * r) = ifft(P conj(ctf R)), ctf real
         weighted = part_ft * ctf
@@ -104,13 +117,17 @@ def registry_for(keras_file: Path, work: Path, corpus: Path | None) -> Path:
     split of the corpus it was trained on (as the segmentation_model asset does)."""
     import keras
 
-    from particleseg_model.corpus import list_corpus
-    from particleseg_model.registry import register_model, staging_dir
-    from particleseg_model.train import mask_calibration
+    from particleseg_model.corpus.store import list_corpus
+    from particleseg_model.model.calibration import mask_calibration
+    from particleseg_model.model.registry import register_model, staging_dir
 
     model = keras.models.load_model(keras_file, compile=False)
-    manifest = {"input_size": int(model.input_shape[1]), "arch": "custom", "partitions": {},
-                "source": str(keras_file)}
+    manifest = {
+        "input_size": int(model.input_shape[1]),
+        "arch": "custom",
+        "partitions": {},
+        "source": str(keras_file),
+    }
     if corpus is not None:
         manifest["calibration"] = mask_calibration(model, corpus, list_corpus(corpus))
     root = work / "models"
@@ -126,26 +143,29 @@ def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--particles", type=int, default=2000)
     parser.add_argument("--keras", default=None, help="a .keras model to use (else the registry)")
-    parser.add_argument("--corpus", default=None,
-                        help="with --keras: the corpus it was trained on (for the calibration)")
+    parser.add_argument(
+        "--corpus",
+        default=None,
+        help="with --keras: the corpus it was trained on (for the calibration)",
+    )
     parser.add_argument("--models-root", default=None)
     parser.add_argument("--references", type=int, default=100)
     parser.add_argument("--work", default=None)
     args = parser.parse_args()
 
-    from particleseg_model.clean import clean_star
-    from particleseg_model.mrc import read_particles_table
-    from particleseg_model.registry import latest_model
-    from particleseg_model.star import read_star
+    from particleseg_model.cleaning.clean import clean_star
+    from particleseg_model.em.mrc import read_particles_table
+    from particleseg_model.em.star import read_star
+    from particleseg_model.model.registry import latest_model
 
     work = Path(args.work) if args.work else Path(tempfile.mkdtemp(prefix="clean-quality-"))
     work.mkdir(parents=True, exist_ok=True)
     if args.keras:
-        models = registry_for(Path(args.keras), work,
-                              Path(args.corpus) if args.corpus else None)
+        models = registry_for(Path(args.keras), work, Path(args.corpus) if args.corpus else None)
     else:
-        models = Path(args.models_root or Path(os.environ.get("PARTICLESEG_DATA", "data"))
-                      / "models")
+        models = Path(
+            args.models_root or Path(os.environ.get("PARTICLESEG_DATA", "data")) / "models"
+        )
     version = latest_model(models)
     if version is None:
         raise SystemExit(f"no model under {models}: run make demo, or give --keras")
@@ -153,20 +173,35 @@ def main() -> int:
     maps = [str(shared / "maps" / "emd_1832.map")] if shared else ["generated:globular"]
     archive = work / "archive"
     if not archive.exists():
-        write_demo_archive(archive, maps=maps, n_particles=args.particles, box=128,
-                           junk_fraction=1 - GOOD_SHARE, micrograph_entries=0, seed=23,
-                           progress=False)
+        write_demo_archive(
+            archive,
+            maps=maps,
+            n_particles=args.particles,
+            box=128,
+            junk_fraction=1 - GOOD_SHARE,
+            micrograph_entries=0,
+            seed=23,
+            progress=False,
+        )
     data = archive / "archive" / "30001" / "data"
     star_path = data / "particles.star"
     star = read_star(star_path)
     # ground truth in STAR row order
-    truth = pd.read_csv(data / "ground_truth.csv").set_index("image_name").loc[
-        star.particles["image_name"]].reset_index()
+    truth = (
+        pd.read_csv(data / "ground_truth.csv")
+        .set_index("image_name")
+        .loc[star.particles["image_name"]]
+        .reset_index()
+    )
     good = truth["is_good"].to_numpy(dtype=bool)
-    print(f"{len(truth)} particles from {Path(maps[0]).name}: {good.mean():.2%} good, junk "
-          f"{truth.loc[~good, 'junk_kind'].value_counts().to_dict()}")
-    print(f"model {version.version} ({version.input_size} px) from {models}; load average "
-          f"{os.getloadavg()[0]:.1f} on {os.cpu_count()} cores")
+    print(
+        f"{len(truth)} particles from {Path(maps[0]).name}: {good.mean():.2%} good, junk "
+        f"{truth.loc[~good, 'junk_kind'].value_counts().to_dict()}"
+    )
+    print(
+        f"model {version.version} ({version.input_size} px) from {models}; load average "
+        f"{os.getloadavg()[0]:.1f} on {os.cpu_count()} cores"
+    )
 
     scores: dict[str, np.ndarray] = {}
     timing: dict[str, float] = {}
@@ -174,14 +209,23 @@ def main() -> int:
         out = work / f"cleaned_{score}.star"
         for stale in (out, work / f"cleaned_{score}_scores.parquet"):
             stale.unlink(missing_ok=True)
-        result = clean_star(star_path, out, models_root=models, drop=DROP, score=score,
-                            report_dir=work / f"report_{score}", progress=False)
+        result = clean_star(
+            star_path,
+            out,
+            models_root=models,
+            drop=DROP,
+            score=score,
+            report_dir=work / f"report_{score}",
+            progress=False,
+        )
         table = pd.read_parquet(result.scores_path)
         scores[score] = table[score].to_numpy(dtype=float)
         timing[score] = result.particles_per_s
-        print(f"clean_star --score {score}: {result.total} -> {result.kept} particles in "
-              f"{result.seconds:.1f} s ({result.particles_per_s:.0f} particles/s end to end); "
-              f"report {work / f'report_{score}'}")
+        print(
+            f"clean_star --score {score}: {result.total} -> {result.kept} particles in "
+            f"{result.seconds:.1f} s ({result.particles_per_s:.0f} particles/s end to end); "
+            f"report {work / f'report_{score}'}"
+        )
 
     began = time.perf_counter()
     images = read_particles_table(star.particles, base_dir=star_path.parent)
@@ -189,25 +233,35 @@ def main() -> int:
     variance_s = time.perf_counter() - began
     began = time.perf_counter()
     map_path = next((data / "Map").glob("*.map"))
-    scores["template FOM"] = template_fom(images, star.particles, map_path,
-                                          float(star.particles["pixel_size_a"].iloc[0]),
-                                          args.references)
+    scores["template FOM"] = template_fom(
+        images,
+        star.particles,
+        map_path,
+        float(star.particles["pixel_size_a"].iloc[0]),
+        args.references,
+    )
     fom_s = time.perf_counter() - began
     scores["random"] = np.random.default_rng(0).random(len(good))
 
-    print(f"\ndrop the lowest {DROP:.0%} ({int(DROP * len(good))} of {len(good)}); good share "
-          f"before {good.mean():.2%}, ideal after {min(1.0, good.mean() / (1 - DROP)):.2%}")
+    print(
+        f"\ndrop the lowest {DROP:.0%} ({int(DROP * len(good))} of {len(good)}); good share "
+        f"before {good.mean():.2%}, ideal after {min(1.0, good.mean() / (1 - DROP)):.2%}"
+    )
     print(f"  {'score':<16}{'ROC AUC':>9}{'good after':>12}{'dropped junk':>14}")
     for name, value in scores.items():
         keep = drop_lowest(value, DROP)
-        print(f"  {name:<16}{auc(value, good):>9.3f}{good[keep].mean():>12.2%}"
-              f"{(~good[~keep]).mean():>14.2%}")
+        print(
+            f"  {name:<16}{auc(value, good):>9.3f}{good[keep].mean():>12.2%}"
+            f"{(~good[~keep]).mean():>14.2%}"
+        )
     rate = timing["ets"]
-    print(f"\nthroughput: {rate:.0f} particles/s end to end (ets), {timing['calibrated']:.0f} "
-          f"(calibrated); {PAPER_PARTICLES:,} particles (EMPIAR-10406) in "
-          f"{PAPER_PARTICLES / rate / 60:.0f} min; baselines: image variance "
-          f"{len(good) / variance_s:.0f} particles/s, template FOM ({args.references} "
-          f"references) {len(good) / fom_s:.0f} particles/s")
+    print(
+        f"\nthroughput: {rate:.0f} particles/s end to end (ets), {timing['calibrated']:.0f} "
+        f"(calibrated); {PAPER_PARTICLES:,} particles (EMPIAR-10406) in "
+        f"{PAPER_PARTICLES / rate / 60:.0f} min; baselines: image variance "
+        f"{len(good) / variance_s:.0f} particles/s, template FOM ({args.references} "
+        f"references) {len(good) / fom_s:.0f} particles/s"
+    )
     if not args.work:
         shutil.rmtree(work, ignore_errors=True)
     return 0

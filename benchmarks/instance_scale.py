@@ -105,11 +105,13 @@ def populate(instance: DagsterInstance, storage: StorageResource, keys: list[str
         events += 1
     for key in keys:
         for asset in PER_ENTRY:
-            instance.report_runless_asset_event(AssetMaterialization(
-                asset, partition=key, metadata={"particles": 1000, "box": 128}))
+            instance.report_runless_asset_event(
+                AssetMaterialization(asset, partition=key, metadata={"particles": 1000, "box": 128})
+            )
             events += 1
-    instance.report_runless_asset_event(AssetMaterialization(
-        "segmentation_model", metadata={"version": "v0001"}))
+    instance.report_runless_asset_event(
+        AssetMaterialization("segmentation_model", metadata={"version": "v0001"})
+    )
     events += 1
     # the eligible table the partition sensor reads: every partition plus 3 new entries
     eligible = storage.eligible_path()
@@ -132,8 +134,11 @@ def _writer(args: tuple[dict[str, str], int, int, float]) -> tuple[int, int, str
         time.sleep(max(0.0, start_at - time.time()))
         for i in range(count):
             try:
-                instance.report_runless_asset_event(AssetMaterialization(
-                    "iou_reports", partition=str(first_key + i), metadata={"mean_iou": 0.6}))
+                instance.report_runless_asset_event(
+                    AssetMaterialization(
+                        "iou_reports", partition=str(first_key + i), metadata={"mean_iou": 0.6}
+                    )
+                )
                 written += 1
             except Exception as exc:  # noqa: BLE001 - counted and reported, not hidden
                 failed += 1
@@ -165,8 +170,9 @@ def _free_port() -> int:
 
 def graphql(port: int, query: str, variables: dict | None = None) -> dict:
     body = json.dumps({"query": query, "variables": variables or {}}).encode()
-    request = urllib.request.Request(f"http://127.0.0.1:{port}/graphql", data=body,
-                                     headers={"Content-Type": "application/json"})
+    request = urllib.request.Request(
+        f"http://127.0.0.1:{port}/graphql", data=body, headers={"Content-Type": "application/json"}
+    )
     with urllib.request.urlopen(request, timeout=120) as response:
         answer = json.loads(response.read())
     if "errors" in answer:
@@ -174,59 +180,87 @@ def graphql(port: int, query: str, variables: dict | None = None) -> dict:
     return answer["data"]
 
 
-def measure(label: str, env: dict[str, str], data: Path, n: int, repeat: int,
-            writers: int) -> dict:
+def measure(label: str, env: dict[str, str], data: Path, n: int, repeat: int, writers: int) -> dict:
     os.environ.update(env)
     keys = [str(20000 + i) for i in range(n)]
     storage = StorageResource(root=str(data))
     figures: dict[str, tuple[float, float]] = {}
     with DagsterInstance.get() as instance:
         rate = populate(instance, storage, keys)
-        print(f"{label}: history of {n} partitions written at {rate:.0f} events/s by one "
-              "process", flush=True)
+        print(
+            f"{label}: history of {n} partitions written at {rate:.0f} events/s by one process",
+            flush=True,
+        )
     together, failed, error = parallel_writes(env, writers, keys)
-    print(f"{label}: {writers} writers at once: {together:.0f} events/s in all, {failed} writes "
-          f"failed{': ' + error if error else ''}", flush=True)
+    print(
+        f"{label}: {writers} writers at once: {together:.0f} events/s in all, {failed} writes "
+        f"failed{': ' + error if error else ''}",
+        flush=True,
+    )
     with DagsterInstance.get() as instance:
 
         def partition_tick() -> None:
             result = eligible_partitions_sensor(
-                build_sensor_context(instance=instance, resources={"storage": storage},
-                                     definitions=defs))
+                build_sensor_context(
+                    instance=instance, resources={"storage": storage}, definitions=defs
+                )
+            )
             assert len(result.run_requests) == 3, result
 
         latest = instance.fetch_materializations(AssetKey("eligible_entries"), limit=1)
         cursor = str(latest.records[0].storage_id)
 
         def idle_tick() -> None:
-            result = eligible_partitions_sensor(build_sensor_context(
-                instance=instance, resources={"storage": storage}, cursor=cursor,
-                definitions=defs))
+            result = eligible_partitions_sensor(
+                build_sensor_context(
+                    instance=instance,
+                    resources={"storage": storage},
+                    cursor=cursor,
+                    definitions=defs,
+                )
+            )
             assert not hasattr(result, "run_requests") or not result.run_requests
 
         def report_tick() -> None:
-            result = model_reports_sensor(build_sensor_context(instance=instance,
-                                                               definitions=defs))
+            result = model_reports_sensor(build_sensor_context(instance=instance, definitions=defs))
             assert len(result.run_requests) == n, len(result.run_requests)
 
         figures["sensor tick: 3 new entries"] = timed(partition_tick, repeat)
         figures["sensor tick: nothing new"] = timed(idle_tick, repeat)
         figures["sensor tick: new model, n reports"] = timed(report_tick, repeat)
         figures["list partition keys"] = timed(
-            lambda: instance.get_dynamic_partitions("empiar_id"), repeat)
+            lambda: instance.get_dynamic_partitions("empiar_id"), repeat
+        )
         figures["materialized partitions"] = timed(
-            lambda: instance.get_materialized_partitions(AssetKey("particle_masks")), repeat)
+            lambda: instance.get_materialized_partitions(AssetKey("particle_masks")), repeat
+        )
         figures["latest event per partition"] = timed(
-            lambda: instance.get_latest_materialization_event(AssetKey("particle_masks"))
-            and instance.fetch_materializations(AssetKey("particle_masks"), limit=n), repeat)
+            lambda: (
+                instance.get_latest_materialization_event(AssetKey("particle_masks"))
+                and instance.fetch_materializations(AssetKey("particle_masks"), limit=n)
+            ),
+            repeat,
+        )
 
     port = _free_port()
     log = data / f"webserver-{label}.log"
     with open(log, "wb") as handle:
-        web = subprocess.Popen([str(BIN / "dagster-webserver"), "-m",
-                                "particleseg_assets.definitions", "-h", "127.0.0.1", "-p",
-                                str(port)], cwd=REPO, env=os.environ.copy(), stdout=handle,
-                               stderr=subprocess.STDOUT, start_new_session=True)
+        web = subprocess.Popen(
+            [
+                str(BIN / "dagster-webserver"),
+                "-m",
+                "particleseg_assets.definitions",
+                "-h",
+                "127.0.0.1",
+                "-p",
+                str(port),
+            ],
+            cwd=REPO,
+            env=os.environ.copy(),
+            stdout=handle,
+            stderr=subprocess.STDOUT,
+            start_new_session=True,
+        )
     try:
         deadline = time.monotonic() + 180
         while True:
@@ -241,9 +275,11 @@ def measure(label: str, env: dict[str, str], data: Path, n: int, repeat: int,
         page = graphql(port, ASSET_PAGE, {"key": key})["assetNodeOrError"]
         assert page["partitionStats"]["numMaterialized"] == n, page["partitionStats"]
         figures["UI asset page: definition + partitions"] = timed(
-            lambda: graphql(port, ASSET_PAGE, {"key": key}), repeat)
+            lambda: graphql(port, ASSET_PAGE, {"key": key}), repeat
+        )
         figures["UI asset page: events tab (100)"] = timed(
-            lambda: graphql(port, ASSET_EVENTS, {"key": key}), repeat)
+            lambda: graphql(port, ASSET_EVENTS, {"key": key}), repeat
+        )
         figures["UI asset catalog"] = timed(lambda: graphql(port, ASSET_CATALOG), repeat)
     finally:
         web.terminate()
@@ -263,8 +299,14 @@ def main() -> int:
         sqlite_home = work / "sqlite" / "home"
         sqlite_home.mkdir(parents=True)
         shutil.copy(REPO / "dagster_home" / "dagster.yaml", sqlite_home)
-        sqlite = measure("SQLite", {"DAGSTER_HOME": str(sqlite_home)}, work / "sqlite",
-                         args.partitions, args.repeat, args.writers)
+        sqlite = measure(
+            "SQLite",
+            {"DAGSTER_HOME": str(sqlite_home)},
+            work / "sqlite",
+            args.partitions,
+            args.repeat,
+            args.writers,
+        )
         os.environ.clear()
         os.environ.update(base_env)
         with local_postgres(work / "pg" / "server") as server:
@@ -272,20 +314,29 @@ def main() -> int:
             pg_home = work / "pg" / "home"
             pg_home.mkdir(parents=True)
             shutil.copy(REPO / "dagster_home" / "postgres" / "dagster.yaml", pg_home)
-            postgres = measure("PostgreSQL", {"DAGSTER_HOME": str(pg_home),
-                                              **server.env("dagster")}, work / "pg",
-                               args.partitions, args.repeat, args.writers)
+            postgres = measure(
+                "PostgreSQL",
+                {"DAGSTER_HOME": str(pg_home), **server.env("dagster")},
+                work / "pg",
+                args.partitions,
+                args.repeat,
+                args.writers,
+            )
     finally:
         shutil.rmtree(work, ignore_errors=True)
 
-    print(f"\n{args.partitions} dynamic partitions, milliseconds: first call / median of "
-          f"{args.repeat} (PostgreSQL / SQLite on the median)")
+    print(
+        f"\n{args.partitions} dynamic partitions, milliseconds: first call / median of "
+        f"{args.repeat} (PostgreSQL / SQLite on the median)"
+    )
     print(f"{'':42s} {'SQLite':>17s} {'PostgreSQL':>17s} {'ratio':>7s}")
     for name, (first, median) in sqlite.items():
         pg_first, pg_median = postgres[name]
-        print(f"{name.replace('n reports', f'{args.partitions} reports'):42s} "
-              f"{first:8.1f} /{median:7.1f} {pg_first:8.1f} /{pg_median:7.1f} "
-              f"{pg_median / median:6.2f}x")
+        print(
+            f"{name.replace('n reports', f'{args.partitions} reports'):42s} "
+            f"{first:8.1f} /{median:7.1f} {pg_first:8.1f} /{pg_median:7.1f} "
+            f"{pg_median / median:6.2f}x"
+        )
     return 0
 
 

@@ -38,23 +38,26 @@ from corpus_build import (  # noqa: E402 - the benchmark next door
     simulated_input,
 )
 
-from particleseg_model.corpus import CorpusWriter, open_corpus  # noqa: E402
-from particleseg_model.loader import CorpusBatches, corpus_pydataset  # noqa: E402
-from particleseg_model.maps import make_mask  # noqa: E402
-from particleseg_model.simulate import FourierProjector  # noqa: E402
+from particleseg_model.corpus.store import CorpusWriter, open_corpus  # noqa: E402
+from particleseg_model.em.maps import make_mask  # noqa: E402
+from particleseg_model.model.loader import CorpusBatches, corpus_pydataset  # noqa: E402
+from particleseg_model.simulation.simulate import FourierProjector  # noqa: E402
 
 
 def build_corpus(root: Path, key: str, n: int, box: int) -> None:
     density = load_density(box, None)
     mask, _ = make_mask(density)
     projector = FourierProjector(mask)
-    attrs = {"pixel_size_a": density.pixel_size_a, "threshold": THRESHOLD, "edge_px": EDGE_PX,
-             "source_star": "simulated"}
+    attrs = {
+        "pixel_size_a": density.pixel_size_a,
+        "threshold": THRESHOLD,
+        "edge_px": EDGE_PX,
+        "source_star": "simulated",
+    }
     timer = Timer()
     with CorpusWriter(root, key, box, attrs=attrs) as writer:
         for images, table in simulated_input(density, n, 1000, 1, timer):
-            writer.append(images, mask_labels(projector, table, density.pixel_size_a, timer),
-                          table)
+            writer.append(images, mask_labels(projector, table, density.pixel_size_a, timer), table)
 
 
 def build_unet(size: int, base: int = 32, depth: int = 4, n_classes: int = 3):
@@ -112,8 +115,9 @@ def through_keras(batches: CorpusBatches, workers: int, processes: bool) -> int:
     """One epoch through Keras' own PyDataset adapter (the enqueuer ``fit`` uses)."""
     from keras.src.trainers.data_adapters.py_dataset_adapter import PyDatasetAdapter
 
-    adapter = PyDatasetAdapter(corpus_pydataset(batches, workers=workers,
-                                                use_multiprocessing=processes))
+    adapter = PyDatasetAdapter(
+        corpus_pydataset(batches, workers=workers, use_multiprocessing=processes)
+    )
     adapter.on_epoch_begin()
     n = sum(len(x) for x, _ in adapter.get_numpy_iterator())
     adapter.on_epoch_end()
@@ -138,23 +142,30 @@ def main() -> int:
     if args.root is None:
         started = time.perf_counter()
         build_corpus(root, args.id, args.n, args.box)
-        print(f"corpus: {args.n} simulated particles at box {args.box} built in "
-              f"{time.perf_counter() - started:.1f} s")
+        print(
+            f"corpus: {args.n} simulated particles at box {args.box} built in "
+            f"{time.perf_counter() - started:.1f} s"
+        )
     ds = open_corpus(root, args.id)
-    batches = CorpusBatches([ds], split="train", batch_size=args.batch, size=args.size,
-                            flips=True, rot90=True, seed=0)
-    print(f"loader: {batches.n_samples} train particles of box {ds.box} ({ds.images.dtype}) "
-          f"-> {args.size}x{args.size}, batch {args.batch}, flips + rot90, cold cache; "
-          f"{load()}")
+    batches = CorpusBatches(
+        [ds], split="train", batch_size=args.batch, size=args.size, flips=True, rot90=True, seed=0
+    )
+    print(
+        f"loader: {batches.n_samples} train particles of box {ds.box} ({ds.images.dtype}) "
+        f"-> {args.size}x{args.size}, batch {args.batch}, flips + rot90, cold cache; "
+        f"{load()}"
+    )
     import keras  # imported before the timings: its import (seconds) is not the loader's
     from keras.src.trainers.data_adapters import py_dataset_adapter  # noqa: F401
 
     results = {}
-    for name, fn in (("direct, 1 thread", direct),
-                     ("2 threads", threads),
-                     ("PyDataset workers=1", lambda b: through_keras(b, 1, False)),
-                     ("PyDataset workers=2 threads", lambda b: through_keras(b, 2, False)),
-                     ("PyDataset workers=2 processes", lambda b: through_keras(b, 2, True))):
+    for name, fn in (
+        ("direct, 1 thread", direct),
+        ("2 threads", threads),
+        ("PyDataset workers=1", lambda b: through_keras(b, 1, False)),
+        ("PyDataset workers=2 threads", lambda b: through_keras(b, 2, False)),
+        ("PyDataset workers=2 processes", lambda b: through_keras(b, 2, True)),
+    ):
         n, seconds = time_epoch(fn, batches)
         results[name] = n / seconds
         print(f"  {name:32s} {rate(n, seconds)} ({n} samples, {seconds:.2f} s)")
@@ -168,19 +179,25 @@ def main() -> int:
         model.train_on_batch(x, y)
     train_s = time.perf_counter() - started
     train_rate = args.steps * args.batch / train_s
-    print(f"training: {model.name} ({model.count_params() / 1e6:.1f} M parameters, Keras "
-          f"{keras.__version__}, backend {keras.backend.backend()}) train_on_batch "
-          f"{rate(args.steps * args.batch, train_s)} at {args.size}x{args.size} "
-          f"({train_s / args.steps:.2f} s a step of {args.batch}); {load()}")
+    print(
+        f"training: {model.name} ({model.count_params() / 1e6:.1f} M parameters, Keras "
+        f"{keras.__version__}, backend {keras.backend.backend()}) train_on_batch "
+        f"{rate(args.steps * args.batch, train_s)} at {args.size}x{args.size} "
+        f"({train_s / args.steps:.2f} s a step of {args.batch}); {load()}"
+    )
     data = corpus_pydataset(batches, workers=1)
     started = time.perf_counter()
     model.fit(data, epochs=1, steps_per_epoch=args.steps, shuffle=False, verbose=0)
     fit_s = time.perf_counter() - started
-    print(f"training fed by the PyDataset (fit, workers=1, incl. the start of fit): "
-          f"{rate(args.steps * args.batch, fit_s)}")
+    print(
+        f"training fed by the PyDataset (fit, workers=1, incl. the start of fit): "
+        f"{rate(args.steps * args.batch, fit_s)}"
+    )
     loader_rate = results["PyDataset workers=1"]
-    print(f"ratio loader / training: {loader_rate:.0f} / {train_rate:.1f} = "
-          f"{loader_rate / train_rate:.0f}x (PyDataset workers=1; must be >= 3x)")
+    print(
+        f"ratio loader / training: {loader_rate:.0f} / {train_rate:.1f} = "
+        f"{loader_rate / train_rate:.0f}x (PyDataset workers=1; must be >= 3x)"
+    )
     print(f"end: {load()}")
     if args.root is None:
         shutil.rmtree(root)

@@ -37,7 +37,7 @@ from pathlib import Path
 
 import numpy as np
 
-from particleseg_model.demo_archive import find_shared_data, write_demo_archive
+from particleseg_model.simulation.demo_archive import find_shared_data, write_demo_archive
 
 TRAIN_KEYS = ("30001", "30002", "30003")
 UNSEEN_KEY = "30004"
@@ -54,7 +54,7 @@ def build_corpus(work: Path, n_particles: int) -> Path:
         refined_particles,
     )
     from particleseg_assets.resources import EmpiarResource, RelionResource, StorageResource
-    from particleseg_model.server import serve
+    from particleseg_model.access.server import serve
 
     data = work / "data"
     if all((data / "corpus" / f"{k}.zarr").exists() for k in (*TRAIN_KEYS, UNSEEN_KEY)):
@@ -63,16 +63,29 @@ def build_corpus(work: Path, n_particles: int) -> Path:
     shared = find_shared_data()
     if shared is None:
         raise SystemExit("this benchmark needs ../shared/data/maps (EMD-1832, EMD-5625)")
-    maps = [str(shared / "maps" / "emd_1832.map"), str(shared / "maps" / "emd_5625.map"),
-            "generated:elongated", "generated:ring"]
+    maps = [
+        str(shared / "maps" / "emd_1832.map"),
+        str(shared / "maps" / "emd_5625.map"),
+        "generated:elongated",
+        "generated:ring",
+    ]
     archive = work / "archive"
     if archive.exists():
         shutil.rmtree(archive)
     began = time.perf_counter()
-    write_demo_archive(archive, maps=maps, n_particles=n_particles, box=128,
-                       micrograph_entries=0, seed=7, progress=False)
-    print(f"simulated {len(maps)} entries x {n_particles} particles in "
-          f"{time.perf_counter() - began:.0f} s ({', '.join(Path(m).name for m in maps)})")
+    write_demo_archive(
+        archive,
+        maps=maps,
+        n_particles=n_particles,
+        box=128,
+        micrograph_entries=0,
+        seed=7,
+        progress=False,
+    )
+    print(
+        f"simulated {len(maps)} entries x {n_particles} particles in "
+        f"{time.perf_counter() - began:.0f} s ({', '.join(Path(m).name for m in maps)})"
+    )
     instance = DagsterInstance.ephemeral()
     keys = [*TRAIN_KEYS, UNSEEN_KEY]
     instance.add_dynamic_partitions("empiar_id", keys)
@@ -81,16 +94,21 @@ def build_corpus(work: Path, n_particles: int) -> Path:
         for key in keys:
             result = materialize(
                 [particle_stacks, refined_particles, mask_volume, particle_masks],
-                partition_key=key, instance=instance,
-                resources={"empiar": EmpiarResource(), "relion": RelionResource(),
-                           "storage": StorageResource(root=str(data))})
+                partition_key=key,
+                instance=instance,
+                resources={
+                    "empiar": EmpiarResource(),
+                    "relion": RelionResource(),
+                    "storage": StorageResource(root=str(data)),
+                },
+            )
             assert result.success
     print(f"corpus of {len(keys)} entries in {time.perf_counter() - began:.0f} s")
     return data
 
 
 def evaluate(model, corpus: Path, keys) -> dict:
-    from particleseg_model.train import evaluate_partition
+    from particleseg_model.model.train import evaluate_partition
 
     return {k: evaluate_partition(model, corpus, k, examples=0) for k in keys}
 
@@ -100,20 +118,28 @@ def show(label: str, evaluations: dict) -> None:
     cells = []
     for k, e in evaluations.items():
         s, g = e.scores, e.scores_good or e.scores
-        cells.append(f"{k} {100 * s['mean_iou']:.2f} (bg {100 * s['iou_background']:.1f}, "
-                     f"signal {100 * s['iou_signal']:.1f}, edge {100 * s['iou_edge']:.1f}; "
-                     f"good particles {100 * g['mean_iou']:.2f})")
+        cells.append(
+            f"{k} {100 * s['mean_iou']:.2f} (bg {100 * s['iou_background']:.1f}, "
+            f"signal {100 * s['iou_signal']:.1f}, edge {100 * s['iou_edge']:.1f}; "
+            f"good particles {100 * g['mean_iou']:.2f})"
+        )
     print(f"  {label}:\n    " + "\n    ".join(cells))
 
 
 def mean_iou(evaluations: dict, good: bool = False) -> float:
-    return 100 * float(np.mean([(e.scores_good if good and e.scores_good else e.scores)
-                                ["mean_iou"] for e in evaluations.values()]))
+    return 100 * float(
+        np.mean(
+            [
+                (e.scores_good if good and e.scores_good else e.scores)["mean_iou"]
+                for e in evaluations.values()
+            ]
+        )
+    )
 
 
 def inference_rate(model, corpus: Path, n: int = 512) -> float:
-    from particleseg_model.corpus import open_corpus
-    from particleseg_model.train import predict_labels
+    from particleseg_model.corpus.store import open_corpus
+    from particleseg_model.model.predict import predict_labels
 
     images = np.asarray(open_corpus(corpus, TRAIN_KEYS[0]).images[:n], dtype=np.float32)
     predict_labels(model, images[:64])  # warm-up (graph tracing)
@@ -123,10 +149,11 @@ def inference_rate(model, corpus: Path, n: int = 512) -> float:
 
 
 def train(corpus: Path, keys, config, out: Path, **kwargs):
-    from particleseg_model.train import train_segmentation
+    from particleseg_model.model.train import train_segmentation
 
-    result = train_segmentation(corpus, list(keys), config, out,
-                                log=lambda line: print(f"    {line}"), **kwargs)
+    result = train_segmentation(
+        corpus, list(keys), config, out, log=lambda line: print(f"    {line}"), **kwargs
+    )
     import keras
 
     return result, keras.models.load_model(result.model_path, compile=False)
@@ -136,9 +163,9 @@ def training_rate(corpus: Path, size: int, base: int, steps: int = 6, batch: int
     """Training images/s of a fresh model at ``size`` over ``steps`` batches (after one)."""
     import keras
 
-    from particleseg_model.corpus import open_corpus
-    from particleseg_model.loader import CorpusBatches
-    from particleseg_model.unet import build_unet
+    from particleseg_model.corpus.store import open_corpus
+    from particleseg_model.model.loader import CorpusBatches
+    from particleseg_model.model.unet import build_unet
 
     model = build_unet("custom", size=size, base_filters=base)
     model.compile(optimizer="rmsprop", loss="sparse_categorical_crossentropy")
@@ -154,34 +181,43 @@ def training_rate(corpus: Path, size: int, base: int, steps: int = 6, batch: int
 def speeds(corpus: Path, size: int, base: int) -> None:
     """Training images/s and inference particles/s of untrained networks (the speed does not
     depend on the weights): the default, the native 128 px and the paper's 256 px base 32."""
-    from particleseg_model.unet import build_unet
+    from particleseg_model.model.unet import build_unet
 
     print("\n[speeds] box-128 particles in, masks at box 128 out; training batches of 8")
     for label, s, b in (("default", size, base), ("native", 128, base), ("paper", 256, 32)):
         model = build_unet("custom", size=s, base_filters=b)
         n = 128 if s >= 256 else 512
-        print(f"  {label:<8} {s}x{s} base {b}: training {training_rate(corpus, s, b):.1f} "
-              f"images/s, inference {inference_rate(model, corpus, n=n):.1f} particles/s "
-              f"({model.count_params():,} parameters)", flush=True)
+        print(
+            f"  {label:<8} {s}x{s} base {b}: training {training_rate(corpus, s, b):.1f} "
+            f"images/s, inference {inference_rate(model, corpus, n=n):.1f} particles/s "
+            f"({model.count_params():,} parameters)",
+            flush=True,
+        )
 
 
 def run_size(corpus: Path, work: Path, label: str, size: int, base: int, epochs: int):
-    from particleseg_model.train import TrainConfig
+    from particleseg_model.model.train import TrainConfig
 
-    print(f"\n[{label}] custom U-Net {size}x{size}, base {base}, from scratch on "
-          f"{', '.join(TRAIN_KEYS)}")
+    print(
+        f"\n[{label}] custom U-Net {size}x{size}, base {base}, from scratch on "
+        f"{', '.join(TRAIN_KEYS)}"
+    )
     config = TrainConfig(size=size, base_filters=base, epochs=epochs)
     result, model = train(corpus, TRAIN_KEYS, config, work / f"model_{size}_{base}")
-    print(f"  {result.epochs_run} epochs (best {result.best_epoch}) in {result.seconds:.0f} s, "
-          f"{result.images_per_s:.1f} training images/s, {model.count_params():,} parameters")
+    print(
+        f"  {result.epochs_run} epochs (best {result.best_epoch}) in {result.seconds:.0f} s, "
+        f"{result.images_per_s:.1f} training images/s, {model.count_params():,} parameters"
+    )
     held = evaluate(model, corpus, TRAIN_KEYS)
     unseen = evaluate(model, corpus, [UNSEEN_KEY])
     show("held-out test split", held)
     show("unseen map", unseen)
     rate = inference_rate(model, corpus)
-    print(f"  mean IoU held-out {mean_iou(held):.2f} (good particles {mean_iou(held, True):.2f})"
-          f", unseen {mean_iou(unseen):.2f} (good particles {mean_iou(unseen, True):.2f}); "
-          f"inference {rate:.0f} particles/s (box 128 in, masks at box 128 out)")
+    print(
+        f"  mean IoU held-out {mean_iou(held):.2f} (good particles {mean_iou(held, True):.2f})"
+        f", unseen {mean_iou(unseen):.2f} (good particles {mean_iou(unseen, True):.2f}); "
+        f"inference {rate:.0f} particles/s (box 128 in, masks at box 128 out)"
+    )
     return config, result, held, unseen
 
 
@@ -195,34 +231,42 @@ def main() -> int:
     parser.add_argument("--skip-native", action="store_true")
     parser.add_argument("--skip-256", action="store_true")
     parser.add_argument("--skip-incremental", action="store_true")
-    parser.add_argument("--speeds-only", action="store_true",
-                        help="only the training and inference speeds (on the corpus in --work)")
+    parser.add_argument(
+        "--speeds-only",
+        action="store_true",
+        help="only the training and inference speeds (on the corpus in --work)",
+    )
     args = parser.parse_args()
 
     work = Path(args.work) if args.work else Path(tempfile.mkdtemp(prefix="model-quality-"))
     work.mkdir(parents=True, exist_ok=True)
     data = build_corpus(work, args.particles)
     corpus = data / "corpus"
-    print(f"load average {os.getloadavg()[0]:.1f} on {os.cpu_count()} cores; "
-          f"TF_ENABLE_ONEDNN_OPTS={os.environ.get('TF_ENABLE_ONEDNN_OPTS')}")
+    print(
+        f"load average {os.getloadavg()[0]:.1f} on {os.cpu_count()} cores; "
+        f"TF_ENABLE_ONEDNN_OPTS={os.environ.get('TF_ENABLE_ONEDNN_OPTS')}"
+    )
 
     if args.speeds_only:
         speeds(corpus, args.size, args.base)
         return 0
-    config, result, held, _ = run_size(corpus, work, "default", args.size, args.base,
-                                       args.epochs)
+    config, result, held, _ = run_size(corpus, work, "default", args.size, args.base, args.epochs)
     if not args.skip_256:
-        from particleseg_model.unet import build_unet
+        from particleseg_model.model.unet import build_unet
 
         print("\n[paper size] custom U-Net 256x256, base 32 (the paper's network): speeds")
         model256 = build_unet("custom", size=256, base_filters=32)
-        print(f"  training {training_rate(corpus, 256, 32):.1f} images/s, inference "
-              f"{inference_rate(model256, corpus, n=128):.1f} particles/s, "
-              f"{model256.count_params():,} parameters")
+        print(
+            f"  training {training_rate(corpus, 256, 32):.1f} images/s, inference "
+            f"{inference_rate(model256, corpus, n=128):.1f} particles/s, "
+            f"{model256.count_params():,} parameters"
+        )
         model_d = build_unet("custom", size=args.size, base_filters=args.base)
-        print(f"  default for comparison: training "
-              f"{training_rate(corpus, args.size, args.base):.1f} images/s, inference "
-              f"{inference_rate(model_d, corpus):.1f} particles/s (untrained, same code path)")
+        print(
+            f"  default for comparison: training "
+            f"{training_rate(corpus, args.size, args.base):.1f} images/s, inference "
+            f"{inference_rate(model_d, corpus):.1f} particles/s (untrained, same code path)"
+        )
 
     if not args.skip_incremental:
         old, new = TRAIN_KEYS[:2], TRAIN_KEYS[2]
@@ -230,13 +274,21 @@ def main() -> int:
         base_result, base_model = train(corpus, old, config, work / "model_old")
         before = evaluate(base_model, corpus, TRAIN_KEYS)
         show(f"trained on {', '.join(old)} ({base_result.seconds:.0f} s)", before)
-        inc_result, inc_model = train(corpus, TRAIN_KEYS, config, work / "model_inc",
-                                      parent=base_result.model_path, new_ids=[new])
+        inc_result, inc_model = train(
+            corpus,
+            TRAIN_KEYS,
+            config,
+            work / "model_inc",
+            parent=base_result.model_path,
+            new_ids=[new],
+        )
         after = evaluate(inc_model, corpus, TRAIN_KEYS)
         show(f"incremental (+{new}, {inc_result.seconds:.0f} s)", after)
         show(f"full retrain on all three ({result.seconds:.0f} s)", held)
-        print(f"  incremental {inc_result.seconds:.0f} s vs full retrain {result.seconds:.0f} s "
-              f"({result.seconds / max(inc_result.seconds, 1e-9):.1f}x faster)")
+        print(
+            f"  incremental {inc_result.seconds:.0f} s vs full retrain {result.seconds:.0f} s "
+            f"({result.seconds / max(inc_result.seconds, 1e-9):.1f}x faster)"
+        )
     if not args.skip_native:
         # the particles are 128 px: a 128 model sees every pixel; 256 would only upsample them
         run_size(corpus, work, "native", 128, args.base, args.epochs)

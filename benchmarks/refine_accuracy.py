@@ -1,9 +1,10 @@
 """How well RELION 3D auto-refine recovers known poses, and what that costs the labels.
 
-Simulates good particles (no junk) with known poses from a map (particleseg_model.simulate),
-writes them as a RELION project *without* their poses (angles and origins removed, so the
-refinement starts from nothing but the reference), runs :func:`particleseg_model.relion.
-auto_refine` with its defaults from the map low-passed to ``--lowpass`` Angstrom, and prints:
+Simulates good particles (no junk) with known poses from a map
+(particleseg_model.simulation.simulate), writes them as a RELION project *without* their poses
+(angles and origins removed, so the refinement starts from nothing but the reference), runs
+:func:`particleseg_model.relion. auto_refine` with its defaults from the map low-passed to
+``--lowpass`` Angstrom, and prints:
 
 - wall time, iterations and the final (gold-standard, unmasked) resolution;
 - median angular error (angle of R_refined^T R_true), share of particles within 5 degrees,
@@ -35,7 +36,22 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from particleseg_model.demo_archive import (
+from particleseg_model.em.maps import (
+    DensityMap,
+    lowpass,
+    make_mask,
+    particle_diameter_px,
+    write_mrc,
+)
+from particleseg_model.em.star import read_star
+from particleseg_model.relion import (
+    auto_refine,
+    pose_errors,
+    reference_geometry,
+    relion_available,
+    summarise_pose_errors,
+)
+from particleseg_model.simulation.demo_archive import (
     MASK_EXTEND_PX,
     MASK_LOWPASS_A,
     MASK_SOFT_EDGE_PX,
@@ -44,32 +60,21 @@ from particleseg_model.demo_archive import (
     find_shared_data,
     write_star,
 )
-from particleseg_model.maps import (
-    DensityMap,
-    lowpass,
-    make_mask,
-    particle_diameter_px,
-    write_mrc,
+from particleseg_model.simulation.simulate import (
+    FourierProjector,
+    SimulationConfig,
+    simulate_particles,
 )
-from particleseg_model.relion import (
-    auto_refine,
-    pose_errors,
-    reference_geometry,
-    relion_available,
-    summarise_pose_errors,
-)
-from particleseg_model.simulate import FourierProjector, SimulationConfig, simulate_particles
-from particleseg_model.star import read_star
 
-POSE_COLUMNS = ("rlnAngleRot", "rlnAngleTilt", "rlnAnglePsi", "rlnOriginXAngst",
-                "rlnOriginYAngst")
+POSE_COLUMNS = ("rlnAngleRot", "rlnAngleTilt", "rlnAnglePsi", "rlnOriginXAngst", "rlnOriginYAngst")
 
 
-def labels_from_projection(projections: np.ndarray, threshold: float = 10.0,
-                           edge_px: int = 11) -> np.ndarray:
-    """The particleSeg label rule; particleseg_model.labels' version when it exists."""
+def labels_from_projection(
+    projections: np.ndarray, threshold: float = 10.0, edge_px: int = 11
+) -> np.ndarray:
+    """The particleSeg label rule; particleseg_model.corpus.labels' version when it exists."""
     try:
-        from particleseg_model.labels import labels_from_projection as shared
+        from particleseg_model.corpus.labels import labels_from_projection as shared
     except ImportError:
         shared = None
     if shared is not None:
@@ -89,27 +94,33 @@ def labels_from_projection(projections: np.ndarray, threshold: float = 10.0,
     return labels
 
 
-def label_iou(predicted: np.ndarray, reference: np.ndarray, n_classes: int = 3
-              ) -> tuple[float, np.ndarray]:
+def label_iou(
+    predicted: np.ndarray, reference: np.ndarray, n_classes: int = 3
+) -> tuple[float, np.ndarray]:
     """Mean and per-class IoU from one confusion matrix over all pixels."""
-    confusion = np.bincount(reference.ravel().astype(np.int64) * n_classes
-                            + predicted.ravel().astype(np.int64),
-                            minlength=n_classes * n_classes).reshape(n_classes, n_classes)
+    confusion = np.bincount(
+        reference.ravel().astype(np.int64) * n_classes + predicted.ravel().astype(np.int64),
+        minlength=n_classes * n_classes,
+    ).reshape(n_classes, n_classes)
     inter = np.diag(confusion).astype(float)
     union = confusion.sum(axis=0) + confusion.sum(axis=1) - inter
     iou = np.where(union > 0, inter / np.maximum(union, 1), np.nan)
     return float(np.nanmean(iou)), iou
 
 
-def project_labels(projector: FourierProjector, table: pd.DataFrame, pixel: float,
-                   chunk: int = 256) -> np.ndarray:
+def project_labels(
+    projector: FourierProjector, table: pd.DataFrame, pixel: float, chunk: int = 256
+) -> np.ndarray:
     out = []
     for start in range(0, len(table), chunk):
-        part = table.iloc[start:start + chunk]
-        proj = projector.project(part["rot_deg"].to_numpy(), part["tilt_deg"].to_numpy(),
-                                 part["psi_deg"].to_numpy(),
-                                 part["origin_x_a"].to_numpy() / pixel,
-                                 part["origin_y_a"].to_numpy() / pixel)
+        part = table.iloc[start : start + chunk]
+        proj = projector.project(
+            part["rot_deg"].to_numpy(),
+            part["tilt_deg"].to_numpy(),
+            part["psi_deg"].to_numpy(),
+            part["origin_x_a"].to_numpy() / pixel,
+            part["origin_y_a"].to_numpy() / pixel,
+        )
         out.append(labels_from_projection(proj))
     return np.concatenate(out)
 
@@ -126,43 +137,62 @@ def main() -> int:
     parser.add_argument("--particles", type=int, default=400)
     parser.add_argument("--box", type=int, default=64)
     parser.add_argument("--snr", type=float, default=0.1)
-    parser.add_argument("--map", default=None,
-                        help="map file or generated:SHAPE (default: the demo archive's first "
-                             "map: EMD-1832 from ../shared/data/maps when present, else "
-                             "generated:globular)")
-    parser.add_argument("--lowpass", type=float, default=None,
-                        help="low-pass of the reference and --ini_high, Angstrom (default: "
-                             "auto_refine's, a quarter of the particle diameter)")
+    parser.add_argument(
+        "--map",
+        default=None,
+        help="map file or generated:SHAPE (default: the demo archive's first "
+        "map: EMD-1832 from ../shared/data/maps when present, else "
+        "generated:globular)",
+    )
+    parser.add_argument(
+        "--lowpass",
+        type=float,
+        default=None,
+        help="low-pass of the reference and --ini_high, Angstrom (default: "
+        "auto_refine's, a quarter of the particle diameter)",
+    )
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--mpi", type=int, default=3)
     parser.add_argument("--max-iterations", type=int, default=None)
-    parser.add_argument("--local-healpix-order", type=int, default=None,
-                        help="healpix order from which searches are local (default: "
-                             "auto_refine's, 3 = 7.5 degrees)")
-    parser.add_argument("--keep", type=Path, default=None,
-                        help="keep the project and refinement here (default: a temporary dir)")
+    parser.add_argument(
+        "--local-healpix-order",
+        type=int,
+        default=None,
+        help="healpix order from which searches are local (default: "
+        "auto_refine's, 3 = 7.5 degrees)",
+    )
+    parser.add_argument(
+        "--keep",
+        type=Path,
+        default=None,
+        help="keep the project and refinement here (default: a temporary dir)",
+    )
     parser.add_argument("--quiet", action="store_true", help="do not echo RELION's output")
     args = parser.parse_args()
     if not relion_available("relion_refine_mpi"):
-        print("RELION (relion_refine_mpi) is not on PATH: apt-get install -y relion",
-              file=sys.stderr)
+        print(
+            "RELION (relion_refine_mpi) is not on PATH: apt-get install -y relion", file=sys.stderr
+        )
         return 2
 
     print(f"load before: {load()} ({os.cpu_count()} cores)")
     started = time.perf_counter()
-    source = (MapSource.parse(args.map) if args.map
-              else default_maps(find_shared_data())[0])
+    source = MapSource.parse(args.map) if args.map else default_maps(find_shared_data())[0]
     density = source.load(args.box, args.seed)
     pixel, box = density.pixel_size_a, density.box
-    mask, threshold = make_mask(density, lowpass_a=MASK_LOWPASS_A, extend_px=MASK_EXTEND_PX,
-                                soft_edge_px=MASK_SOFT_EDGE_PX)
+    mask, threshold = make_mask(
+        density, lowpass_a=MASK_LOWPASS_A, extend_px=MASK_EXTEND_PX, soft_edge_px=MASK_SOFT_EDGE_PX
+    )
     diameter_px = particle_diameter_px(mask)
     config = SimulationConfig(n_particles=args.particles, junk_fraction=0.0, snr=args.snr)
-    sim = simulate_particles(density, config, seed=args.seed, diameter_px=diameter_px,
-                             keep_clean=False)
-    print(f"simulated {len(sim.truth)} good particles, box {box}, pixel {pixel:.3f} A, "
-          f"SNR {args.snr:g}, map {source.label} "
-          f"({time.perf_counter() - started:.1f} s)")
+    sim = simulate_particles(
+        density, config, seed=args.seed, diameter_px=diameter_px, keep_clean=False
+    )
+    print(
+        f"simulated {len(sim.truth)} good particles, box {box}, pixel {pixel:.3f} A, "
+        f"SNR {args.snr:g}, map {source.label} "
+        f"({time.perf_counter() - started:.1f} s)"
+    )
 
     root = Path(args.keep) if args.keep else Path(tempfile.mkdtemp(prefix="refine_accuracy."))
     if args.keep and root.exists():
@@ -176,20 +206,33 @@ def main() -> int:
         geometry = reference_geometry(density)
         cutoff = args.lowpass if args.lowpass is not None else geometry.ini_lowpass_a
         # the reference: the true map low-passed (its volume kept for the contour level)
-        reference = DensityMap(data=lowpass(density.data, pixel, cutoff), pixel_size_a=pixel,
-                               source=f"{density.source} low-passed to {cutoff:.1f} A",
-                               volume_a3=density.volume_a3)
+        reference = DensityMap(
+            data=lowpass(density.data, pixel, cutoff),
+            pixel_size_a=pixel,
+            source=f"{density.source} low-passed to {cutoff:.1f} A",
+            volume_a3=density.volume_a3,
+        )
         write_mrc(root / "reference.mrc", reference.data, pixel)
 
         def echo(line: str) -> None:
             if not args.quiet:
                 print(f"  | {line}", flush=True)
 
-        options = ({} if args.local_healpix_order is None
-                   else {"local_healpix_order": args.local_healpix_order})
-        refine = auto_refine(project / "particles.star", reference, root / "refine",
-                             ini_lowpass_a=cutoff, mpi_ranks=args.mpi,
-                             max_iterations=args.max_iterations, log=echo, **options)
+        options = (
+            {}
+            if args.local_healpix_order is None
+            else {"local_healpix_order": args.local_healpix_order}
+        )
+        refine = auto_refine(
+            project / "particles.star",
+            reference,
+            root / "refine",
+            ini_lowpass_a=cutoff,
+            mpi_ranks=args.mpi,
+            max_iterations=args.max_iterations,
+            log=echo,
+            **options,
+        )
         refined = read_star(refine.data_star).particles
         errors = pose_errors(refined, sim.truth)
         summary = summarise_pose_errors(errors, within_deg=5.0)
@@ -204,25 +247,38 @@ def main() -> int:
         mean_dx = float(errors["shift_x_a"].mean())
         mean_dy = float(errors["shift_y_a"].mean())
         print()
-        print(f"particles {len(sim.truth)}, box {box} px, pixel {pixel:.3f} A, SNR {args.snr:g}, "
-              f"particle diameter {geometry.body_diameter_a:.1f} A, reference low-passed to "
-              f"{cutoff:.1f} A (--ini_high), mask diameter {refine.particle_diameter_a:.1f} A")
+        print(
+            f"particles {len(sim.truth)}, box {box} px, pixel {pixel:.3f} A, SNR {args.snr:g}, "
+            f"particle diameter {geometry.body_diameter_a:.1f} A, reference low-passed to "
+            f"{cutoff:.1f} A (--ini_high), mask diameter {refine.particle_diameter_a:.1f} A"
+        )
         state = "converged" if refine.converged else "NOT converged: stopped"
-        print(f"refinement wall time      {refine.seconds:8.1f} s  ({state} after "
-              f"{refine.iterations} iterations, {args.mpi} MPI ranks)")
-        print(f"final resolution          {refine.resolution_a:8.2f} A  (Nyquist "
-              f"{2 * pixel:.2f} A)")
-        print(f"median angular error      {summary['median_angle_error_deg']:8.2f} deg  (mean "
-              f"{summary['mean_angle_error_deg']:.2f})")
+        print(
+            f"refinement wall time      {refine.seconds:8.1f} s  ({state} after "
+            f"{refine.iterations} iterations, {args.mpi} MPI ranks)"
+        )
+        print(
+            f"final resolution          {refine.resolution_a:8.2f} A  (Nyquist {2 * pixel:.2f} A)"
+        )
+        print(
+            f"median angular error      {summary['median_angle_error_deg']:8.2f} deg  (mean "
+            f"{summary['mean_angle_error_deg']:.2f})"
+        )
         print(f"within 5 degrees          {100 * summary['fraction_within_deg']:8.1f} %")
-        print(f"median shift error        {summary['median_shift_error_a']:8.2f} A  "
-              f"({summary['median_shift_error_a'] / pixel:.2f} px; mean offset "
-              f"{mean_dx:+.2f}, {mean_dy:+.2f} A)")
-        print(f"label IoU refined vs true poses (ceiling for any model trained on this "
-              f"corpus): mean {miou:.4f}; background {per_class[0]:.4f}, signal "
-              f"{per_class[1]:.4f}, edge {per_class[2]:.4f}")
-        print(f"total wall time           {time.perf_counter() - started:8.1f} s; load after: "
-              f"{load()}")
+        print(
+            f"median shift error        {summary['median_shift_error_a']:8.2f} A  "
+            f"({summary['median_shift_error_a'] / pixel:.2f} px; mean offset "
+            f"{mean_dx:+.2f}, {mean_dy:+.2f} A)"
+        )
+        print(
+            f"label IoU refined vs true poses (ceiling for any model trained on this "
+            f"corpus): mean {miou:.4f}; background {per_class[0]:.4f}, signal "
+            f"{per_class[1]:.4f}, edge {per_class[2]:.4f}"
+        )
+        print(
+            f"total wall time           {time.perf_counter() - started:8.1f} s; load after: "
+            f"{load()}"
+        )
         if args.keep:
             errors.to_csv(root / "pose_errors.csv", index=False)
             print(f"kept in {root}")

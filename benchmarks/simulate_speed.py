@@ -29,9 +29,9 @@ from pathlib import Path
 import mrcfile
 import numpy as np
 
-from particleseg_model.demo_archive import write_star
-from particleseg_model.maps import generate_map, load_map, prepare_map
-from particleseg_model.simulate import (
+from particleseg_model.em.maps import generate_map, load_map, prepare_map
+from particleseg_model.simulation.demo_archive import write_star
+from particleseg_model.simulation.simulate import (
     FourierProjector,
     SimulationConfig,
     ctf_2d,
@@ -50,14 +50,16 @@ def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--box", type=int, default=128)
     parser.add_argument("--particles", type=int, default=500)
-    parser.add_argument("--map", type=Path, default=None,
-                        help="map file (default: a generated pseudo-atomic map)")
+    parser.add_argument(
+        "--map", type=Path, default=None, help="map file (default: a generated pseudo-atomic map)"
+    )
     parser.add_argument("--repeats", type=int, default=3, help="best of N timings")
     args = parser.parse_args()
     box, n = args.box, args.particles
 
-    density = (prepare_map(load_map(args.map), box) if args.map
-               else generate_map("globular", box, seed=0))
+    density = (
+        prepare_map(load_map(args.map), box) if args.map else generate_map("globular", box, seed=0)
+    )
     pixel = density.pixel_size_a
     rng = np.random.default_rng(0)
     rot, tilt, psi = random_euler(rng, n)
@@ -66,8 +68,10 @@ def main() -> int:
     dv = du - rng.uniform(0, 800, n)
     dang = rng.uniform(0, 180, n)
     cores = os.cpu_count()
-    print(f"box {box}, {n} particles, pixel {pixel:.3f} A, {cores} CPU cores, "
-          f"map {args.map or 'generated globular'}")
+    print(
+        f"box {box}, {n} particles, pixel {pixel:.3f} A, {cores} CPU cores, "
+        f"map {args.map or 'generated globular'}"
+    )
 
     # --- ours
     best: dict[str, float] = {}
@@ -78,8 +82,12 @@ def main() -> int:
         _, t_ctf = timed(projector.project, rot, tilt, psi, origin[:, 0], origin[:, 1], ctf)
         config = SimulationConfig(n_particles=n, junk_fraction=0.0, snr=0.1)
         _, t_full = timed(simulate_particles, density, config, seed=0, keep_clean=False)
-        for key, value in (("setup", setup), ("proj", t_proj), ("proj_ctf", t_ctf),
-                           ("full", t_full)):
+        for key, value in (
+            ("setup", setup),
+            ("proj", t_proj),
+            ("proj_ctf", t_ctf),
+            ("full", t_full),
+        ):
             best[key] = min(best.get(key, np.inf), value)
 
     # --- relion_project
@@ -94,27 +102,39 @@ def main() -> int:
                 mrc.voxel_size = pixel
             import pandas as pd
 
-            particles = pd.DataFrame({
-                "rlnImageName": [f"{i + 1}@dummy.mrcs" for i in range(n)],
-                "rlnAngleRot": rot, "rlnAngleTilt": tilt, "rlnAnglePsi": psi,
-                "rlnOriginXAngst": origin[:, 0] * pixel, "rlnOriginYAngst": origin[:, 1] * pixel,
-                "rlnDefocusU": du, "rlnDefocusV": dv, "rlnDefocusAngle": dang,
-                "rlnOpticsGroup": np.ones(n, dtype=np.int64)})
+            particles = pd.DataFrame(
+                {
+                    "rlnImageName": [f"{i + 1}@dummy.mrcs" for i in range(n)],
+                    "rlnAngleRot": rot,
+                    "rlnAngleTilt": tilt,
+                    "rlnAnglePsi": psi,
+                    "rlnOriginXAngst": origin[:, 0] * pixel,
+                    "rlnOriginYAngst": origin[:, 1] * pixel,
+                    "rlnDefocusU": du,
+                    "rlnDefocusV": dv,
+                    "rlnDefocusAngle": dang,
+                    "rlnOpticsGroup": np.ones(n, dtype=np.int64),
+                }
+            )
             optics = SimulationConfig().optics(pixel, box)
             write_star(work / "poses.star", {"optics": optics, "particles": particles})
             base = [relion, "--i", "map.mrc", "--ang", "poses.star"]
-            runs = {"proj": base + ["--o", "plain"],
-                    "full": base + ["--o", "noisy", "--ctf", "--add_noise", "--white_noise",
-                                    "1.0"]}
+            runs = {
+                "proj": base + ["--o", "plain"],
+                "full": base + ["--o", "noisy", "--ctf", "--add_noise", "--white_noise", "1.0"],
+            }
             for _ in range(args.repeats):
                 for key, command in runs.items():
-                    _, seconds = timed(subprocess.run, command, cwd=work, check=True,
-                                       capture_output=True)
+                    _, seconds = timed(
+                        subprocess.run, command, cwd=work, check=True, capture_output=True
+                    )
                     rel[key] = min(rel.get(key, np.inf), seconds)
             with mrcfile.open(work / "plain.mrcs") as mrc:
                 reference = np.asarray(mrc.data, dtype=np.float64)
-            corr = [np.corrcoef(a.ravel(), b.ravel())[0, 1] for a, b in zip(ours, reference,
-                                                                            strict=True)]
+            corr = [
+                np.corrcoef(a.ravel(), b.ravel())[0, 1]
+                for a, b in zip(ours, reference, strict=True)
+            ]
             agreement = float(np.min(corr))
 
     def rate(seconds: float) -> str:
@@ -122,10 +142,12 @@ def main() -> int:
 
     print(f"{'':34s}{'ours':>24s}{'relion_project':>28s}{'ratio':>8s}")
     print(f"{'set-up (3D FFT of padded map)':34s}{best['setup']:21.3f} s")
-    rows = [("projection (incl. set-up)", best["setup"] + best["proj"], rel.get("proj")),
-            ("projection (after set-up)", best["proj"], None),
-            ("projection + CTF (after set-up)", best["proj_ctf"], None),
-            ("particles: proj+CTF+noise (full)", best["full"], rel.get("full"))]
+    rows = [
+        ("projection (incl. set-up)", best["setup"] + best["proj"], rel.get("proj")),
+        ("projection (after set-up)", best["proj"], None),
+        ("projection + CTF (after set-up)", best["proj_ctf"], None),
+        ("particles: proj+CTF+noise (full)", best["full"], rel.get("full")),
+    ]
     for label, ours_s, rel_s in rows:
         line = f"{label:34s}{rate(ours_s):>24s}"
         if rel_s is not None:

@@ -34,13 +34,25 @@ from particleseg_assets.sensors import (
 )
 
 defs = Definitions(
-    assets=[empiar_entries, eligible_entries, particle_stacks, refined_particles, mask_volume,
-            particle_masks, segmentation_model, iou_reports, cleaned_particles],
+    assets=[
+        empiar_entries,
+        eligible_entries,
+        particle_stacks,
+        refined_particles,
+        mask_volume,
+        particle_masks,
+        segmentation_model,
+        iou_reports,
+        cleaned_particles,
+    ],
     asset_checks=[entry_ids_unique, few_catalog_errors, eligible_rule_holds],
     jobs=[catalog_job, dataset_job, train_job, report_job, clean_job, remove_dataset_job],
     schedules=[daily_catalog_refresh],
     sensors=[empiar_updates_sensor, eligible_partitions_sensor, model_reports_sensor],
-    resources={"empiar": EmpiarResource(), "storage": StorageResource(),
-               "relion": RelionResource()},
+    resources={
+        "empiar": EmpiarResource(),
+        "storage": StorageResource(),
+        "relion": RelionResource(),
+    },
     executor=executor_from_env(),
 )

@@ -46,8 +46,10 @@ def executor_for(name: str | None) -> ExecutorDefinition | None:
     try:
         found = importlib.import_module(module)
     except ImportError as error:
-        raise ImportError(f"{EXECUTOR_ENV}={name!r} needs {module.replace('_', '-')}, which is "
-                          f"not installed: pip install -e '.[{extra}]' ({error})") from error
+        raise ImportError(
+            f"{EXECUTOR_ENV}={name!r} needs {module.replace('_', '-')}, which is "
+            f"not installed: pip install -e '.[{extra}]' ({error})"
+        ) from error
     return getattr(found, attribute)
 
 

@@ -29,30 +29,30 @@ dataset_job = define_asset_job(
     "dataset_job",
     selection=AssetSelection.assets(*DATASET_ASSETS),
     description="One EMPIAR entry into the corpus: fetch its particles, refine (or take the "
-                "deposited poses), mask, label (Zarr). Run it with "
-                "--tags '{\"dagster/partition\": \"10028\"}'.",
+    "deposited poses), mask, label (Zarr). Run it with "
+    '--tags \'{"dagster/partition": "10028"}\'.',
 )
 
 train_job = define_asset_job(
     "train_job",
     selection=AssetSelection.assets(segmentation_model),
     description="Train the segmentation model on every corpus partition (incrementally when "
-                "partitions were added) and register a new version.",
+    "partitions were added) and register a new version.",
 )
 
 report_job = define_asset_job(
     "report_job",
     selection=AssetSelection.assets(iou_reports),
     description="The latest model's IoU report for one partition: --tags "
-                "'{\"dagster/partition\": \"10028\"}'.",
+    '\'{"dagster/partition": "10028"}\'.',
 )
 
 clean_job = define_asset_job(
     "clean_job",
     selection=AssetSelection.assets(cleaned_particles),
     description="Clean a RELION particle STAR file with the registered model: --config FILE "
-                "with {\"ops\": {\"cleaned_particles\": {\"config\": {\"star\": "
-                "\"/path/particles.star\", \"drop\": 0.3}}}}.",
+    'with {"ops": {"cleaned_particles": {"config": {"star": '
+    '"/path/particles.star", "drop": 0.3}}}}.',
 )
 
 
@@ -63,18 +63,23 @@ class RemoveDatasetConfig(Config):
     """Keep the downloaded files (a later re-add then fetches nothing)."""
 
 
-@op(description="Delete one empiar_id partition: its materialization history, its files under "
-                "the storage root and its corpus group. The other partitions are untouched.")
-def remove_dataset(context: OpExecutionContext, config: RemoveDatasetConfig,
-                   storage: StorageResource) -> None:
-    from particleseg_model.corpus import remove_corpus
-    from particleseg_model.empiar import partition_key
+@op(
+    description="Delete one empiar_id partition: its materialization history, its files under "
+    "the storage root and its corpus group. The other partitions are untouched."
+)
+def remove_dataset(
+    context: OpExecutionContext, config: RemoveDatasetConfig, storage: StorageResource
+) -> None:
+    from particleseg_model.access.empiar import partition_key
+    from particleseg_model.corpus.store import remove_corpus
 
     key = partition_key(config.empiar_id)
     instance = context.instance
     if not instance.has_dynamic_partition(EMPIAR_PARTITIONS_NAME, key):
-        raise ValueError(f"EMPIAR-{key} is not an {EMPIAR_PARTITIONS_NAME} partition "
-                         f"(known: {len(instance.get_dynamic_partitions(EMPIAR_PARTITIONS_NAME))})")
+        raise ValueError(
+            f"EMPIAR-{key} is not an {EMPIAR_PARTITIONS_NAME} partition "
+            f"(known: {len(instance.get_dynamic_partitions(EMPIAR_PARTITIONS_NAME))})"
+        )
     folders = [f for f in PER_DATASET_FOLDERS if not (config.keep_downloads and f == "downloads")]
     removed = []
     for folder in folders:
@@ -93,12 +98,16 @@ def remove_dataset(context: OpExecutionContext, config: RemoveDatasetConfig,
         # as history, and the UI stops listing them once the partition is gone
         history = "kept as history (this event log cannot wipe partitions)"
     instance.delete_dynamic_partition(EMPIAR_PARTITIONS_NAME, key)
-    context.log.info(f"EMPIAR-{key} removed: partition deleted, materializations {history}, "
-                     f"{len(removed)} folders ({', '.join(removed) or 'none on disk'})")
+    context.log.info(
+        f"EMPIAR-{key} removed: partition deleted, materializations {history}, "
+        f"{len(removed)} folders ({', '.join(removed) or 'none on disk'})"
+    )
 
 
-@job(description="Remove one dataset (an obsoleted or unwanted entry) without touching the "
-                 "others: --config FILE with {\"ops\": {\"remove_dataset\": {\"config\": "
-                 "{\"empiar_id\": \"10028\"}}}} (JSON is YAML).")
+@job(
+    description="Remove one dataset (an obsoleted or unwanted entry) without touching the "
+    'others: --config FILE with {"ops": {"remove_dataset": {"config": '
+    '{"empiar_id": "10028"}}}} (JSON is YAML).'
+)
 def remove_dataset_job() -> None:
     remove_dataset()

@@ -30,9 +30,10 @@ def find_postgres_bin() -> Path | None:
     if os.environ.get(PG_BIN_ENV):
         where = Path(os.environ[PG_BIN_ENV])
         return where if (where / "initdb").exists() else None
-    versions = sorted(Path("/usr/lib/postgresql").glob("*/bin/initdb"),
-                      key=lambda p: int(p.parent.parent.name) if p.parent.parent.name.isdigit()
-                      else 0)
+    versions = sorted(
+        Path("/usr/lib/postgresql").glob("*/bin/initdb"),
+        key=lambda p: int(p.parent.parent.name) if p.parent.parent.name.isdigit() else 0,
+    )
     if versions:
         return versions[-1].parent
     found = shutil.which("initdb")
@@ -50,15 +51,25 @@ class PostgresServer:
 
     def env(self, database: str = "postgres") -> dict[str, str]:
         """The ``PG*`` variables ``dagster_home/postgres/dagster.yaml`` reads."""
-        return {"PGHOST": self.host, "PGPORT": str(self.port), "PGUSER": self.user,
-                "PGPASSWORD": self.password, "PGDATABASE": database}
+        return {
+            "PGHOST": self.host,
+            "PGPORT": str(self.port),
+            "PGUSER": self.user,
+            "PGPASSWORD": self.password,
+            "PGDATABASE": database,
+        }
 
     def create_database(self, name: str) -> str:
         """Create an empty database (one per Dagster instance) and return its name."""
         import psycopg2
 
-        conn = psycopg2.connect(host=self.host, port=self.port, user=self.user,
-                                password=self.password, dbname="postgres")
+        conn = psycopg2.connect(
+            host=self.host,
+            port=self.port,
+            user=self.user,
+            password=self.password,
+            dbname="postgres",
+        )
         try:
             conn.autocommit = True  # CREATE DATABASE cannot run inside a transaction
             with conn.cursor() as cursor:
@@ -79,20 +90,25 @@ def _run(args: list[str], owner: str | None, log: Path | None = None) -> None:
     done = subprocess.run(command, capture_output=True, text=True, timeout=120)
     if done.returncode != 0:
         tail = log.read_text()[-2000:] if log and log.exists() else ""
-        raise RuntimeError(f"{' '.join(args[:2])} failed ({done.returncode}): "
-                           f"{done.stderr.strip() or done.stdout.strip()}\n{tail}")
+        raise RuntimeError(
+            f"{' '.join(args[:2])} failed ({done.returncode}): "
+            f"{done.stderr.strip() or done.stdout.strip()}\n{tail}"
+        )
 
 
 @contextmanager
-def local_postgres(workdir: str | os.PathLike[str], *, port: int | None = None,
-                   bin_dir: Path | None = None) -> Iterator[PostgresServer]:
+def local_postgres(
+    workdir: str | os.PathLike[str], *, port: int | None = None, bin_dir: Path | None = None
+) -> Iterator[PostgresServer]:
     """Start a fresh cluster in ``workdir`` on 127.0.0.1:``port`` (a free port by default),
     yield it, stop it (fast shutdown) on exit. Raises FileNotFoundError when PostgreSQL is not
     installed, RuntimeError naming the failing program otherwise."""
     bin_dir = bin_dir or find_postgres_bin()
     if bin_dir is None:
-        raise FileNotFoundError("PostgreSQL is not installed: apt-get install -y postgresql "
-                                f"(or set {PG_BIN_ENV} to the directory with initdb)")
+        raise FileNotFoundError(
+            "PostgreSQL is not installed: apt-get install -y postgresql "
+            f"(or set {PG_BIN_ENV} to the directory with initdb)"
+        )
     workdir = Path(workdir).resolve()
     data, log = workdir / "pgdata", workdir / "postgres.log"
     workdir.mkdir(parents=True, exist_ok=True)
@@ -102,8 +118,10 @@ def local_postgres(workdir: str | os.PathLike[str], *, port: int | None = None,
         try:
             record = pwd.getpwnam(owner)
         except KeyError:
-            raise RuntimeError("running as root and there is no 'postgres' user to own the "
-                               "cluster (the Debian package creates it)") from None
+            raise RuntimeError(
+                "running as root and there is no 'postgres' user to own the "
+                "cluster (the Debian package creates it)"
+            ) from None
         # the postgres user must reach the directory: every parent needs search permission
         for parent in [workdir, *workdir.parents]:
             mode = parent.stat().st_mode
@@ -111,19 +129,50 @@ def local_postgres(workdir: str | os.PathLike[str], *, port: int | None = None,
                 os.chmod(parent, mode | 0o001)
         os.chown(workdir, record.pw_uid, record.pw_gid)
     port = port or _free_port()
-    _run([str(bin_dir / "initdb"), "-D", str(data), "-U", "postgres", "-A", "trust",
-          "--no-sync", "-E", "UTF8"], owner)
+    _run(
+        [
+            str(bin_dir / "initdb"),
+            "-D",
+            str(data),
+            "-U",
+            "postgres",
+            "-A",
+            "trust",
+            "--no-sync",
+            "-E",
+            "UTF8",
+        ],
+        owner,
+    )
     options = f"-h 127.0.0.1 -p {port} -k {workdir} -c fsync=off -c full_page_writes=off"
-    _run([str(bin_dir / "pg_ctl"), "-D", str(data), "-l", str(log), "-o", options, "-w",
-          "-t", "60", "start"], owner, log)
+    _run(
+        [
+            str(bin_dir / "pg_ctl"),
+            "-D",
+            str(data),
+            "-l",
+            str(log),
+            "-o",
+            options,
+            "-w",
+            "-t",
+            "60",
+            "start",
+        ],
+        owner,
+        log,
+    )
     try:
         server = PostgresServer("127.0.0.1", port)
         _wait_ready(server, log)
         yield server
     finally:
-        subprocess.run((["runuser", "-u", owner, "--"] if owner else [])
-                       + [str(bin_dir / "pg_ctl"), "-D", str(data), "-m", "fast", "-w",
-                          "stop"], capture_output=True, timeout=60)
+        subprocess.run(
+            (["runuser", "-u", owner, "--"] if owner else [])
+            + [str(bin_dir / "pg_ctl"), "-D", str(data), "-m", "fast", "-w", "stop"],
+            capture_output=True,
+            timeout=60,
+        )
 
 
 def _wait_ready(server: PostgresServer, log: Path, timeout_s: float = 30) -> None:
@@ -132,11 +181,18 @@ def _wait_ready(server: PostgresServer, log: Path, timeout_s: float = 30) -> Non
     deadline = time.monotonic() + timeout_s
     while True:
         try:
-            psycopg2.connect(host=server.host, port=server.port, user=server.user,
-                             dbname="postgres", connect_timeout=2).close()
+            psycopg2.connect(
+                host=server.host,
+                port=server.port,
+                user=server.user,
+                dbname="postgres",
+                connect_timeout=2,
+            ).close()
             return
         except psycopg2.OperationalError:
             if time.monotonic() > deadline:
-                raise RuntimeError(f"PostgreSQL did not accept connections in {timeout_s} s:\n"
-                                   f"{log.read_text()[-2000:] if log.exists() else ''}") from None
+                raise RuntimeError(
+                    f"PostgreSQL did not accept connections in {timeout_s} s:\n"
+                    f"{log.read_text()[-2000:] if log.exists() else ''}"
+                ) from None
             time.sleep(0.2)

@@ -10,7 +10,13 @@ from pathlib import Path
 
 from dagster import ConfigurableResource
 
-from particleseg_model.empiar import EmdbClient, EmpiarClient, archive_url, emdb_url, empiar_url
+from particleseg_model.access.empiar import (
+    EmdbClient,
+    EmpiarClient,
+    archive_url,
+    emdb_url,
+    empiar_url,
+)
 from particleseg_model.storage import is_remote, join, local_path, work_dir
 
 DATA_ENV = "PARTICLESEG_DATA"
@@ -28,12 +34,16 @@ class EmpiarResource(ConfigurableResource):
     polite_delay_s: float = 0.05
 
     def _options(self) -> dict:
-        return {"retries": self.retries, "timeout_s": self.timeout_s,
-                "polite_delay_s": self.polite_delay_s}
+        return {
+            "retries": self.retries,
+            "timeout_s": self.timeout_s,
+            "polite_delay_s": self.polite_delay_s,
+        }
 
     def empiar(self) -> EmpiarClient:
-        return EmpiarClient(self.empiar_url or empiar_url(), self.emdb_url or emdb_url(),
-                            **self._options())
+        return EmpiarClient(
+            self.empiar_url or empiar_url(), self.emdb_url or emdb_url(), **self._options()
+        )
 
     def emdb(self) -> EmdbClient:
         return EmdbClient(self.emdb_url or emdb_url(), **self._options())

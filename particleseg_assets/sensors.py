@@ -19,16 +19,20 @@ from dagster import (
 from particleseg_assets.jobs import catalog_job, dataset_job, report_job
 from particleseg_assets.partitions import EMPIAR_PARTITIONS_NAME, empiar_partitions
 from particleseg_assets.resources import EmpiarResource, StorageResource
-from particleseg_model.catalog import UpdateCursor, find_updates, read_catalog
-from particleseg_model.http import HttpError
+from particleseg_model.access.catalog import UpdateCursor, find_updates, read_catalog
+from particleseg_model.access.http import HttpError
 
 
-@sensor(job=catalog_job, minimum_interval_seconds=6 * 3600,
-        default_status=DefaultSensorStatus.STOPPED,
-        description="Asks the EMPIAR search API for entries updated since the last tick and "
-                    "requests a catalog refresh when there are any.")
-def empiar_updates_sensor(context: SensorEvaluationContext, empiar: EmpiarResource,
-                          storage: StorageResource) -> SensorResult | SkipReason:
+@sensor(
+    job=catalog_job,
+    minimum_interval_seconds=6 * 3600,
+    default_status=DefaultSensorStatus.STOPPED,
+    description="Asks the EMPIAR search API for entries updated since the last tick and "
+    "requests a catalog refresh when there are any.",
+)
+def empiar_updates_sensor(
+    context: SensorEvaluationContext, empiar: EmpiarResource, storage: StorageResource
+) -> SensorResult | SkipReason:
     cursor = UpdateCursor.from_json(context.cursor)
     if cursor is None:
         # First tick: start from the stored catalog rather than list the whole archive again.
@@ -43,11 +47,14 @@ def empiar_updates_sensor(context: SensorEvaluationContext, empiar: EmpiarResour
         return SkipReason(f"no EMPIAR entry updated since {since}")
     digest = hashlib.sha1(",".join(changed).encode()).hexdigest()[:12]
     assert new_cursor is not None
-    context.log.info(f"{len(changed)} EMPIAR entries new or updated up to "
-                     f"{new_cursor.update_date}")
+    context.log.info(f"{len(changed)} EMPIAR entries new or updated up to {new_cursor.update_date}")
     return SensorResult(
-        run_requests=[RunRequest(run_key=f"catalog-{new_cursor.update_date}-{digest}",
-                                 tags={"particleseg/changed_entries": str(len(changed))})],
+        run_requests=[
+            RunRequest(
+                run_key=f"catalog-{new_cursor.update_date}-{digest}",
+                tags={"particleseg/changed_entries": str(len(changed))},
+            )
+        ],
         cursor=new_cursor.to_json(),
     )
 
@@ -62,13 +69,17 @@ def dataset_run_key(key: str) -> str:
     return f"dataset-{key}"
 
 
-@sensor(job=dataset_job, minimum_interval_seconds=60,
-        default_status=DefaultSensorStatus.RUNNING,
-        description="After each eligible_entries materialization, adds one empiar_id partition "
-                    "per new eligible entry and requests a dataset_job run for it (run key "
-                    "dataset-<id>; PARTICLESEG_AUTO_RUN=off only adds the partitions).")
-def eligible_partitions_sensor(context: SensorEvaluationContext,
-                               storage: StorageResource) -> SensorResult | SkipReason:
+@sensor(
+    job=dataset_job,
+    minimum_interval_seconds=60,
+    default_status=DefaultSensorStatus.RUNNING,
+    description="After each eligible_entries materialization, adds one empiar_id partition "
+    "per new eligible entry and requests a dataset_job run for it (run key "
+    "dataset-<id>; PARTICLESEG_AUTO_RUN=off only adds the partitions).",
+)
+def eligible_partitions_sensor(
+    context: SensorEvaluationContext, storage: StorageResource
+) -> SensorResult | SkipReason:
     records = context.instance.fetch_materializations(AssetKey("eligible_entries"), limit=1)
     event = records.records[0] if records.records else None
     if event is None:
@@ -90,21 +101,34 @@ def eligible_partitions_sensor(context: SensorEvaluationContext,
     auto = os.environ.get(AUTO_RUN_ENV, "new").strip().lower()
     if auto not in ("new", "off"):
         raise ValueError(f"{AUTO_RUN_ENV}={auto!r}: use 'new' or 'off'")
-    runs = [RunRequest(partition_key=key, run_key=dataset_run_key(key),
-                       tags={"particleseg/requested_by": "eligible_partitions_sensor"})
-            for key in new_keys] if auto == "new" else []
+    runs = (
+        [
+            RunRequest(
+                partition_key=key,
+                run_key=dataset_run_key(key),
+                tags={"particleseg/requested_by": "eligible_partitions_sensor"},
+            )
+            for key in new_keys
+        ]
+        if auto == "new"
+        else []
+    )
     return SensorResult(
         run_requests=runs,
         dynamic_partitions_requests=[empiar_partitions.build_add_request(new_keys)]
-        if new_keys else [],
+        if new_keys
+        else [],
         cursor=str(event.storage_id),
     )
 
 
-@sensor(job=report_job, minimum_interval_seconds=60,
-        default_status=DefaultSensorStatus.RUNNING,
-        description="After each new segmentation_model version, requests the IoU report of "
-                    "every partition that has a corpus (run key iou-<version>-<id>).")
+@sensor(
+    job=report_job,
+    minimum_interval_seconds=60,
+    default_status=DefaultSensorStatus.RUNNING,
+    description="After each new segmentation_model version, requests the IoU report of "
+    "every partition that has a corpus (run key iou-<version>-<id>).",
+)
 def model_reports_sensor(context: SensorEvaluationContext) -> SensorResult | SkipReason:
     records = context.instance.fetch_materializations(AssetKey("segmentation_model"), limit=1)
     event = records.records[0] if records.records else None
@@ -116,6 +140,10 @@ def model_reports_sensor(context: SensorEvaluationContext) -> SensorResult | Ski
     keys = sorted(context.instance.get_materialized_partitions(AssetKey("particle_masks")))
     existing = set(context.instance.get_dynamic_partitions(EMPIAR_PARTITIONS_NAME))
     return SensorResult(
-        run_requests=[RunRequest(partition_key=key, run_key=f"iou-{version}-{key}")
-                      for key in keys if key in existing],
-        cursor=str(event.storage_id))
+        run_requests=[
+            RunRequest(partition_key=key, run_key=f"iou-{version}-{key}")
+            for key in keys
+            if key in existing
+        ],
+        cursor=str(event.storage_id),
+    )

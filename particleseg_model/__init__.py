@@ -1,4 +1,3 @@
-
 import os as _os
 
 # TensorFlow 2.21's oneDNN custom kernels corrupted the heap (glibc abort, segfault) while

@@ -12,8 +12,8 @@ import pandas as pd
 
 def serve_archive(args: argparse.Namespace) -> int:
     """Serve a mirror directory as the EMPIAR, EMDB and archive APIs on loopback."""
-    from particleseg_model.fixtures import write_fixture_mirror
-    from particleseg_model.server import ArchiveServer
+    from particleseg_model.access.fixtures import write_fixture_mirror
+    from particleseg_model.access.server import ArchiveServer
 
     if args.fixture:
         write_fixture_mirror(args.dir)
@@ -32,7 +32,7 @@ def serve_archive(args: argparse.Namespace) -> int:
 
 def mirror_fixture(args: argparse.Namespace) -> int:
     """Write the embedded fixture catalog (or a synthetic one) into a mirror directory."""
-    from particleseg_model.fixtures import write_fixture_mirror, write_synthetic_mirror
+    from particleseg_model.access.fixtures import write_fixture_mirror, write_synthetic_mirror
 
     if args.synthetic:
         mirror = write_synthetic_mirror(args.out, args.synthetic, seed=args.seed)
@@ -44,13 +44,13 @@ def mirror_fixture(args: argparse.Namespace) -> int:
 
 def catalog(args: argparse.Namespace) -> int:
     """Refresh a catalog Parquet file (incrementally) and print the eligible entries."""
-    from particleseg_model.catalog import (
+    from particleseg_model.access.catalog import (
         read_catalog,
         refresh_catalog,
         select_eligible,
         write_parquet,
     )
-    from particleseg_model.empiar import EmdbClient, EmpiarClient
+    from particleseg_model.access.empiar import EmdbClient, EmpiarClient
     from particleseg_model.progress import progress
 
     previous = None if args.full else read_catalog(args.out)
@@ -66,8 +66,10 @@ def catalog(args: argparse.Namespace) -> int:
     for error in refresh.errors:
         print(f"warning: {error}", file=sys.stderr)
     eligible = select_eligible(refresh.table, args.max_resolution, inclusive=args.inclusive)
-    print(f"{len(refresh.table)} entries ({len(refresh.new_ids)} new, {len(refresh.updated_ids)} "
-          f"updated) -> {args.out}; {len(eligible)} eligible")
+    print(
+        f"{len(refresh.table)} entries ({len(refresh.new_ids)} new, {len(refresh.updated_ids)} "
+        f"updated) -> {args.out}; {len(eligible)} eligible"
+    )
     print_eligible(eligible)
     return 0
 
@@ -77,17 +79,22 @@ def print_eligible(eligible: pd.DataFrame) -> None:
     print(f"{'entry':<13} {'map':<10} {'res/A':>5} {'size':>9}  {'ships':<11} title")
     for row in eligible.itertuples(index=False):
         size = row.dataset_size_bytes
-        size_text = "?" if pd.isna(size) else (f"{size / 1e12:.1f} TB" if size >= 1e12
-                                               else f"{size / 1e9:.1f} GB")
+        size_text = (
+            "?"
+            if pd.isna(size)
+            else (f"{size / 1e12:.1f} TB" if size >= 1e12 else f"{size / 1e9:.1f} GB")
+        )
         ships = "particles" if row.ships_particles else "coordinates"
-        print(f"{row.empiar_id:<13} {row.best_emdb_id:<10} {row.best_resolution_a:>5.2f} "
-              f"{size_text:>9}  {ships:<11} {str(row.title)[:70]}")
+        print(
+            f"{row.empiar_id:<13} {row.best_emdb_id:<10} {row.best_resolution_a:>5.2f} "
+            f"{size_text:>9}  {ships:<11} {str(row.title)[:70]}"
+        )
 
 
 def download(args: argparse.Namespace) -> int:
     """Download an archive file or directory (resumable, size-checked, atomic)."""
-    from particleseg_model.archive import download as download_file
-    from particleseg_model.archive import download_tree
+    from particleseg_model.access.archive import download as download_file
+    from particleseg_model.access.archive import download_tree
 
     if args.url.endswith("/"):
         paths = download_tree(args.url, args.dest)
@@ -99,67 +106,105 @@ def download(args: argparse.Namespace) -> int:
 
 def star_info(args: argparse.Namespace) -> int:
     """Summarise a RELION particle STAR file as the canonical table sees it."""
-    from particleseg_model.star import has_poses, read_star
+    from particleseg_model.em.star import has_poses, read_star
 
     star = read_star(args.star)
     particles = star.particles
-    print(f"{star.source}: RELION {star.version}, {len(particles)} particles, "
-          f"{0 if star.optics is None else len(star.optics)} optics groups, "
-          f"poses: {'yes' if has_poses(particles) else 'no'}")
+    print(
+        f"{star.source}: RELION {star.version}, {len(particles)} particles, "
+        f"{0 if star.optics is None else len(star.optics)} optics groups, "
+        f"poses: {'yes' if has_poses(particles) else 'no'}"
+    )
     print(particles.head(args.rows).to_string())
     return 0
 
 
 def demo_archive(args: argparse.Namespace) -> int:
     """Simulate EMPIAR entries from density maps: particles, junk, micrographs, ground truth."""
-    from particleseg_model.demo_archive import write_demo_archive
-    from particleseg_model.simulate import JUNK_KINDS
+    from particleseg_model.simulation.demo_archive import write_demo_archive
+    from particleseg_model.simulation.simulate import JUNK_KINDS
 
-    kinds = JUNK_KINDS if args.junk_kinds is None else tuple(
-        kind.strip() for kind in args.junk_kinds.split(",") if kind.strip())
+    kinds = (
+        JUNK_KINDS
+        if args.junk_kinds is None
+        else tuple(kind.strip() for kind in args.junk_kinds.split(",") if kind.strip())
+    )
     ids = write_demo_archive(
-        args.out, maps=args.maps or None, n_particles=args.particles, box=args.box,
-        junk_fraction=args.junk_fraction, seed=args.seed, snr=args.snr, junk_kinds=kinds,
-        micrograph_entries=args.micrograph_entries, micrograph_size=args.micrograph_size,
-        particles_per_stack=args.particles_per_stack, progress=not args.no_progress)
+        args.out,
+        maps=args.maps or None,
+        n_particles=args.particles,
+        box=args.box,
+        junk_fraction=args.junk_fraction,
+        seed=args.seed,
+        snr=args.snr,
+        junk_kinds=kinds,
+        micrograph_entries=args.micrograph_entries,
+        micrograph_size=args.micrograph_size,
+        particles_per_stack=args.particles_per_stack,
+        progress=not args.no_progress,
+    )
     out = Path(args.out)
     for empiar_id in ids:
         number = empiar_id.split("-")[1]
-        print(f"{empiar_id}: {out / 'archive' / number / 'data'}  "
-              f"(gallery: {out / 'archive' / number / 'data' / 'gallery.png'})")
-    print(f"{len(ids)} simulated entries in {out}; serve them with "
-          f"`particleseg serve-archive {out}`")
+        print(
+            f"{empiar_id}: {out / 'archive' / number / 'data'}  "
+            f"(gallery: {out / 'archive' / number / 'data' / 'gallery.png'})"
+        )
+    print(
+        f"{len(ids)} simulated entries in {out}; serve them with `particleseg serve-archive {out}`"
+    )
     return 0
 
 
 def segment(args: argparse.Namespace) -> int:
     """Segment every particle of a RELION STAR file: label masks (Zarr, STAR row order)."""
-    from particleseg_model.segment import segment_star
+    from particleseg_model.cleaning.segment import segment_star
 
-    result = segment_star(args.star, args.out, model=args.model, models_root=args.models_root,
-                          particles_dir=args.particles_dir, batch=args.batch,
-                          progress=False if args.no_progress else None,
-                          log=lambda line: print(line, file=sys.stderr))
-    print(f"{result.particles} particles segmented with model {result.model_version} in "
-          f"{result.seconds:.1f} s ({result.particles_per_s:.0f} particles/s): {result.out}")
+    result = segment_star(
+        args.star,
+        args.out,
+        model=args.model,
+        models_root=args.models_root,
+        particles_dir=args.particles_dir,
+        batch=args.batch,
+        progress=False if args.no_progress else None,
+        log=lambda line: print(line, file=sys.stderr),
+    )
+    print(
+        f"{result.particles} particles segmented with model {result.model_version} in "
+        f"{result.seconds:.1f} s ({result.particles_per_s:.0f} particles/s): {result.out}"
+    )
     return 0
 
 
 def clean(args: argparse.Namespace) -> int:
     """Clean a RELION particle set: score each particle's predicted mask, drop the worst."""
-    from particleseg_model.clean import clean_star
+    from particleseg_model.cleaning.clean import clean_star
 
-    result = clean_star(args.star, args.out, model=args.model, models_root=args.models_root,
-                        drop=args.drop, keep_above=args.keep_above, score=args.score,
-                        particles_dir=args.particles_dir, report_dir=args.report,
-                        scores_out=args.scores, on_bad=args.on_bad, batch=args.batch,
-                        overwrite=args.overwrite, progress=False if args.no_progress else None,
-                        log=lambda line: print(line, file=sys.stderr))
+    result = clean_star(
+        args.star,
+        args.out,
+        model=args.model,
+        models_root=args.models_root,
+        drop=args.drop,
+        keep_above=args.keep_above,
+        score=args.score,
+        particles_dir=args.particles_dir,
+        report_dir=args.report,
+        scores_out=args.scores,
+        on_bad=args.on_bad,
+        batch=args.batch,
+        overwrite=args.overwrite,
+        progress=False if args.no_progress else None,
+        log=lambda line: print(line, file=sys.stderr),
+    )
     report = f"; report: {Path(args.report)}" if args.report else ""
-    print(f"kept {result.kept}/{result.total} particles ({result.score} score, cut "
-          f"{result.cut:.4g}), dropped {result.dropped}, skipped {result.skipped} unreadable, "
-          f"model {result.model_version}, {result.particles_per_s:.0f} particles/s: "
-          f"{result.out} (RELION {result.version}); scores: {result.scores_path}{report}")
+    print(
+        f"kept {result.kept}/{result.total} particles ({result.score} score, cut "
+        f"{result.cut:.4g}), dropped {result.dropped}, skipped {result.skipped} unreadable, "
+        f"model {result.model_version}, {result.particles_per_s:.0f} particles/s: "
+        f"{result.out} (RELION {result.version}); scores: {result.scores_path}{report}"
+    )
     return 0
 
 
@@ -169,7 +214,7 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", required=True)
 
     p = sub.add_parser("serve-archive", help=serve_archive.__doc__)
-    p.add_argument("dir", help="mirror directory (layout: particleseg_model.mirror)")
+    p.add_argument("dir", help="mirror directory (layout: particleseg_model.access.mirror)")
     p.add_argument("--host", default="127.0.0.1", help="bind address (default loopback)")
     p.add_argument("--port", type=int, default=8000, help="0 picks a free port")
     p.add_argument("--fixture", action="store_true", help="write the embedded fixture first")
@@ -195,19 +240,30 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("demo-archive", help=demo_archive.__doc__)
     p.add_argument("out", help="mirror directory to create (must not hold an archive)")
-    p.add_argument("--maps", nargs="+", metavar="MAP",
-                   help="map files or generated:SHAPE, one entry each (default: EMD-1832, "
-                        "EMD-5625 from ../shared/data when present, else generated maps)")
+    p.add_argument(
+        "--maps",
+        nargs="+",
+        metavar="MAP",
+        help="map files or generated:SHAPE, one entry each (default: EMD-1832, "
+        "EMD-5625 from ../shared/data when present, else generated maps)",
+    )
     p.add_argument("--particles", type=int, default=600, help="particles (picks) per entry")
     p.add_argument("--box", type=int, default=128, help="particle box in pixels (even)")
     p.add_argument("--junk-fraction", type=float, default=0.3, help="share of junk, in [0, 1)")
-    p.add_argument("--junk-kinds", default=None,
-                   help="comma-separated subset of empty,ice,carbon_edge,aggregate,"
-                        "off_centre,fragment (default: all)")
+    p.add_argument(
+        "--junk-kinds",
+        default=None,
+        help="comma-separated subset of empty,ice,carbon_edge,aggregate,"
+        "off_centre,fragment (default: all)",
+    )
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--snr", type=float, default=0.1, help="per-pixel signal-to-noise ratio")
-    p.add_argument("--micrograph-entries", type=int, default=1,
-                   help="how many of the last entries ship micrographs + coordinates")
+    p.add_argument(
+        "--micrograph-entries",
+        type=int,
+        default=1,
+        help="how many of the last entries ship micrographs + coordinates",
+    )
     p.add_argument("--micrograph-size", type=int, default=1024, help="pixels")
     p.add_argument("--particles-per-stack", type=int, default=1000)
     p.add_argument("--no-progress", action="store_true", help="no progress bars")
@@ -216,48 +272,97 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("segment", help=segment.__doc__)
     p.add_argument("star", help="RELION particle STAR file (3.0, 3.1 or 5.0)")
     p.add_argument("--out", required=True, help="Zarr group to write (must not exist)")
-    p.add_argument("--model", default=None,
-                   help="a registered model version folder or its model.keras (default: the "
-                        "latest under --models-root)")
-    p.add_argument("--models-root", default=None,
-                   help="model registry (default: $PARTICLESEG_DATA/models or data/models)")
-    p.add_argument("--particles-dir", default=None,
-                   help="where the stacks' paths start (default: the STAR file's folder)")
+    p.add_argument(
+        "--model",
+        default=None,
+        help="a registered model version folder or its model.keras (default: the "
+        "latest under --models-root)",
+    )
+    p.add_argument(
+        "--models-root",
+        default=None,
+        help="model registry (default: $PARTICLESEG_DATA/models or data/models)",
+    )
+    p.add_argument(
+        "--particles-dir",
+        default=None,
+        help="where the stacks' paths start (default: the STAR file's folder)",
+    )
     p.add_argument("--batch", type=int, default=256, help="particles per batch")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
     p.set_defaults(func=segment)
 
     p = sub.add_parser("clean", help=clean.__doc__)
     p.add_argument("star", help="RELION particle STAR file (3.0, 3.1 or 5.0)")
-    p.add_argument("--out", required=True,
-                   help="cleaned STAR file to write, in the input's RELION version (never the "
-                        "input; must not exist unless --overwrite)")
-    p.add_argument("--model", default=None,
-                   help="a registered model version folder or its model.keras (default: the "
-                        "latest under --models-root)")
-    p.add_argument("--models-root", default=None,
-                   help="model registry (default: $PARTICLESEG_DATA/models or data/models)")
+    p.add_argument(
+        "--out",
+        required=True,
+        help="cleaned STAR file to write, in the input's RELION version (never the "
+        "input; must not exist unless --overwrite)",
+    )
+    p.add_argument(
+        "--model",
+        default=None,
+        help="a registered model version folder or its model.keras (default: the "
+        "latest under --models-root)",
+    )
+    p.add_argument(
+        "--models-root",
+        default=None,
+        help="model registry (default: $PARTICLESEG_DATA/models or data/models)",
+    )
     rule = p.add_mutually_exclusive_group()
-    rule.add_argument("--drop", type=float, default=None,
-                      help="fraction of the readable particles to drop, lowest scores first, "
-                           "in [0, 1) (default 0.3, the paper's)")
-    rule.add_argument("--keep-above", type=float, default=None, metavar="SCORE",
-                      help="keep the particles scoring above SCORE instead")
-    p.add_argument("--score", choices=["ets", "calibrated"], default="ets",
-                   help="ets: the paper's edge/signal ratio; calibrated: also drops fragments, "
-                        "aggregates and empty particles (default ets)")
-    p.add_argument("--report", default=None, metavar="DIR",
-                   help="folder for score_histogram.png, gallery.png and report.json")
-    p.add_argument("--scores", default=None, metavar="PATH",
-                   help="per-particle scores (.parquet, or .csv; default "
-                        "<out stem>_scores.parquet beside --out)")
-    p.add_argument("--particles-dir", default=None,
-                   help="where the stacks' paths start (default: the STAR file's folder)")
-    p.add_argument("--on-bad", choices=["skip", "stop"], default="skip",
-                   help="a missing or unreadable image: skip (drop) it and count, or stop")
+    rule.add_argument(
+        "--drop",
+        type=float,
+        default=None,
+        help="fraction of the readable particles to drop, lowest scores first, "
+        "in [0, 1) (default 0.3, the paper's)",
+    )
+    rule.add_argument(
+        "--keep-above",
+        type=float,
+        default=None,
+        metavar="SCORE",
+        help="keep the particles scoring above SCORE instead",
+    )
+    p.add_argument(
+        "--score",
+        choices=["ets", "calibrated"],
+        default="ets",
+        help="ets: the paper's edge/signal ratio; calibrated: also drops fragments, "
+        "aggregates and empty particles (default ets)",
+    )
+    p.add_argument(
+        "--report",
+        default=None,
+        metavar="DIR",
+        help="folder for score_histogram.png, gallery.png and report.json",
+    )
+    p.add_argument(
+        "--scores",
+        default=None,
+        metavar="PATH",
+        help="per-particle scores (.parquet, or .csv; default "
+        "<out stem>_scores.parquet beside --out)",
+    )
+    p.add_argument(
+        "--particles-dir",
+        default=None,
+        help="where the stacks' paths start (default: the STAR file's folder)",
+    )
+    p.add_argument(
+        "--on-bad",
+        choices=["skip", "stop"],
+        default="skip",
+        help="a missing or unreadable image: skip (drop) it and count, or stop",
+    )
     p.add_argument("--batch", type=int, default=256, help="particles per batch")
-    p.add_argument("--overwrite", action="store_true",
-                   help="replace an existing --out and --scores (never the input)")
+    p.add_argument(
+        "--overwrite",
+        action="store_true",
+        help="replace an existing --out and --scores (never the input)",
+    )
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
     p.set_defaults(func=clean)
 
@@ -270,9 +375,11 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO,
-                        format="%(levelname)s %(name)s: %(message)s")
-    from particleseg_model.http import HttpError
+    logging.basicConfig(
+        level=logging.DEBUG if args.verbose else logging.INFO,
+        format="%(levelname)s %(name)s: %(message)s",
+    )
+    from particleseg_model.access.http import HttpError
 
     try:
         return args.func(args)

@@ -54,9 +54,16 @@ class Bar(tqdm):
         return super().update(n)
 
 
-def progress(iterable: Iterable[Any] | None = None, *, total: float | None = None,
-             desc: str = "", unit: str = "it", unit_scale: bool = False,
-             disable: bool | None = None, **kwargs: Any) -> Bar:
+def progress(
+    iterable: Iterable[Any] | None = None,
+    *,
+    total: float | None = None,
+    desc: str = "",
+    unit: str = "it",
+    unit_scale: bool = False,
+    disable: bool | None = None,
+    **kwargs: Any,
+) -> Bar:
     """A tqdm bar on stderr; ``disable=None`` shows it only on a terminal (see the module doc).
 
     Extra keyword arguments (``initial``, ``leave``, ``unit_divisor``, ...) go to tqdm. A
@@ -67,5 +74,12 @@ def progress(iterable: Iterable[Any] | None = None, *, total: float | None = Non
     kwargs.setdefault("file", sys.stderr)
     kwargs.setdefault("dynamic_ncols", True)
     kwargs.setdefault("mininterval", 0.2)
-    return Bar(iterable, total=total, desc=desc, unit=unit, unit_scale=unit_scale,
-                disable=not enabled(disable), **kwargs)
+    return Bar(
+        iterable,
+        total=total,
+        desc=desc,
+        unit=unit,
+        unit_scale=unit_scale,
+        disable=not enabled(disable),
+        **kwargs,
+    )

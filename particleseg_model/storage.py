@@ -1,8 +1,8 @@
 """Storage roots: local paths, ``file://`` URLs and other fsspec URLs (``s3://``, ``gs://``,
 ``memory://``), and the local work directory that goes with a remote root.
 
-The Zarr corpus (:mod:`particleseg_model.corpus`) and the model registry
-(:mod:`particleseg_model.registry`) accept any of them. What must be a local file (RELION
+The Zarr corpus (:mod:`particleseg_model.corpus.store`) and the model registry
+(:mod:`particleseg_model.model.registry`) accept any of them. What must be a local file (RELION
 working directories, downloaded stacks, MRC maps, the Keras file being loaded) lives in the
 work directory: ``$PARTICLESEG_WORK``, default ``./data/work``. Only a remote root uses it; with
 a local root the platform keeps everything under the root as before.

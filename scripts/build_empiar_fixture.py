@@ -1,4 +1,4 @@
-"""Regenerate particleseg_model/fixtures/empiar_fixture.json from ../shared/data/empiar.
+"""Regenerate particleseg_model/access/data/empiar_fixture.json from ../shared/data/empiar.
 
 The fixture holds public facts only (EMPIAR ids, titles, dataset sizes, EMDB ids, best
 resolutions of the original particleSeg list; the header of EMPIAR-10934), shaped as the
@@ -18,39 +18,75 @@ import sys
 import xml.etree.ElementTree as ET
 from pathlib import Path
 
-from particleseg_model.fixtures import emdb_record
+from particleseg_model.access.fixtures import emdb_record
 
 NS = {"e": "http://pdbe.org/empiar"}
 
 
 def particles_imageset(name: str, n: int, pixel: float) -> dict:
-    return {"name": name, "directory": "data/Particles", "category":
-            "picked particles - single frame - processed", "header_format": "MRCS",
-            "data_format": "MRCS", "num_images_or_tilt_series": n, "frames_per_image": 1,
-            "voxel_type": "32 BIT FLOAT", "pixel_width": pixel, "image_width": "256",
-            "image_height": "256", "details": "Extracted particles and their RELION STAR file.",
-            "micrographs_file_pattern": "", "picked_particles_file_pattern": "",
-            "picked_particles_directory": ""}
+    return {
+        "name": name,
+        "directory": "data/Particles",
+        "category": "picked particles - single frame - processed",
+        "header_format": "MRCS",
+        "data_format": "MRCS",
+        "num_images_or_tilt_series": n,
+        "frames_per_image": 1,
+        "voxel_type": "32 BIT FLOAT",
+        "pixel_width": pixel,
+        "image_width": "256",
+        "image_height": "256",
+        "details": "Extracted particles and their RELION STAR file.",
+        "micrographs_file_pattern": "",
+        "picked_particles_file_pattern": "",
+        "picked_particles_directory": "",
+    }
 
 
 def micrographs_imageset(name: str, n: int, pixel: float, coordinates: bool) -> dict:
-    return {"name": name, "directory": "/data/Micrographs", "category":
-            "micrographs - multiframe", "header_format": "TIFF", "data_format": "TIFF",
-            "num_images_or_tilt_series": n, "frames_per_image": 40,
-            "voxel_type": "UNSIGNED BYTE", "pixel_width": pixel, "image_width": "5760",
-            "image_height": "4092", "details": "Dose-fractionated movies.",
-            "micrographs_file_pattern": "data/Micrographs/*.tif",
-            "picked_particles_file_pattern": "data/Coordinates/*.star" if coordinates else "",
-            "picked_particles_directory": "data/Coordinates" if coordinates else ""}
+    return {
+        "name": name,
+        "directory": "/data/Micrographs",
+        "category": "micrographs - multiframe",
+        "header_format": "TIFF",
+        "data_format": "TIFF",
+        "num_images_or_tilt_series": n,
+        "frames_per_image": 40,
+        "voxel_type": "UNSIGNED BYTE",
+        "pixel_width": pixel,
+        "image_width": "5760",
+        "image_height": "4092",
+        "details": "Dose-fractionated movies.",
+        "micrographs_file_pattern": "data/Micrographs/*.tif",
+        "picked_particles_file_pattern": "data/Coordinates/*.star" if coordinates else "",
+        "picked_particles_directory": "data/Coordinates" if coordinates else "",
+    }
 
 
-def entry(title, size, emdb, imagesets, *, status="REL", release="2019-06-01",
-          update=None, xref_shape="object", experiment="EMDB") -> dict:
+def entry(
+    title,
+    size,
+    emdb,
+    imagesets,
+    *,
+    status="REL",
+    release="2019-06-01",
+    update=None,
+    xref_shape="object",
+    experiment="EMDB",
+) -> dict:
     xrefs = [{"name": e} for e in emdb] if xref_shape == "object" else list(emdb)
-    return {"title": title, "status": status, "release_date": release,
-            "update_date": update or release, "dataset_size": size,
-            "experiment_type": experiment, "cross_references": xrefs,
-            "citation": [], "imagesets": imagesets}
+    return {
+        "title": title,
+        "status": status,
+        "release_date": release,
+        "update_date": update or release,
+        "dataset_size": size,
+        "experiment_type": experiment,
+        "cross_references": xrefs,
+        "citation": [],
+        "imagesets": imagesets,
+    }
 
 
 def main(shared_empiar: Path, out: Path) -> None:
@@ -65,13 +101,21 @@ def main(shared_empiar: Path, out: Path) -> None:
             if "particle" in title.lower() or i % 2 == 0:
                 sets = [particles_imageset(f"Particles of {title[:60]}", n, 1.06)]
             else:
-                sets = [micrographs_imageset(f"Micrographs of {title[:60]}", n // 100, 1.06,
-                                             coordinates=True)]
+                sets = [
+                    micrographs_imageset(
+                        f"Micrographs of {title[:60]}", n // 100, 1.06, coordinates=True
+                    )
+                ]
             # Release dates spread over 2016-2021 so incremental windows have something to cut.
             release = f"{2016 + i % 6}-{1 + i % 12:02d}-{1 + i % 28:02d}"
             entries[f"EMPIAR-{row['empiar_ids']}"] = entry(
-                title, row["dataset_sizes"], ids, sets, release=release,
-                xref_shape="object" if i % 3 else "string")
+                title,
+                row["dataset_sizes"],
+                ids,
+                sets,
+                release=release,
+                xref_shape="object" if i % 3 else "string",
+            )
             for j, emd in enumerate(ids):
                 # Only the best resolution is known; other maps of the entry get coarser ones.
                 value = best if j == 0 else f"{float(best) + 0.2 + 0.1 * j:.2f}"
@@ -89,31 +133,40 @@ def main(shared_empiar: Path, out: Path) -> None:
         "update_date": admin.findtext("e:keyDates/e:updateDate", namespaces=NS),
         "dataset_size": f"{size.text} {size.get('units')}",
         "experiment_type": admin.findtext("e:experimentType", namespaces=NS),
-        "cross_references": [{"name": e.text} for e in
-                             root.findall("e:crossReferences/e:relatedEMDBEntries/e:emdbEntry",
-                                          NS)],
+        "cross_references": [
+            {"name": e.text}
+            for e in root.findall("e:crossReferences/e:relatedEMDBEntries/e:emdbEntry", NS)
+        ],
         "citation": [{"doi": "10.1038/s41467-021-26251-6"}],
-        "imagesets": [{
-            "name": image_set.findtext("e:name", namespaces=NS),
-            "directory": image_set.findtext("e:directory", namespaces=NS),
-            "category": image_set.findtext("e:category", namespaces=NS),
-            "header_format": image_set.findtext("e:headerFormat", namespaces=NS),
-            "data_format": image_set.findtext("e:dataFormat", namespaces=NS),
-            "num_images_or_tilt_series": int(image_set.findtext("e:numImagesOrTiltSeries",
-                                                                namespaces=NS)),
-            "frames_per_image": int(image_set.findtext("e:framesPerImage", namespaces=NS)),
-            "voxel_type": image_set.findtext("e:voxelType", namespaces=NS),
-            "pixel_width": float(dims.findtext("e:pixelWidth", namespaces=NS)),
-            "image_width": dims.findtext("e:imageWidth", namespaces=NS),
-            "image_height": dims.findtext("e:imageHeight", namespaces=NS),
-            "details": image_set.findtext("e:details", namespaces=NS),
-            "micrographs_file_pattern": image_set.findtext("e:micrographsFilePattern",
-                                                           namespaces=NS),
-            "picked_particles_file_pattern": image_set.findtext("e:pickedParticlesFilePattern",
-                                                                namespaces=NS) or "",
-            "picked_particles_directory": image_set.findtext("e:pickedParticlesDirectory",
-                                                             namespaces=NS) or "",
-        }],
+        "imagesets": [
+            {
+                "name": image_set.findtext("e:name", namespaces=NS),
+                "directory": image_set.findtext("e:directory", namespaces=NS),
+                "category": image_set.findtext("e:category", namespaces=NS),
+                "header_format": image_set.findtext("e:headerFormat", namespaces=NS),
+                "data_format": image_set.findtext("e:dataFormat", namespaces=NS),
+                "num_images_or_tilt_series": int(
+                    image_set.findtext("e:numImagesOrTiltSeries", namespaces=NS)
+                ),
+                "frames_per_image": int(image_set.findtext("e:framesPerImage", namespaces=NS)),
+                "voxel_type": image_set.findtext("e:voxelType", namespaces=NS),
+                "pixel_width": float(dims.findtext("e:pixelWidth", namespaces=NS)),
+                "image_width": dims.findtext("e:imageWidth", namespaces=NS),
+                "image_height": dims.findtext("e:imageHeight", namespaces=NS),
+                "details": image_set.findtext("e:details", namespaces=NS),
+                "micrographs_file_pattern": image_set.findtext(
+                    "e:micrographsFilePattern", namespaces=NS
+                ),
+                "picked_particles_file_pattern": image_set.findtext(
+                    "e:pickedParticlesFilePattern", namespaces=NS
+                )
+                or "",
+                "picked_particles_directory": image_set.findtext(
+                    "e:pickedParticlesDirectory", namespaces=NS
+                )
+                or "",
+            }
+        ],
     }
     entries["EMPIAR-10934"] = real
     emdb["EMD-12602"] = emdb_record("3.2")  # illustrative; 10934 fails on particles, not maps
@@ -121,35 +174,110 @@ def main(shared_empiar: Path, out: Path) -> None:
     p = particles_imageset
     m = micrographs_imageset
     synthetic = {
-        "EMPIAR-19001": (entry("[fixture] obsolete entry", "12 GB", ["EMD-90001"],
-                               [p("particles", 9000, 1.1)], status="OBSOLETE"),
-                         {"EMD-90001": "2.9"}),
-        "EMPIAR-19002": (entry("[fixture] map too coarse", "40 GB", ["EMD-90002"],
-                               [p("particles", 9000, 1.1)]), {"EMD-90002": "4.2"}),
-        "EMPIAR-19003": (entry("[fixture] resolution with a unit", "3.5 TB", ["EMD-90003"],
-                               [p("particles", 9000, 0.83)]), {"EMD-90003": "3.1 Å"}),
-        "EMPIAR-19004": (entry("[fixture] map without a resolution", "1 TB", ["EMD-90004"],
-                               [p("particles", 9000, 1.1)]), {"EMD-90004": None}),
-        "EMPIAR-19005": (entry("[fixture] resolution that does not parse", "1 TB", ["EMD-90005"],
-                               [p("particles", 9000, 1.1)]), {"EMD-90005": "n/a"}),
-        "EMPIAR-19006": (entry("[fixture] map missing from EMDB", "1 TB", ["EMD-90006"],
-                               [p("particles", 9000, 1.1)]), {}),
-        "EMPIAR-19007": ({"title": "[fixture] malformed imagesets", "status": "REL",
-                          "release_date": "2020-01-01", "update_date": "2020-01-01",
-                          "dataset_size": "1 TB", "cross_references": [{"name": "EMD-90007"}],
-                          "imagesets": "not a list"}, {"EMD-90007": "2.5"}),
-        "EMPIAR-19008": (entry("[fixture] tomography", "2 TB", ["EMD-90008"],
-                               [{**m("tilt series", 60, 1.3, False), "category": "tilt series"}],
-                               experiment="EMDB"), {"EMD-90008": "3.3"}),
-        "EMPIAR-19009": (entry("[fixture] string cross-references", "800 GB", ["EMD-90009"],
-                               [p("particles", 20000, 1.0)], xref_shape="string"),
-                         {"EMD-90009": "2.8"}),
-        "EMPIAR-19010": (entry("[fixture] micrographs with coordinates", "3 TB", ["EMD-90010"],
-                               [m("micrographs", 900, 1.0, True)]), {"EMD-90010": "3.0"}),
-        "EMPIAR-19011": (entry("[fixture] no EMDB map", "900 GB", [],
-                               [p("particles", 9000, 1.1)]), {}),
-        "EMPIAR-19012": (entry("[fixture] micrographs only", "5 TB", ["EMD-90012"],
-                               [m("micrographs", 900, 1.0, False)]), {"EMD-90012": "2.2"}),
+        "EMPIAR-19001": (
+            entry(
+                "[fixture] obsolete entry",
+                "12 GB",
+                ["EMD-90001"],
+                [p("particles", 9000, 1.1)],
+                status="OBSOLETE",
+            ),
+            {"EMD-90001": "2.9"},
+        ),
+        "EMPIAR-19002": (
+            entry("[fixture] map too coarse", "40 GB", ["EMD-90002"], [p("particles", 9000, 1.1)]),
+            {"EMD-90002": "4.2"},
+        ),
+        "EMPIAR-19003": (
+            entry(
+                "[fixture] resolution with a unit",
+                "3.5 TB",
+                ["EMD-90003"],
+                [p("particles", 9000, 0.83)],
+            ),
+            {"EMD-90003": "3.1 Å"},
+        ),
+        "EMPIAR-19004": (
+            entry(
+                "[fixture] map without a resolution",
+                "1 TB",
+                ["EMD-90004"],
+                [p("particles", 9000, 1.1)],
+            ),
+            {"EMD-90004": None},
+        ),
+        "EMPIAR-19005": (
+            entry(
+                "[fixture] resolution that does not parse",
+                "1 TB",
+                ["EMD-90005"],
+                [p("particles", 9000, 1.1)],
+            ),
+            {"EMD-90005": "n/a"},
+        ),
+        "EMPIAR-19006": (
+            entry(
+                "[fixture] map missing from EMDB",
+                "1 TB",
+                ["EMD-90006"],
+                [p("particles", 9000, 1.1)],
+            ),
+            {},
+        ),
+        "EMPIAR-19007": (
+            {
+                "title": "[fixture] malformed imagesets",
+                "status": "REL",
+                "release_date": "2020-01-01",
+                "update_date": "2020-01-01",
+                "dataset_size": "1 TB",
+                "cross_references": [{"name": "EMD-90007"}],
+                "imagesets": "not a list",
+            },
+            {"EMD-90007": "2.5"},
+        ),
+        "EMPIAR-19008": (
+            entry(
+                "[fixture] tomography",
+                "2 TB",
+                ["EMD-90008"],
+                [{**m("tilt series", 60, 1.3, False), "category": "tilt series"}],
+                experiment="EMDB",
+            ),
+            {"EMD-90008": "3.3"},
+        ),
+        "EMPIAR-19009": (
+            entry(
+                "[fixture] string cross-references",
+                "800 GB",
+                ["EMD-90009"],
+                [p("particles", 20000, 1.0)],
+                xref_shape="string",
+            ),
+            {"EMD-90009": "2.8"},
+        ),
+        "EMPIAR-19010": (
+            entry(
+                "[fixture] micrographs with coordinates",
+                "3 TB",
+                ["EMD-90010"],
+                [m("micrographs", 900, 1.0, True)],
+            ),
+            {"EMD-90010": "3.0"},
+        ),
+        "EMPIAR-19011": (
+            entry("[fixture] no EMDB map", "900 GB", [], [p("particles", 9000, 1.1)]),
+            {},
+        ),
+        "EMPIAR-19012": (
+            entry(
+                "[fixture] micrographs only",
+                "5 TB",
+                ["EMD-90012"],
+                [m("micrographs", 900, 1.0, False)],
+            ),
+            {"EMD-90012": "2.2"},
+        ),
     }
     for key, (record, maps) in synthetic.items():
         entries[key] = record
@@ -157,12 +285,13 @@ def main(shared_empiar: Path, out: Path) -> None:
             emdb[emd] = emdb_record(value)
 
     out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps({"entries": entries, "emdb": emdb}, indent=1,
-                              ensure_ascii=False) + "\n")
+    out.write_text(
+        json.dumps({"entries": entries, "emdb": emdb}, indent=1, ensure_ascii=False) + "\n"
+    )
     print(f"wrote {out}: {len(entries)} entries, {len(emdb)} EMDB maps")
 
 
 if __name__ == "__main__":
     here = Path(__file__).resolve().parents[1]
     src = Path(sys.argv[1]) if len(sys.argv) > 1 else here.parent / "shared" / "data" / "empiar"
-    main(src, here / "particleseg_model" / "fixtures" / "empiar_fixture.json")
+    main(src, here / "particleseg_model" / "access" / "data" / "empiar_fixture.json")

@@ -21,8 +21,11 @@ def main() -> int:
     parser.add_argument("--url", default="http://127.0.0.1:3000")
     parser.add_argument("--out", default="docs/asset_graph.png")
     parser.add_argument("--chromium", default="/usr/bin/chromium")
-    parser.add_argument("--path", default="/asset-groups",
-                        help="UI page to capture (default: the global asset lineage)")
+    parser.add_argument(
+        "--path",
+        default="/asset-groups",
+        help="UI page to capture (default: the global asset lineage)",
+    )
     parser.add_argument("--width", type=int, default=1700)
     parser.add_argument("--height", type=int, default=760)
     parser.add_argument("--zoom-out", type=int, default=3, help="zoom-out clicks")
@@ -34,8 +37,9 @@ def main() -> int:
     from playwright.sync_api import sync_playwright
 
     with sync_playwright() as play:
-        browser = play.chromium.launch(executable_path=args.chromium,
-                                       args=["--no-sandbox", "--disable-gpu"])
+        browser = play.chromium.launch(
+            executable_path=args.chromium, args=["--no-sandbox", "--disable-gpu"]
+        )
         page = browser.new_page(viewport={"width": args.width, "height": args.height})
         page.goto(args.url + args.path, wait_until="networkidle")
         skip = page.get_by_role("button", name="Skip")
@@ -68,8 +72,10 @@ def main() -> int:
             page.mouse.move(x0 + args.pan_x, y0 + args.pan_y, steps=20)
             page.mouse.up()
         time.sleep(2)
-        page.screenshot(path=args.out, clip={"x": 0, "y": 0, "width": args.width,
-                                             "height": args.clip_height or args.height})
+        page.screenshot(
+            path=args.out,
+            clip={"x": 0, "y": 0, "width": args.width, "height": args.clip_height or args.height},
+        )
         browser.close()
     print(f"wrote {args.out}")
     return 0

@@ -24,7 +24,7 @@ def shared_data() -> Path:
 
 @pytest.fixture
 def fixture_mirror(tmp_path: Path):
-    from particleseg_model.fixtures import write_fixture_mirror
+    from particleseg_model.access.fixtures import write_fixture_mirror
 
     return write_fixture_mirror(tmp_path / "mirror")
 
@@ -32,7 +32,7 @@ def fixture_mirror(tmp_path: Path):
 @pytest.fixture
 def archive_server(fixture_mirror) -> Iterator:
     """The embedded fixture catalog served on a free loopback port."""
-    from particleseg_model.server import serve
+    from particleseg_model.access.server import serve
 
     with serve(fixture_mirror.root) as server:
         yield server
@@ -67,9 +67,11 @@ def dagster_home(tmp_path: Path, monkeypatch) -> Path:
 
 
 def pytest_report_header(config) -> list[str]:
-    return [f"shared data: {SHARED_DATA if SHARED_DATA.is_dir() else 'absent (tests skip)'}",
-            f"RELION: {shutil.which('relion_project') or 'absent (tests skip)'}",
-            f"DAGSTER_HOME: {os.environ.get('DAGSTER_HOME', 'unset')}"]
+    return [
+        f"shared data: {SHARED_DATA if SHARED_DATA.is_dir() else 'absent (tests skip)'}",
+        f"RELION: {shutil.which('relion_project') or 'absent (tests skip)'}",
+        f"DAGSTER_HOME: {os.environ.get('DAGSTER_HOME', 'unset')}",
+    ]
 
 
 @pytest.fixture(scope="session")
@@ -79,8 +81,10 @@ def postgres_server(tmp_path_factory: pytest.TempPathFactory):
     from particleseg_assets.postgres import find_postgres_bin, local_postgres
 
     if find_postgres_bin() is None:
-        pytest.skip("PostgreSQL is not installed (apt-get install -y postgresql; "
-                    "`make setup` does it as root)")
+        pytest.skip(
+            "PostgreSQL is not installed (apt-get install -y postgresql; "
+            "`make setup` does it as root)"
+        )
     try:
         import psycopg2  # noqa: F401
     except ImportError:

@@ -10,7 +10,7 @@ import pytest
 import requests
 
 from conftest import FAST_HTTP
-from particleseg_model.archive import (
+from particleseg_model.access.archive import (
     DownloadError,
     RemoteFile,
     download,
@@ -19,8 +19,8 @@ from particleseg_model.archive import (
     parse_listing,
     parse_size,
 )
-from particleseg_model.http import HttpClient
-from particleseg_model.server import Fault, serve
+from particleseg_model.access.http import HttpClient
+from particleseg_model.access.server import Fault, serve
 
 PARTICLES = "10028/data/Particles/shiny.mrcs"
 FILE_PATH = f"/empiar/world_availability/{PARTICLES}"
@@ -90,16 +90,17 @@ def test_list_directory_over_http(server, http, tree):
     ]
     top = list_directory(f"{server.archive_url}/10028/data/", http)
     assert [(e.name, e.is_dir, e.size_bytes) for e in top] == [
-        ("Micrographs", True, None), ("Particles", True, None),
-        ("shiny_2sets.star", False, len(tree["10028/data/shiny_2sets.star"]))]
+        ("Micrographs", True, None),
+        ("Particles", True, None),
+        ("shiny_2sets.star", False, len(tree["10028/data/shiny_2sets.star"])),
+    ]
     assert top[0].url == f"{server.archive_url}/10028/data/Micrographs/"
     # the listed URLs work as they are
     assert [e.name for e in list_directory(top[1].url, http)] == ["other one.mrcs", "shiny.mrcs"]
 
 
 def test_list_directory_creates_its_own_client(server):
-    assert [e.name for e in list_directory(f"{server.archive_url}/10028")] == [
-        "10028.xml", "data"]
+    assert [e.name for e in list_directory(f"{server.archive_url}/10028")] == ["10028.xml", "data"]
 
 
 EBI_TABLE = """<!DOCTYPE HTML PUBLIC "-//W3C//DTD HTML 3.2 Final//EN">
@@ -178,16 +179,16 @@ def test_list_local_folder_and_file_url(tree, tmp_path: Path):
 # -- downloads ------------------------------------------------------------------------------
 def test_download_bytes_and_atomic_rename(server, http, tree, out: Path):
     dest = out / "sub" / "shiny.mrcs"
-    assert download(f"{server.archive_url}/{PARTICLES}", dest, http=http, chunk_bytes=4096) \
-        == dest
+    assert download(f"{server.archive_url}/{PARTICLES}", dest, http=http, chunk_bytes=4096) == dest
     assert sha256(dest.read_bytes()) == sha256(tree[PARTICLES])
     assert os.listdir(dest.parent) == ["shiny.mrcs"]  # no .part left
     assert gets(server) == [("GET", 200)]  # the size comes with the GET: no HEAD
 
 
 def test_download_into_a_folder_with_its_own_client(server, tree, out: Path):
-    path = download(f"{server.archive_url}/10028/data/Particles/other%20one.mrcs", out,
-                    progress=False)
+    path = download(
+        f"{server.archive_url}/10028/data/Particles/other%20one.mrcs", out, progress=False
+    )
     assert path == out / "other one.mrcs"
     assert path.read_bytes() == tree["10028/data/Particles/other one.mrcs"]
 
@@ -211,8 +212,10 @@ def test_cuts_that_make_progress_never_give_up(server, http, tree, out: Path):
 def test_repeated_cuts_raise_and_keep_only_the_part(server, http, tree, out: Path):
     url = f"{server.archive_url}/{PARTICLES}"
     dest = out / "shiny.mrcs"
-    server.faults += [Fault(r"shiny\.mrcs$", "cut", cut_after_bytes=1000),
-                      Fault(r"shiny\.mrcs$", "cut", cut_after_bytes=0, times=-1)]
+    server.faults += [
+        Fault(r"shiny\.mrcs$", "cut", cut_after_bytes=1000),
+        Fault(r"shiny\.mrcs$", "cut", cut_after_bytes=0, times=-1),
+    ]
     with pytest.raises(DownloadError) as error:
         download(url, dest, http=http)
     message = str(error.value)
@@ -245,8 +248,10 @@ def test_server_ignoring_range_restarts_from_zero(server, tree, out: Path):
     part = out / "shiny.mrcs.part"
     part.write_bytes(b"stale bytes that must not survive")
     server.faults.append(Fault(r"shiny\.mrcs$", "cut", cut_after_bytes=50_000))
-    assert download(f"{server.archive_url}/{PARTICLES}", dest, http=http).read_bytes() \
+    assert (
+        download(f"{server.archive_url}/{PARTICLES}", dest, http=http).read_bytes()
         == tree[PARTICLES]
+    )
     assert gets(server) == [("GET", 200), ("GET", 200)]  # cut, then from 0 again
     assert not part.exists()
 
@@ -260,20 +265,26 @@ def test_complete_file_is_not_downloaded_again(server, http, tree, out: Path):
     # a file of the wrong size is replaced
     dest.write_bytes(b"truncated")
     server.requests.clear()
-    assert download(f"{server.archive_url}/{PARTICLES}", dest, http=http).read_bytes() \
+    assert (
+        download(f"{server.archive_url}/{PARTICLES}", dest, http=http).read_bytes()
         == tree[PARTICLES]
+    )
     assert gets(server) == [("HEAD", 200), ("GET", 200)]
     # a server that refuses HEAD: the GET decides
     dest.write_bytes(b"truncated again")
     server.requests.clear()
     server.faults.append(Fault(r"shiny\.mrcs$", "status", status=405))
-    assert download(f"{server.archive_url}/{PARTICLES}", dest, http=http).read_bytes() \
+    assert (
+        download(f"{server.archive_url}/{PARTICLES}", dest, http=http).read_bytes()
         == tree[PARTICLES]
+    )
     assert gets(server) == [("HEAD", 405), ("GET", 200)]
     # a file of the expected size: no request at all
     server.requests.clear()
-    assert download(f"{server.archive_url}/{PARTICLES}", dest, http=http,
-                    expected_size=300_000) == dest
+    assert (
+        download(f"{server.archive_url}/{PARTICLES}", dest, http=http, expected_size=300_000)
+        == dest
+    )
     assert gets(server) == []
 
 
@@ -335,8 +346,10 @@ def test_file_url_copy(tree, tmp_path: Path):
     assert download(source.as_uri(), dest) == dest
     assert sha256(dest.read_bytes()) == sha256(tree[PARTICLES])
     assert os.listdir(dest.parent) == ["shiny.mrcs"]
-    assert download(str(source), tmp_path / "copy2.mrcs", expected_size=300_000).read_bytes() \
+    assert (
+        download(str(source), tmp_path / "copy2.mrcs", expected_size=300_000).read_bytes()
         == tree[PARTICLES]
+    )
     with pytest.raises(DownloadError, match="expected 12"):
         download(source, tmp_path / "copy3.mrcs", expected_size=12)
     with pytest.raises(DownloadError, match="copy4.mrcs"):
@@ -347,11 +360,15 @@ def test_file_url_copy(tree, tmp_path: Path):
 # -- trees ----------------------------------------------------------------------------------
 def test_download_tree_with_include(server, http, tree, tmp_path: Path):
     out = tmp_path / "out"
-    paths = download_tree(f"{server.archive_url}/10028", out, http=http,
-                          include=["*.star", "data/Particles/*.mrcs"])
+    paths = download_tree(
+        f"{server.archive_url}/10028", out, http=http, include=["*.star", "data/Particles/*.mrcs"]
+    )
     relative = sorted(p.relative_to(out).as_posix() for p in paths)
-    assert relative == ["data/Particles/other one.mrcs", "data/Particles/shiny.mrcs",
-                        "data/shiny_2sets.star"]
+    assert relative == [
+        "data/Particles/other one.mrcs",
+        "data/Particles/shiny.mrcs",
+        "data/shiny_2sets.star",
+    ]
     for rel in relative:
         assert (out / rel).read_bytes() == tree[f"10028/{rel}"]
     assert not (out / "10028.xml").exists() and not (out / "data" / "Micrographs").exists()
@@ -359,8 +376,10 @@ def test_download_tree_with_include(server, http, tree, tmp_path: Path):
     server.requests.clear()
     assert len(download_tree(f"{server.archive_url}/10028/", out, http=http)) == 5
     fetched = sorted(p for m, p, s in server.requests if m == "GET" and not p.endswith("/"))
-    assert fetched == ["/empiar/world_availability/10028/10028.xml",
-                       "/empiar/world_availability/10028/data/Micrographs/mic_001.mrc"]
+    assert fetched == [
+        "/empiar/world_availability/10028/10028.xml",
+        "/empiar/world_availability/10028/data/Micrographs/mic_001.mrc",
+    ]
 
 
 def test_download_tree_from_a_local_folder(tree, tmp_path: Path):
@@ -368,7 +387,9 @@ def test_download_tree_from_a_local_folder(tree, tmp_path: Path):
     out = tmp_path / "out"
     paths = download_tree(source.as_uri(), out, include="*.mrc*")
     assert sorted(p.relative_to(out).as_posix() for p in paths) == [
-        "data/Micrographs/mic_001.mrc", "data/Particles/other one.mrcs",
-        "data/Particles/shiny.mrcs"]
+        "data/Micrographs/mic_001.mrc",
+        "data/Particles/other one.mrcs",
+        "data/Particles/shiny.mrcs",
+    ]
     assert all(p.read_bytes() == tree[f"10028/{p.relative_to(out).as_posix()}"] for p in paths)
     assert download_tree(source, tmp_path / "all") and (tmp_path / "all" / "10028.xml").exists()

@@ -25,24 +25,35 @@ from particleseg_assets.definitions import defs
 from particleseg_assets.partitions import EMPIAR_PARTITIONS_NAME
 from particleseg_assets.resources import EmpiarResource, StorageResource
 from particleseg_assets.sensors import eligible_partitions_sensor, empiar_updates_sensor
-from particleseg_model.fixtures import ORIGINAL_IDS_AT_3_5_A, SYNTHETIC_ELIGIBLE, fixture_records
-from particleseg_model.server import Fault
+from particleseg_model.access.fixtures import (
+    ORIGINAL_IDS_AT_3_5_A,
+    SYNTHETIC_ELIGIBLE,
+    fixture_records,
+)
+from particleseg_model.access.server import Fault
 
 REPO = Path(__file__).resolve().parents[1]
 N_ELIGIBLE = 56 - len(ORIGINAL_IDS_AT_3_5_A) + len(SYNTHETIC_ELIGIBLE)
 
 
 def resources(tmp_path: Path, **empiar_options) -> dict:
-    return {"empiar": EmpiarResource(retries=1, polite_delay_s=0.0, timeout_s=5,
-                                     **empiar_options),
-            "storage": StorageResource(root=str(tmp_path / "data"))}
+    return {
+        "empiar": EmpiarResource(retries=1, polite_delay_s=0.0, timeout_s=5, **empiar_options),
+        "storage": StorageResource(root=str(tmp_path / "data")),
+    }
 
 
 def run_catalog(instance, tmp_path, **config):
     return materialize(
-        [empiar_entries, eligible_entries, entry_ids_unique, few_catalog_errors,
-         eligible_rule_holds],
-        instance=instance, resources=resources(tmp_path),
+        [
+            empiar_entries,
+            eligible_entries,
+            entry_ids_unique,
+            few_catalog_errors,
+            eligible_rule_holds,
+        ],
+        instance=instance,
+        resources=resources(tmp_path),
         run_config={"ops": {"eligible_entries": {"config": config}}} if config else None,
     )
 
@@ -58,8 +69,11 @@ def test_catalog_assets_materialize_with_metadata(server_env, dagster_home, tmp_
     assert eligible_md["eligible"].value == N_ELIGIBLE
     assert "10028" in eligible_md["partition_keys"].value
     checks = {e.check_name: e.passed for e in result.get_asset_check_evaluations()}
-    assert checks == {"entry_ids_unique": True, "few_catalog_errors": True,
-                      "eligible_rule_holds": True}
+    assert checks == {
+        "entry_ids_unique": True,
+        "few_catalog_errors": True,
+        "eligible_rule_holds": True,
+    }
     stored = pd.read_parquet(tmp_path / "data" / "catalog" / "eligible_entries.parquet")
     assert len(stored) == N_ELIGIBLE and (stored["best_resolution_a"] < 3.5).all()
 
@@ -73,8 +87,12 @@ def test_catalog_assets_materialize_with_metadata(server_env, dagster_home, tmp_
 
 
 def sensor_tick(sensor, instance, tmp_path, cursor=None, **empiar_options):
-    with build_sensor_context(instance=instance, cursor=cursor, definitions=defs,
-                              resources=resources(tmp_path, **empiar_options)) as context:
+    with build_sensor_context(
+        instance=instance,
+        cursor=cursor,
+        definitions=defs,
+        resources=resources(tmp_path, **empiar_options),
+    ) as context:
         return sensor(context), context.cursor
 
 
@@ -140,7 +158,8 @@ def test_partition_sensor_adds_each_eligible_entry_once(server_env, dagster_home
 
 
 def test_partition_sensor_only_adds_partitions_when_auto_run_is_off(
-        server_env, dagster_home, tmp_path, monkeypatch):
+    server_env, dagster_home, tmp_path, monkeypatch
+):
     instance = DagsterInstance.get()
     assert run_catalog(instance, tmp_path).success
     monkeypatch.setenv("PARTICLESEG_AUTO_RUN", "off")
@@ -153,8 +172,14 @@ def test_partition_sensor_only_adds_partitions_when_auto_run_is_off(
 
 
 def dagster_cli(*args: str, env: dict) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "dagster", *args], cwd=REPO, env=env,
-                          capture_output=True, text=True, timeout=240)
+    return subprocess.run(
+        [sys.executable, "-m", "dagster", *args],
+        cwd=REPO,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=240,
+    )
 
 
 def test_definitions_validate():
@@ -168,8 +193,9 @@ def test_definitions_validate():
 @pytest.mark.slow
 def test_catalog_job_from_the_command_line(server_env, dagster_home, tmp_path):
     env = {**os.environ}
-    done = dagster_cli("job", "execute", "-m", "particleseg_assets.definitions",
-                       "-j", "catalog_job", env=env)
+    done = dagster_cli(
+        "job", "execute", "-m", "particleseg_assets.definitions", "-j", "catalog_job", env=env
+    )
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
     eligible = pd.read_parquet(tmp_path / "data" / "catalog" / "eligible_entries.parquet")
     assert len(eligible) == N_ELIGIBLE

@@ -6,7 +6,7 @@ import pandas as pd
 import pytest
 
 from conftest import FAST_HTTP
-from particleseg_model.catalog import (
+from particleseg_model.access.catalog import (
     UpdateCursor,
     find_updates,
     read_catalog,
@@ -14,22 +14,25 @@ from particleseg_model.catalog import (
     select_eligible,
     write_parquet,
 )
-from particleseg_model.empiar import EmdbClient, EmpiarClient
-from particleseg_model.fixtures import (
+from particleseg_model.access.empiar import EmdbClient, EmpiarClient
+from particleseg_model.access.fixtures import (
     ORIGINAL_IDS_AT_3_5_A,
     SYNTHETIC_ELIGIBLE,
     emdb_record,
     fixture_records,
 )
-from particleseg_model.server import Fault
+from particleseg_model.access.server import Fault
 
-ORIGINAL = sorted(k for k in fixture_records()["entries"] if k < "EMPIAR-19000"
-                  and k != "EMPIAR-10934")
+ORIGINAL = sorted(
+    k for k in fixture_records()["entries"] if k < "EMPIAR-19000" and k != "EMPIAR-10934"
+)
 
 
 def clients(server):
-    return (EmpiarClient(server.empiar_url, server.emdb_url, **FAST_HTTP),
-            EmdbClient(server.emdb_url, **FAST_HTTP))
+    return (
+        EmpiarClient(server.empiar_url, server.emdb_url, **FAST_HTTP),
+        EmdbClient(server.emdb_url, **FAST_HTTP),
+    )
 
 
 def test_full_refresh_builds_the_catalog(archive_server):
@@ -58,8 +61,15 @@ def test_eligibility_rule_on_the_original_list(archive_server):
     # "better than 3.5 A" drops the three original entries at exactly 3.5 A; inclusive keeps all 56
     assert strict == (set(ORIGINAL) - set(ORIGINAL_IDS_AT_3_5_A)) | set(SYNTHETIC_ELIGIBLE)
     assert inclusive == set(ORIGINAL) | set(SYNTHETIC_ELIGIBLE)
-    for excluded in ["EMPIAR-10934", "EMPIAR-19001", "EMPIAR-19002", "EMPIAR-19004",
-                     "EMPIAR-19008", "EMPIAR-19011", "EMPIAR-19012"]:
+    for excluded in [
+        "EMPIAR-10934",
+        "EMPIAR-19001",
+        "EMPIAR-19002",
+        "EMPIAR-19004",
+        "EMPIAR-19008",
+        "EMPIAR-19011",
+        "EMPIAR-19012",
+    ]:
         assert excluded not in inclusive
     no_particles_needed = set(select_eligible(table, require_particles=False)["empiar_id"])
     assert {"EMPIAR-10934", "EMPIAR-19012"} <= no_particles_needed
@@ -71,8 +81,12 @@ def test_incremental_refresh_fetches_only_what_changed(archive_server):
     newest = first["update_date"].max()
     mirror = archive_server.mirror
     record = dict(fixture_records()["entries"]["EMPIAR-10028"])
-    record.update(title="A new entry", update_date="2026-11-01", release_date="2026-11-01",
-                  cross_references=[{"name": "EMD-77777"}])
+    record.update(
+        title="A new entry",
+        update_date="2026-11-01",
+        release_date="2026-11-01",
+        cross_references=[{"name": "EMD-77777"}],
+    )
     mirror.put_entry("EMPIAR-12345", record)
     mirror.put_emdb("EMD-77777", emdb_record("2.1"))
     archive_server.requests.clear()
@@ -89,8 +103,9 @@ def test_incremental_refresh_fetches_only_what_changed(archive_server):
     assert len(emdb_paths) < 15
     # unchanged rows are carried over untouched
     old = first.set_index("empiar_id").loc["EMPIAR-10005"]
-    assert second.table.set_index("empiar_id").loc["EMPIAR-10005"]["fetched_at"] == \
-        old["fetched_at"]
+    assert (
+        second.table.set_index("empiar_id").loc["EMPIAR-10005"]["fetched_at"] == old["fetched_at"]
+    )
 
 
 def test_bad_new_payload_keeps_the_previous_row(archive_server):

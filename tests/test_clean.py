@@ -11,16 +11,16 @@ import pandas as pd
 import pytest
 from test_model import BOX, TINY, disc_particles, write_partition, write_star_project
 
-from particleseg_model.clean import (
-    calibrated_scores,
+from particleseg_model.cleaning.clean import (
     clean_star,
     default_scores_path,
     score_particles,
     select_particles,
 )
-from particleseg_model.mrc import MrcError
-from particleseg_model.registry import register_model, staging_dir
-from particleseg_model.star import read_star, write_loop_blocks
+from particleseg_model.em.mrc import MrcError
+from particleseg_model.em.star import read_star, write_loop_blocks
+from particleseg_model.model.calibration import calibrated_scores
+from particleseg_model.model.registry import register_model, staging_dir
 
 PNG = b"\x89PNG\r\n\x1a\n"
 N_GOOD, N_JUNK = 60, 6  # N_JUNK each of empty, noise, fragment and aggregate
@@ -29,12 +29,13 @@ N_GOOD, N_JUNK = 60, 6  # N_JUNK each of empty, noise, fragment and aggregate
 @pytest.fixture(scope="module")
 def models(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """A registry holding one tiny model (32 px) trained on disc particles."""
-    from particleseg_model.train import TrainConfig, train_segmentation
+    from particleseg_model.model.train import TrainConfig, train_segmentation
 
     base = tmp_path_factory.mktemp("clean")
     write_partition(base / "corpus", "40001", 320, seed=1)
-    trained = train_segmentation(base / "corpus", ["40001"], TrainConfig(**TINY),
-                                 base / "trained", log=lambda line: None)
+    trained = train_segmentation(
+        base / "corpus", ["40001"], TrainConfig(**TINY), base / "trained", log=lambda line: None
+    )
     root = base / "models"
     staged = staging_dir(root)
     (staged / "model.keras").write_bytes(trained.model_path.read_bytes())
@@ -65,8 +66,9 @@ def junk_set(seed: int = 7) -> tuple[np.ndarray, np.ndarray]:
     def aggregate() -> np.ndarray:
         turn = rng.uniform(0, 2 * np.pi) + np.arange(3) * 2 * np.pi / 3
         middle = BOX / 2 + rng.uniform(-2, 2, 2)
-        return discs([middle + 6.5 * np.array([np.cos(a), np.sin(a)]) for a in turn],
-                     rng.uniform(6, 7), rng)
+        return discs(
+            [middle + 6.5 * np.array([np.cos(a), np.sin(a)]) for a in turn], rng.uniform(6, 7), rng
+        )
 
     groups = {
         "good": [discs([centre()], rng.uniform(6, 7.5), rng) for _ in range(N_GOOD)],
@@ -90,36 +92,56 @@ def write_stack(folder: Path, images: np.ndarray) -> None:
         mrc.voxel_size = 2.0
 
 
-def write_project(folder: Path, images: np.ndarray, version: str = "3.1",
-                  names: list[str] | None = None) -> Path:
+def write_project(
+    folder: Path, images: np.ndarray, version: str = "3.1", names: list[str] | None = None
+) -> Path:
     """A RELION project of the images: a 3.1 (two optics groups), 5.0 or 3.0 particle STAR."""
     write_stack(folder, images)
     n = len(images)
     names = names or [f"{i:06d}@Particles/stack.mrcs" for i in range(1, n + 1)]
     rng = np.random.default_rng(3)
-    common = {"rlnImageName": names,
-              "rlnMicrographName": [f"mics/{i // 10:04d}.mrc" for i in range(n)],
-              "rlnCoordinateX": rng.uniform(0, 4000, n).round(1),
-              "rlnAngleRot": rng.uniform(-180, 180, n).round(3),
-              "rlnAnglePsi": rng.uniform(-180, 180, n).round(3),
-              "rlnDefocusU": rng.uniform(8000, 20000, n).round(2),
-              "rlnClassNumber": rng.integers(1, 4, n)}
+    common = {
+        "rlnImageName": names,
+        "rlnMicrographName": [f"mics/{i // 10:04d}.mrc" for i in range(n)],
+        "rlnCoordinateX": rng.uniform(0, 4000, n).round(1),
+        "rlnAngleRot": rng.uniform(-180, 180, n).round(3),
+        "rlnAnglePsi": rng.uniform(-180, 180, n).round(3),
+        "rlnDefocusU": rng.uniform(8000, 20000, n).round(2),
+        "rlnClassNumber": rng.integers(1, 4, n),
+    }
     star = folder / "particles.star"
     if version == "3.0":
-        particles = pd.DataFrame({**common, "rlnOriginX": rng.integers(-3, 4, n).astype(float),
-                                  "rlnVoltage": 300.0, "rlnDetectorPixelSize": 5.0,
-                                  "rlnMagnification": 25000.0})
+        particles = pd.DataFrame(
+            {
+                **common,
+                "rlnOriginX": rng.integers(-3, 4, n).astype(float),
+                "rlnVoltage": 300.0,
+                "rlnDetectorPixelSize": 5.0,
+                "rlnMagnification": 25000.0,
+            }
+        )
         lines = ["", "data_images", "", "loop_"]
         lines += [f"_{c} #{k}" for k, c in enumerate(particles.columns, 1)]
         lines += [" ".join(str(v) for v in row) for row in particles.itertuples(index=False)]
         star.write_text("\n".join(lines) + "\n")
         return star
-    optics = pd.DataFrame({"rlnOpticsGroup": [1, 2], "rlnOpticsGroupName": ["og1", "og2"],
-                           "rlnImagePixelSize": [2.0, 2.0], "rlnImageSize": [BOX, BOX],
-                           "rlnVoltage": [300.0, 200.0], "rlnImageDimensionality": [2, 2]})
-    particles = pd.DataFrame({**common,
-                              "rlnOriginXAngst": rng.uniform(-5, 5, n).round(4),
-                              "rlnOpticsGroup": 1 + np.arange(n) % 2})
+    optics = pd.DataFrame(
+        {
+            "rlnOpticsGroup": [1, 2],
+            "rlnOpticsGroupName": ["og1", "og2"],
+            "rlnImagePixelSize": [2.0, 2.0],
+            "rlnImageSize": [BOX, BOX],
+            "rlnVoltage": [300.0, 200.0],
+            "rlnImageDimensionality": [2, 2],
+        }
+    )
+    particles = pd.DataFrame(
+        {
+            **common,
+            "rlnOriginXAngst": rng.uniform(-5, 5, n).round(4),
+            "rlnOpticsGroup": 1 + np.arange(n) % 2,
+        }
+    )
     write_loop_blocks(star, {"optics": optics, "particles": particles})
     if version == "5.0":
         star.write_text(star.read_text().replace("# version 30001", "# version 50001"))
@@ -144,8 +166,9 @@ def junk_project(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, np.nda
 def scored(models: Path, junk_project) -> tuple[pd.DataFrame, np.ndarray, list[str]]:
     star, kinds = junk_project
     lines: list[str] = []
-    _, scores = score_particles(star, models_root=models, batch=16, progress=False,
-                                log=lines.append)
+    _, scores = score_particles(
+        star, models_root=models, batch=16, progress=False, log=lines.append
+    )
     return scores, kinds, lines
 
 
@@ -155,14 +178,24 @@ def scored(models: Path, junk_project) -> tuple[pd.DataFrame, np.ndarray, list[s
 def test_scores_find_the_junk_and_calibrated_beats_ets(scored) -> None:
     scores, kinds, lines = scored
     n = len(kinds)
-    assert list(scores.columns[:8]) == ["row", "image_name", "readable", "error", "signal_px",
-                                        "edge_px", "ets", "signal_fraction"]
+    assert list(scores.columns[:8]) == [
+        "row",
+        "image_name",
+        "readable",
+        "error",
+        "signal_px",
+        "edge_px",
+        "ets",
+        "signal_fraction",
+    ]
     assert scores["row"].tolist() == list(range(n)) and scores["readable"].all()
     assert scores["image_name"].iloc[5] == "000006@Particles/stack.mrcs"
     signal = scores["signal_px"].to_numpy(float)
-    assert np.allclose(scores["signal_fraction"], signal / BOX ** 2)
-    assert np.allclose(scores["ets"], np.divide(scores["edge_px"].to_numpy(float), signal,
-                                                out=np.zeros(n), where=signal > 0))
+    assert np.allclose(scores["signal_fraction"], signal / BOX**2)
+    assert np.allclose(
+        scores["ets"],
+        np.divide(scores["edge_px"].to_numpy(float), signal, out=np.zeros(n), where=signal > 0),
+    )
     assert not any("resizing" in line for line in lines)  # 32 px particles, 32 px model
     ets, calibrated = scores["ets"].to_numpy(), scores["calibrated"].to_numpy()
     good, junk = kinds == "good", kinds != "good"
@@ -209,8 +242,13 @@ def test_calibrated_scores_on_known_features() -> None:
 
 
 def test_select_particles_floor_ties_and_refusals() -> None:
-    scores = pd.DataFrame({"row": range(10), "readable": [True] * 9 + [False],
-                           "ets": [0.5, 0.1, 0.5, 0.5, 0.9, 0.2, 0.5, 0.8, 0.7, np.nan]})
+    scores = pd.DataFrame(
+        {
+            "row": range(10),
+            "readable": [True] * 9 + [False],
+            "ets": [0.5, 0.1, 0.5, 0.5, 0.9, 0.2, 0.5, 0.8, 0.7, np.nan],
+        }
+    )
     # 9 readable, drop 0.3 -> floor(2.7) = 2 dropped (0.1, 0.2); unreadable always dropped
     keep = select_particles(scores, drop=0.3)
     assert np.flatnonzero(~keep).tolist() == [1, 5, 9]
@@ -234,7 +272,8 @@ def test_select_particles_floor_ties_and_refusals() -> None:
 
 @pytest.mark.parametrize("version", ["3.1", "3.0", "5.0"])
 def test_cleaned_star_keeps_the_version_columns_optics_and_row_order(
-        models: Path, tmp_path: Path, version: str) -> None:
+    models: Path, tmp_path: Path, version: str
+) -> None:
     images, kinds = junk_set(seed=11)
     star = write_project(tmp_path / "project", images[:40], version=version)
     before = read_star(star)
@@ -243,15 +282,24 @@ def test_cleaned_star_keeps_the_version_columns_optics_and_row_order(
     out.parent.mkdir()
     score = "calibrated" if version == "3.0" else "ets"
     scores_out = tmp_path / "scores.csv" if version == "3.0" else None
-    result = clean_star(star, out, models_root=models, drop=0.25, score=score, batch=16,
-                        scores_out=scores_out, progress=False)
+    result = clean_star(
+        star,
+        out,
+        models_root=models,
+        drop=0.25,
+        score=score,
+        batch=16,
+        scores_out=scores_out,
+        progress=False,
+    )
     assert (result.total, result.kept, result.dropped, result.skipped) == (40, 30, 10, 0)
     assert result.version == version and result.out == out and result.particles_per_s > 0
     after = read_star(out)
     assert after.version == version and after.particles_block == before.particles_block
     assert list(after.blocks) == list(before.blocks)
-    scores = (pd.read_csv(result.scores_path) if version == "3.0"
-              else pd.read_parquet(result.scores_path))
+    scores = (
+        pd.read_csv(result.scores_path) if version == "3.0" else pd.read_parquet(result.scores_path)
+    )
     assert result.scores_path == (scores_out or default_scores_path(out))
     assert len(scores) == 40 and scores["keep"].sum() == 30
     assert scores["keep"].tolist() == select_particles(scores, score=score, drop=0.25).tolist()
@@ -270,15 +318,32 @@ def test_cleaned_star_keeps_the_version_columns_optics_and_row_order(
     assert not [p for p in tmp_path.rglob("*.tmp")]
 
 
-def test_clean_command_writes_the_report(models: Path, junk_project, tmp_path: Path,
-                                         capsys) -> None:
+def test_clean_command_writes_the_report(
+    models: Path, junk_project, tmp_path: Path, capsys
+) -> None:
     from particleseg_model.cli import main
 
     star, _ = junk_project
     out, report = tmp_path / "clean.star", tmp_path / "report"
-    code = main(["clean", str(star), "--models-root", str(models), "--drop", "0.3", "--score",
-                 "calibrated", "--out", str(out), "--report", str(report), "--batch", "32",
-                 "--no-progress"])
+    code = main(
+        [
+            "clean",
+            str(star),
+            "--models-root",
+            str(models),
+            "--drop",
+            "0.3",
+            "--score",
+            "calibrated",
+            "--out",
+            str(out),
+            "--report",
+            str(report),
+            "--batch",
+            "32",
+            "--no-progress",
+        ]
+    )
     captured = capsys.readouterr()
     assert code == 0, captured.err
     n = len(read_star(star).particles)
@@ -304,8 +369,22 @@ def test_clean_command_writes_the_report(models: Path, junk_project, tmp_path: P
     with pytest.raises(SystemExit):
         main(["clean", str(star), "--drop", "0.3", "--keep-above", "1", "--out", "x.star"])
     capsys.readouterr()
-    assert main(["clean", str(star), "--models-root", str(models), "--drop", "1.0", "--out",
-                 str(tmp_path / "other.star"), "--no-progress"]) == 1
+    assert (
+        main(
+            [
+                "clean",
+                str(star),
+                "--models-root",
+                str(models),
+                "--drop",
+                "1.0",
+                "--out",
+                str(tmp_path / "other.star"),
+                "--no-progress",
+            ]
+        )
+        == 1
+    )
     assert "drop must be a fraction in [0, 1), got 1.0" in capsys.readouterr().err
     assert not (tmp_path / "other.star").exists()
 
@@ -320,30 +399,39 @@ def test_missing_images_are_skipped_or_stop_the_run(models: Path, tmp_path: Path
     names[13] = "1@Particles/gone.mrcs"  # no such stack
     star = write_project(tmp_path / "project", images, names=names)
     lines: list[str] = []
-    _, scores = score_particles(star, models_root=models, batch=8, progress=False,
-                                log=lines.append)
+    _, scores = score_particles(star, models_root=models, batch=8, progress=False, log=lines.append)
     assert np.flatnonzero(~scores["readable"].to_numpy()).tolist() == [4, 13]
     assert scores["ets"].isna().sum() == 2 and scores["signal_px"].isna().sum() == 2
     assert "gone.mrcs" in scores["error"].iloc[13] and scores["error"].iloc[0] == ""
     assert any("2 of 20 particles cannot be read" in line for line in lines)
 
-    result = clean_star(star, tmp_path / "clean.star", models_root=models, drop=0.0,
-                        progress=False)
+    result = clean_star(star, tmp_path / "clean.star", models_root=models, drop=0.0, progress=False)
     assert (result.kept, result.skipped, result.dropped) == (18, 2, 0)
     assert "25@Particles/stack.mrcs" not in (tmp_path / "clean.star").read_text()
 
     before = sorted(p.name for p in tmp_path.iterdir())
-    with pytest.raises(MrcError, match=r"particles.star: particle row 5 of 20 \(0-based 4\), "
-                                       r"image '25@Particles/stack.mrcs'"):
-        clean_star(star, tmp_path / "stopped.star", models_root=models, on_bad="stop",
-                   batch=8, progress=False, report_dir=tmp_path / "report")
+    with pytest.raises(
+        MrcError,
+        match=r"particles.star: particle row 5 of 20 \(0-based 4\), "
+        r"image '25@Particles/stack.mrcs'",
+    ):
+        clean_star(
+            star,
+            tmp_path / "stopped.star",
+            models_root=models,
+            on_bad="stop",
+            batch=8,
+            progress=False,
+            report_dir=tmp_path / "report",
+        )
     # the failure left nothing: no STAR, no scores, no temporary files
     assert sorted(p.name for p in tmp_path.iterdir()) == before
 
 
-def test_out_is_never_the_input_and_exists_only_when_complete(models: Path, tmp_path: Path,
-                                                              monkeypatch) -> None:
-    from particleseg_model import clean as clean_module
+def test_out_is_never_the_input_and_exists_only_when_complete(
+    models: Path, tmp_path: Path, monkeypatch
+) -> None:
+    from particleseg_model.cleaning import clean as clean_module
 
     images, _ = disc_particles(12, seed=5)
     star = write_project(tmp_path / "project", images)
@@ -373,8 +461,9 @@ def test_out_is_never_the_input_and_exists_only_when_complete(models: Path, tmp_
     monkeypatch.setattr(clean_module, "_gallery_png", broken)
     listing = sorted(p.name for p in tmp_path.iterdir())
     with pytest.raises(RuntimeError, match="disk full"):
-        clean_star(star, tmp_path / "c.star", models_root=models, report_dir=tmp_path / "r",
-                   progress=False)
+        clean_star(
+            star, tmp_path / "c.star", models_root=models, report_dir=tmp_path / "r", progress=False
+        )
     assert sorted(p.name for p in tmp_path.iterdir() if p.name != "r") == listing
     assert list((tmp_path / "r").iterdir()) == []
     monkeypatch.undo()
@@ -386,12 +475,18 @@ def test_out_is_never_the_input_and_exists_only_when_complete(models: Path, tmp_
 def test_a_model_at_another_size_resizes_and_says_so(models: Path, tmp_path: Path) -> None:
     star = write_star_project(tmp_path / "big", 10, box=48)
     lines: list[str] = []
-    result = clean_star(star, tmp_path / "big_clean.star", model=models / "v0001", drop=0.2,
-                        progress=False, log=lines.append)
+    result = clean_star(
+        star,
+        tmp_path / "big_clean.star",
+        model=models / "v0001",
+        drop=0.2,
+        progress=False,
+        log=lines.append,
+    )
     assert "particles are 48 px, the model takes 32 px: resizing" in "\n".join(lines)
     assert (result.box, result.model_input_size, result.kept) == (48, 32, 8)
     scores = pd.read_parquet(result.scores_path)
-    assert np.allclose(scores["signal_fraction"], scores["signal_px"] / 48 ** 2)
+    assert np.allclose(scores["signal_fraction"], scores["signal_px"] / 48**2)
     # the discs are found at 48 px too: signal area near the truth's
     _, truth = disc_particles(10, box=48, seed=4)  # what write_star_project wrote
     ratio = scores["signal_px"].to_numpy(float) / (truth == 1).sum(axis=(1, 2))
@@ -403,8 +498,9 @@ def test_a_model_at_another_size_resizes_and_says_so(models: Path, tmp_path: Pat
 
 
 @pytest.mark.slow
-def test_clean_job_records_counts_cut_histogram_and_output(models: Path, junk_project,
-                                                           tmp_path: Path, dagster_home) -> None:
+def test_clean_job_records_counts_cut_histogram_and_output(
+    models: Path, junk_project, tmp_path: Path, dagster_home
+) -> None:
     from dagster import DagsterInstance
 
     from particleseg_assets.definitions import defs
@@ -416,10 +512,23 @@ def test_clean_job_records_counts_cut_histogram_and_output(models: Path, junk_pr
     data.mkdir()
     (data / "models").symlink_to(models, target_is_directory=True)
     job = defs.resolve_job_def("clean_job")
-    config = {"ops": {"cleaned_particles": {"config": {
-        "star": str(star), "drop": 0.25, "score": "calibrated", "model_version": "v0001"}}}}
-    result = job.execute_in_process(run_config=config, instance=DagsterInstance.get(),
-                                    resources={"storage": StorageResource(root=str(data))})
+    config = {
+        "ops": {
+            "cleaned_particles": {
+                "config": {
+                    "star": str(star),
+                    "drop": 0.25,
+                    "score": "calibrated",
+                    "model_version": "v0001",
+                }
+            }
+        }
+    }
+    result = job.execute_in_process(
+        run_config=config,
+        instance=DagsterInstance.get(),
+        resources={"storage": StorageResource(root=str(data))},
+    )
     assert result.success
     event = result.asset_materializations_for_node("cleaned_particles")[0]
     md = {k: v.value for k, v in event.metadata.items()}
@@ -438,15 +547,18 @@ def test_clean_job_records_counts_cut_histogram_and_output(models: Path, junk_pr
     # a bad drop fraction fails the run and leaves the good outputs as they were
     mtime = Path(md["cleaned_star"]).stat().st_mtime_ns
     bad = {"ops": {"cleaned_particles": {"config": {"star": str(star), "drop": 1.0}}}}
-    failed = job.execute_in_process(run_config=bad, instance=DagsterInstance.get(),
-                                    resources={"storage": StorageResource(root=str(data))},
-                                    raise_on_error=False)
+    failed = job.execute_in_process(
+        run_config=bad,
+        instance=DagsterInstance.get(),
+        resources={"storage": StorageResource(root=str(data))},
+        raise_on_error=False,
+    )
     assert not failed.success
     assert Path(md["cleaned_star"]).stat().st_mtime_ns == mtime
 
 
 def test_a_reference_calibration_scores_a_set_that_is_mostly_junk() -> None:
-    from particleseg_model.clean import fit_calibration, mask_features
+    from particleseg_model.model.calibration import fit_calibration, mask_features
 
     rng = np.random.default_rng(2)
     box = 128
@@ -457,9 +569,13 @@ def test_a_reference_calibration_scores_a_set_that_is_mostly_junk() -> None:
     good = np.r_[np.ones(n_good, bool), np.zeros(n_junk, bool)]
     own = calibrated_scores(ets, signal)  # fitted on the set: its typical particle is junk
     assert auc(own, ~good) < 0.7  # about chance: junk is what is typical here
-    training = fit_calibration(mask_features(rng.normal(0.5, 0.03, 400).clip(0.05),
-                                             (rng.normal(0.2, 0.01, 400) * box * box).round(),
-                                             box))
+    training = fit_calibration(
+        mask_features(
+            rng.normal(0.5, 0.03, 400).clip(0.05),
+            (rng.normal(0.2, 0.01, 400) * box * box).round(),
+            box,
+        )
+    )
     assert training["particles"] == 400 and len(training["cov"]) == 2
     referenced = calibrated_scores(ets, signal, box=box, reference=training)
     assert auc(referenced, ~good) > 0.95  # junk scores low: found

@@ -8,8 +8,8 @@ from pathlib import Path
 
 import pandas as pd
 
+from particleseg_model.access.server import Fault
 from particleseg_model.cli import main
-from particleseg_model.server import Fault
 
 
 def test_catalog_command_refreshes_incrementally(server_env, tmp_path, capsys):
@@ -26,8 +26,7 @@ def test_catalog_command_refreshes_incrementally(server_env, tmp_path, capsys):
     assert "(0 new," in second and "EMPIAR-10081" in second
 
 
-def test_catalog_command_reports_an_outage_in_one_line(server_env, tmp_path, capsys,
-                                                      monkeypatch):
+def test_catalog_command_reports_an_outage_in_one_line(server_env, tmp_path, capsys, monkeypatch):
     server_env.faults.append(Fault("/empiar/search/", "status", status=503, times=-1))
     monkeypatch.setenv("PARTICLESEG_HTTP_RETRIES", "1")
     code = main(["catalog", "--out", str(tmp_path / "c.parquet")])
@@ -69,9 +68,26 @@ def test_star_info_names_a_bad_file(tmp_path, capsys):
 
 def test_demo_archive_command_writes_a_served_archive(tmp_path, capsys):
     out = tmp_path / "archive"
-    args = ["demo-archive", str(out), "--maps", "generated:globular", "generated:elongated",
-            "--particles", "24", "--box", "48", "--junk-kinds", "empty,ice", "--seed", "3",
-            "--micrograph-entries", "1", "--micrograph-size", "256", "--no-progress"]
+    args = [
+        "demo-archive",
+        str(out),
+        "--maps",
+        "generated:globular",
+        "generated:elongated",
+        "--particles",
+        "24",
+        "--box",
+        "48",
+        "--junk-kinds",
+        "empty,ice",
+        "--seed",
+        "3",
+        "--micrograph-entries",
+        "1",
+        "--micrograph-size",
+        "256",
+        "--no-progress",
+    ]
     assert main(args) == 0
     printed = capsys.readouterr().out
     assert "2 simulated entries" in printed and "gallery.png" in printed

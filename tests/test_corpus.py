@@ -12,7 +12,7 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from particleseg_model.corpus import (
+from particleseg_model.corpus.store import (
     CorpusWriter,
     append_to_corpus,
     assign_split,
@@ -24,8 +24,12 @@ from particleseg_model.corpus import (
     write_corpus,
 )
 
-ATTRS = {"pixel_size_a": 1.34, "threshold": 10.0, "edge_px": 11,
-         "source_star": "Refine3D/job019/run_data.star"}
+ATTRS = {
+    "pixel_size_a": 1.34,
+    "threshold": 10.0,
+    "edge_px": 11,
+    "source_star": "Refine3D/job019/run_data.star",
+}
 REPO = Path(__file__).resolve().parents[1]
 
 
@@ -33,21 +37,27 @@ def particles(n: int, box: int = 16, seed: int = 0, prefix: str = "p"):
     rng = np.random.default_rng(seed)
     images = rng.normal(3.0, 2.0, (n, box, box)).astype(np.float32)
     labels = rng.integers(0, 3, (n, box, box)).astype(np.uint8)
-    table = pd.DataFrame({"image_name": [f"{i + 1:06d}@{prefix}.mrcs" for i in range(n)],
-                          "rot_deg": rng.uniform(0, 360, n), "tilt_deg": rng.uniform(0, 180, n),
-                          "defocus_u_a": rng.uniform(8000, 25000, n)})
+    table = pd.DataFrame(
+        {
+            "image_name": [f"{i + 1:06d}@{prefix}.mrcs" for i in range(n)],
+            "rot_deg": rng.uniform(0, 360, n),
+            "tilt_deg": rng.uniform(0, 180, n),
+            "defocus_u_a": rng.uniform(8000, 25000, n),
+        }
+    )
     return images, labels, table
 
 
 def zscore(images: np.ndarray) -> np.ndarray:
     mean = images.mean(axis=(1, 2), keepdims=True, dtype=np.float64)
-    return ((images - mean) / images.std(axis=(1, 2), keepdims=True, dtype=np.float64))
+    return (images - mean) / images.std(axis=(1, 2), keepdims=True, dtype=np.float64)
 
 
 def write(root: Path, key: str = "10028", n: int = 40, *, chunk: int = 8, **kwargs):
     images, labels, table = particles(n, **kwargs)
-    ds = write_corpus(root, key, images, labels, table, batch=13, attrs=ATTRS,
-                      chunk_particles=chunk)
+    ds = write_corpus(
+        root, key, images, labels, table, batch=13, attrs=ATTRS, chunk_particles=chunk
+    )
     return ds, images, labels, table
 
 
@@ -72,8 +82,12 @@ def test_round_trip_arrays_attrs_and_table(tmp_path: Path):
     a = ds.attrs
     for key, value in ATTRS.items():
         assert a[key] == value
-    assert (a["box"], a["n_particles"], a["image_dtype"], a["chunk_particles"]) == \
-        (16, 40, "float16", 8)
+    assert (a["box"], a["n_particles"], a["image_dtype"], a["chunk_particles"]) == (
+        16,
+        40,
+        "float16",
+        8,
+    )
     assert a["complete"] is True and a["format"] == "particleseg-corpus"
     assert a["code_version"].startswith("particleseg ") and a["created"].endswith("+00:00")
     assert a["split_fractions"] == [0.8, 0.1, 0.1]
@@ -81,8 +95,14 @@ def test_round_trip_arrays_attrs_and_table(tmp_path: Path):
     assert [h["n_added"] for h in a["history"]] == [40]
 
     t = ds.table
-    assert list(t.columns) == ["particle_index", "image_name", "rot_deg", "tilt_deg",
-                               "defocus_u_a", "split"]
+    assert list(t.columns) == [
+        "particle_index",
+        "image_name",
+        "rot_deg",
+        "tilt_deg",
+        "defocus_u_a",
+        "split",
+    ]
     assert t["particle_index"].tolist() == list(range(40))
     assert t["image_name"].tolist() == table["image_name"].tolist()
     np.testing.assert_array_equal(t["rot_deg"], table["rot_deg"])
@@ -94,8 +114,9 @@ def test_round_trip_arrays_attrs_and_table(tmp_path: Path):
 
 def test_float32_option_is_exact_and_chunk_sizing(tmp_path: Path):
     images, labels, table = particles(10)
-    ds = write_corpus(tmp_path, "sim", images, labels, table, attrs=ATTRS, dtype="float32",
-                      normalise=False)
+    ds = write_corpus(
+        tmp_path, "sim", images, labels, table, attrs=ATTRS, dtype="float32", normalise=False
+    )
     np.testing.assert_array_equal(ds.images[:], images)
     assert ds.attrs["normalisation"] == "as given"
     # about 4 MiB of images a chunk
@@ -108,8 +129,16 @@ def test_float32_option_is_exact_and_chunk_sizing(tmp_path: Path):
 def test_splits_are_stable_hashes():
     # pinned: a change of the hash would move particles between splits
     names = [f"{i}@Extract/job012/particles.mrcs" for i in range(1, 9)]
-    assert [assign_split("10028", n) for n in names] == \
-        ["train", "train", "train", "test", "train", "train", "train", "train"]
+    assert [assign_split("10028", n) for n in names] == [
+        "train",
+        "train",
+        "train",
+        "test",
+        "train",
+        "train",
+        "train",
+        "train",
+    ]
     assert assign_split("EMPIAR-10028", names[3]) == assign_split(10028, names[3]) == "test"
     many = [f"{i}@s.mrcs" for i in range(20000)]
     splits = assign_splits("10406", many)
@@ -138,19 +167,29 @@ def test_append_keeps_old_particles_chunks_and_splits(tmp_path: Path):
     with CorpusWriter(tmp_path, "10028", 16, mode="a") as writer:  # adds nothing: no change
         assert table["image_name"][3] in writer and more_table["image_name"][0] not in writer
     assert full_chunk.stat().st_ino == inode_full and tail_chunk.stat().st_ino == inode_tail
-    grown = append_to_corpus(tmp_path, "10028", more_images, more_labels, more_table, batch=7,
-                             attrs={"source_star": "more.star"})
+    grown = append_to_corpus(
+        tmp_path,
+        "10028",
+        more_images,
+        more_labels,
+        more_table,
+        batch=7,
+        attrs={"source_star": "more.star"},
+    )
     assert grown.n_particles == 74 and grown.attrs["n_particles"] == 74
     np.testing.assert_array_equal(grown.images[:44], old_images)
     np.testing.assert_array_equal(grown.labels[:44], labels)
     np.testing.assert_array_equal(grown.labels[44:], more_labels)
     t = grown.table
     assert t["split"].tolist()[:44] == old_splits
-    assert t["image_name"].tolist() == table["image_name"].tolist() + \
-        more_table["image_name"].tolist()
+    assert (
+        t["image_name"].tolist() == table["image_name"].tolist() + more_table["image_name"].tolist()
+    )
     assert t["particle_index"].tolist() == list(range(74))
-    assert [(h["mode"], h["n_added"], h["source_star"]) for h in grown.attrs["history"]] == \
-        [("w", 44, ATTRS["source_star"]), ("a", 30, "more.star")]
+    assert [(h["mode"], h["n_added"], h["source_star"]) for h in grown.attrs["history"]] == [
+        ("w", 44, ATTRS["source_star"]),
+        ("a", 30, "more.star"),
+    ]
     assert grown.attrs["source_star"] == ATTRS["source_star"]  # the first source stays
     # copy-on-write: full old chunks are shared (same inode), the partial one was rewritten
     assert full_chunk.stat().st_ino == inode_full
@@ -169,9 +208,12 @@ def test_exception_mid_write_keeps_previous_version(tmp_path: Path):
     before = ds.images[:]
     images2, labels2, table2 = particles(40, seed=5, prefix="z")
     for mode in ("w", "a"):
-        with pytest.raises(RuntimeError, match="boom"), \
-                CorpusWriter(tmp_path, "10028", 16, attrs=ATTRS, mode=mode,
-                             chunk_particles=8) as writer:
+        with (
+            pytest.raises(RuntimeError, match="boom"),
+            CorpusWriter(
+                tmp_path, "10028", 16, attrs=ATTRS, mode=mode, chunk_particles=8
+            ) as writer,
+        ):
             writer.append(images2[:20], labels2[:20], table2.iloc[:20])  # chunks on disk
             assert Path(writer.temp_location).is_dir()
             raise RuntimeError("boom")
@@ -186,7 +228,7 @@ def test_killed_writer_leaves_previous_version_and_next_writer_cleans(tmp_path: 
     ds, _, labels, _ = write(tmp_path)
     script = textwrap.dedent(f"""
         import os, numpy as np, pandas as pd
-        from particleseg_model.corpus import CorpusWriter
+        from particleseg_model.corpus.store import CorpusWriter
         w = CorpusWriter({str(tmp_path)!r}, "10028", 16, attrs={{"pixel_size_a": 1.34}},
                          chunk_particles=8)
         w.open()
@@ -194,8 +236,9 @@ def test_killed_writer_leaves_previous_version_and_next_writer_cleans(tmp_path: 
                  {{"image_name": [str(i) for i in range(20)]}})
         os._exit(3)  # killed mid-write: no cleanup, no commit
     """)
-    done = subprocess.run([sys.executable, "-c", script], cwd=REPO, capture_output=True,
-                          text=True, timeout=60)
+    done = subprocess.run(
+        [sys.executable, "-c", script], cwd=REPO, capture_output=True, text=True, timeout=60
+    )
     assert done.returncode == 3, done.stderr
     stale = [e for e in entries(tmp_path) if ".tmp-" in e]
     assert len(stale) == 1 and (tmp_path / stale[0] / "images" / "c.1.0.0").is_file()
@@ -223,8 +266,10 @@ def test_killed_between_renames_rolls_back(tmp_path: Path):
 
 def test_second_writer_waits_for_the_lock(tmp_path: Path):
     write(tmp_path)
-    with CorpusWriter(tmp_path, "10028", 16, attrs=ATTRS, mode="a"), \
-            pytest.raises(TimeoutError, match="10028"):
+    with (
+        CorpusWriter(tmp_path, "10028", 16, attrs=ATTRS, mode="a"),
+        pytest.raises(TimeoutError, match="10028"),
+    ):
         CorpusWriter(tmp_path, "10028", 16, mode="a", lock_timeout_s=0.2).open()
     # another partition is not blocked
     images, labels, table = particles(2)
@@ -251,8 +296,10 @@ def test_bad_input_names_the_dataset(tmp_path: Path):
     dup.loc[5, "image_name"] = dup.loc[0, "image_name"]
     with pytest.raises(ValueError, match="10028: image names already"):
         write_corpus(tmp_path, "10028", images, labels, dup, attrs=ATTRS)
-    with pytest.raises(ValueError, match="10028: no particles"), \
-            CorpusWriter(tmp_path, "10028", 16, attrs=ATTRS):
+    with (
+        pytest.raises(ValueError, match="10028: no particles"),
+        CorpusWriter(tmp_path, "10028", 16, attrs=ATTRS),
+    ):
         pass
     assert entries(tmp_path) == []  # nothing was committed, no temporary left
 
@@ -263,8 +310,7 @@ def test_bad_input_names_the_dataset(tmp_path: Path):
     with pytest.raises(ValueError, match="10028: image names already"):
         append_to_corpus(tmp_path, "10028", images[:1], labels[:1], table.iloc[:1])
     with pytest.raises(ValueError, match="10028: split fractions"):
-        append_to_corpus(tmp_path, "10028", *particles(1, prefix="f"), fractions=(0.5, 0.25,
-                                                                                  0.25))
+        append_to_corpus(tmp_path, "10028", *particles(1, prefix="f"), fractions=(0.5, 0.25, 0.25))
     assert entries(tmp_path) == ["10028.zarr"]
     assert open_corpus(tmp_path, "10028").n_particles == 6
     with pytest.raises(FileNotFoundError, match="nothing"):
@@ -288,7 +334,7 @@ def test_fsspec_url_root(tmp_path: Path):
 
 
 def test_replace_without_rename_exchange(tmp_path: Path, monkeypatch):
-    import particleseg_model.corpus as corpus
+    import particleseg_model.corpus.store as corpus
 
     write(tmp_path)
     # where renameat2(RENAME_EXCHANGE) is missing: rename aside, rename in, delete the old

@@ -19,9 +19,9 @@ from particleseg_assets.assets.corpus import (
     refined_particles,
 )
 from particleseg_assets.resources import EmpiarResource, RelionResource, StorageResource
-from particleseg_model.corpus import open_corpus
-from particleseg_model.demo_archive import write_demo_archive
-from particleseg_model.server import serve
+from particleseg_model.access.server import serve
+from particleseg_model.corpus.store import open_corpus
+from particleseg_model.simulation.demo_archive import write_demo_archive
 
 ASSETS = [particle_stacks, refined_particles, mask_volume, particle_masks]
 N_PARTICLES = 40
@@ -30,9 +30,17 @@ N_PARTICLES = 40
 @pytest.fixture(scope="module")
 def small_archive(tmp_path_factory: pytest.TempPathFactory) -> Path:
     out = tmp_path_factory.mktemp("sim") / "archive"
-    write_demo_archive(out, maps=["generated:globular", "generated:ring"],
-                       n_particles=N_PARTICLES, box=64, micrograph_size=384,
-                       particles_per_stack=16, seed=5, snr=2.0, progress=False)
+    write_demo_archive(
+        out,
+        maps=["generated:globular", "generated:ring"],
+        n_particles=N_PARTICLES,
+        box=64,
+        micrograph_size=384,
+        particles_per_stack=16,
+        seed=5,
+        snr=2.0,
+        progress=False,
+    )
     return out
 
 
@@ -44,15 +52,28 @@ def served(small_archive: Path, monkeypatch: pytest.MonkeyPatch, tmp_path: Path)
         yield server
 
 
-def _run(tmp_path: Path, key: str, selection=None, config: dict | None = None,
-         raise_on_error: bool = True):
+def _run(
+    tmp_path: Path,
+    key: str,
+    selection=None,
+    config: dict | None = None,
+    raise_on_error: bool = True,
+):
     instance = DagsterInstance.ephemeral()
     instance.add_dynamic_partitions("empiar_id", [key])
     return materialize(
-        ASSETS, partition_key=key, instance=instance, selection=selection,
-        resources={"empiar": EmpiarResource(), "storage": StorageResource(root=str(tmp_path)),
-                   "relion": RelionResource()},
-        run_config={"ops": config or {}}, raise_on_error=raise_on_error)
+        ASSETS,
+        partition_key=key,
+        instance=instance,
+        selection=selection,
+        resources={
+            "empiar": EmpiarResource(),
+            "storage": StorageResource(root=str(tmp_path)),
+            "relion": RelionResource(),
+        },
+        run_config={"ops": config or {}},
+        raise_on_error=raise_on_error,
+    )
 
 
 def _failure(result) -> str:
@@ -86,8 +107,11 @@ def test_particle_entry_becomes_a_labelled_corpus(served, tmp_path: Path) -> Non
     assert labels_md["particles"] == N_PARTICLES
     checks = {e.check_name: e for e in result.get_asset_check_evaluations()}
     assert {name: check.passed for name, check in checks.items()} == {
-        "poses_for_every_particle": True, "resolution_reported": True,
-        "masks_not_empty": True, "zarr_parquet_rows_agree": True}
+        "poses_for_every_particle": True,
+        "resolution_reported": True,
+        "masks_not_empty": True,
+        "zarr_parquet_rows_agree": True,
+    }
     rows = checks["zarr_parquet_rows_agree"].metadata
     assert rows["images"].value == rows["parquet"].value == N_PARTICLES
     assert checks["poses_for_every_particle"].metadata["without_pose"].value == 0
@@ -123,8 +147,9 @@ def test_particle_entry_becomes_a_labelled_corpus(served, tmp_path: Path) -> Non
     assert np.all(near[labels == 2])
 
 
-def test_bad_rows_are_named_and_the_last_corpus_survives(served, small_archive: Path,
-                                                         tmp_path: Path) -> None:
+def test_bad_rows_are_named_and_the_last_corpus_survives(
+    served, small_archive: Path, tmp_path: Path
+) -> None:
     assert _run(tmp_path, "30001").success
     before = open_corpus(tmp_path / "corpus", "30001")
     before_labels = np.asarray(before.labels[:])
@@ -134,14 +159,17 @@ def test_bad_rows_are_named_and_the_last_corpus_survives(served, small_archive: 
     failed = _run(tmp_path, "30001", selection=[particle_masks], raise_on_error=False)
     assert not failed.success
     message = _failure(failed)
-    assert "16 particles cannot be read: stack Particles/particles_002.mrcs, rows 17-32" \
-        in message
+    assert "16 particles cannot be read: stack Particles/particles_002.mrcs, rows 17-32" in message
     after = open_corpus(tmp_path / "corpus", "30001")
     assert np.array_equal(np.asarray(after.labels[:]), before_labels)
     assert not [p for p in (tmp_path / "corpus").iterdir() if "tmp" in p.name]
 
-    skipped = _run(tmp_path, "30001", selection=[particle_masks],
-                   config={"particle_masks": {"config": {"skip_bad_rows": True}}})
+    skipped = _run(
+        tmp_path,
+        "30001",
+        selection=[particle_masks],
+        config={"particle_masks": {"config": {"skip_bad_rows": True}}},
+    )
     md = _metadata(skipped, "particle_masks")
     assert md["skipped_bad_rows"] == 16 and md["particles"] == N_PARTICLES - 16
     assert open_corpus(tmp_path / "corpus", "30001").n_particles == N_PARTICLES - 16
@@ -157,11 +185,22 @@ def test_micrograph_entry_is_extracted_with_relion(served, relion_bin, tmp_path:
     truth = pd.read_csv(manifest["ground_truth"])
     # every extracted particle found its simulated pick (joined on micrograph + coordinates)
     assert len(truth) == md["particles"] > 0
-    assert set(truth["junk_kind"]) - {"none"} <= {"empty", "ice", "carbon_edge", "aggregate",
-                                                   "off_centre", "fragment"}
+    assert set(truth["junk_kind"]) - {"none"} <= {
+        "empty",
+        "ice",
+        "carbon_edge",
+        "aggregate",
+        "off_centre",
+        "fragment",
+    }
     # without poses, "deposited" is refused in one line naming the STAR file
-    refused = _run(tmp_path, "30002", selection=[refined_particles], raise_on_error=False,
-                   config={"refined_particles": {"config": {"source": "deposited"}}})
+    refused = _run(
+        tmp_path,
+        "30002",
+        selection=[refined_particles],
+        raise_on_error=False,
+        config={"refined_particles": {"config": {"source": "deposited"}}},
+    )
     message = _failure(refused)
     assert "has no poses" in message and "particles.star" in message
     shutil.rmtree(tmp_path / "downloads")
@@ -171,8 +210,12 @@ def test_append_adds_only_new_particles(served, tmp_path: Path) -> None:
     config = {"refined_particles": {"config": {"source": "deposited"}}}
     assert _run(tmp_path, "30001", config=config).success
     first = open_corpus(tmp_path / "corpus", "30001").table[["image_name", "split"]]
-    again = _run(tmp_path, "30001", selection=[particle_masks],
-                 config={"particle_masks": {"config": {"append": True}}})
+    again = _run(
+        tmp_path,
+        "30001",
+        selection=[particle_masks],
+        config={"particle_masks": {"config": {"append": True}}},
+    )
     md = _metadata(again, "particle_masks")
     assert md["already_in_corpus"] == N_PARTICLES and md["particles"] == 0
     after = open_corpus(tmp_path / "corpus", "30001").table[["image_name", "split"]]
@@ -182,8 +225,12 @@ def test_append_adds_only_new_particles(served, tmp_path: Path) -> None:
 def test_checks_fail_on_empty_masks_and_missing_poses(served, tmp_path: Path) -> None:
     assert _run(tmp_path, "30001").success
     # a threshold above any projected value leaves every particle without signal
-    result = _run(tmp_path, "30001", selection=[particle_masks],
-                  config={"particle_masks": {"config": {"threshold": 1e9}}})
+    result = _run(
+        tmp_path,
+        "30001",
+        selection=[particle_masks],
+        config={"particle_masks": {"config": {"threshold": 1e9}}},
+    )
     checks = {e.check_name: e for e in result.get_asset_check_evaluations()}
     assert checks["masks_not_empty"].passed is False
     assert checks["masks_not_empty"].metadata["particles_without_signal"].value == N_PARTICLES
@@ -191,21 +238,36 @@ def test_checks_fail_on_empty_masks_and_missing_poses(served, tmp_path: Path) ->
 
     from particleseg_assets.assets.corpus import _poses_check
 
-    table = pd.DataFrame({"rot_deg": [0.0, np.nan, 3.0], "tilt_deg": [1.0, 2.0, np.inf],
-                          "psi_deg": 0.0, "origin_x_a": 0.0, "origin_y_a": 0.0})
+    table = pd.DataFrame(
+        {
+            "rot_deg": [0.0, np.nan, 3.0],
+            "tilt_deg": [1.0, 2.0, np.inf],
+            "psi_deg": 0.0,
+            "origin_x_a": 0.0,
+            "origin_y_a": 0.0,
+        }
+    )
     check = _poses_check(table, Path("run_data.star"))
     assert check.passed is False and check.metadata["first_rows"].value == "2-3"
     no_origins = _poses_check(table.drop(columns=["origin_x_a"]), Path("run_data.star"))
     assert no_origins.metadata["missing_columns"].value == "origin_x_a"
 
 
-def test_remove_dataset_job_leaves_the_other_partitions(dagster_home: Path, tmp_path: Path,
-                                                        monkeypatch) -> None:
+def test_remove_dataset_job_leaves_the_other_partitions(
+    dagster_home: Path, tmp_path: Path, monkeypatch
+) -> None:
     from particleseg_assets.jobs import remove_dataset_job
 
     archive = tmp_path / "archive"
-    write_demo_archive(archive, maps=["generated:globular", "generated:ring"], n_particles=24,
-                       box=48, micrograph_entries=0, seed=3, progress=False)
+    write_demo_archive(
+        archive,
+        maps=["generated:globular", "generated:ring"],
+        n_particles=24,
+        box=48,
+        micrograph_entries=0,
+        seed=3,
+        progress=False,
+    )
     instance = DagsterInstance.get()
     instance.add_dynamic_partitions("empiar_id", ["30001", "30002"])
     storage = StorageResource(root=str(tmp_path / "data"))
@@ -214,17 +276,25 @@ def test_remove_dataset_job_leaves_the_other_partitions(dagster_home: Path, tmp_
         for name, value in server.env().items():
             monkeypatch.setenv(name, value)
         for key in ("30001", "30002"):
-            assert materialize(ASSETS, partition_key=key, instance=instance,
-                               resources=resources).success
+            assert materialize(
+                ASSETS, partition_key=key, instance=instance, resources=resources
+            ).success
     kept_labels = np.asarray(open_corpus(storage.path("corpus"), "30002").labels[:])
 
     result = remove_dataset_job.execute_in_process(
-        instance=instance, resources={"storage": storage},
-        run_config={"ops": {"remove_dataset": {"config": {"empiar_id": "EMPIAR-30001"}}}})
+        instance=instance,
+        resources={"storage": storage},
+        run_config={"ops": {"remove_dataset": {"config": {"empiar_id": "EMPIAR-30001"}}}},
+    )
     assert result.success
     assert instance.get_dynamic_partitions("empiar_id") == ["30002"]
-    for folder in ("downloads", "particle_stacks", "refined_particles", "mask_volume",
-                   "particle_masks"):
+    for folder in (
+        "downloads",
+        "particle_stacks",
+        "refined_particles",
+        "mask_volume",
+        "particle_masks",
+    ):
         assert not storage.path(folder, "30001").exists()
         assert storage.path(folder, "30002", "manifest.json").exists() or folder == "downloads"
     assert not (storage.path("corpus") / "30001.zarr").exists()
@@ -233,8 +303,11 @@ def test_remove_dataset_job_leaves_the_other_partitions(dagster_home: Path, tmp_
     assert np.array_equal(np.asarray(kept.labels[:]), kept_labels)
 
     missing = remove_dataset_job.execute_in_process(
-        instance=instance, resources={"storage": storage}, raise_on_error=False,
-        run_config={"ops": {"remove_dataset": {"config": {"empiar_id": "30001"}}}})
+        instance=instance,
+        resources={"storage": storage},
+        raise_on_error=False,
+        run_config={"ops": {"remove_dataset": {"config": {"empiar_id": "30001"}}}},
+    )
     assert not missing.success
     assert "EMPIAR-30001 is not an empiar_id partition" in _failure(missing)
 
@@ -252,6 +325,8 @@ def test_relion_resource_reads_the_environment(monkeypatch, tmp_path: Path) -> N
     monkeypatch.setenv("PARTICLESEG_RELION_MPI_RANKS", "three")
     with pytest.raises(ValueError, match="PARTICLESEG_RELION_MPI_RANKS='three'"):
         relion.ranks()
-    with pytest.raises(FileNotFoundError, match="not a directory"), \
-            RelionResource(bin_dir=str(tmp_path / "nowhere")).on_path():
+    with (
+        pytest.raises(FileNotFoundError, match="not a directory"),
+        RelionResource(bin_dir=str(tmp_path / "nowhere")).on_path(),
+    ):
         pass

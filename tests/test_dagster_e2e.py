@@ -17,9 +17,9 @@ from pathlib import Path
 import pytest
 from dagster import AssetKey, DagsterInstance, DagsterRunStatus
 
-from particleseg_model.corpus import open_corpus
-from particleseg_model.demo_archive import write_demo_archive
-from particleseg_model.server import serve
+from particleseg_model.access.server import serve
+from particleseg_model.corpus.store import open_corpus
+from particleseg_model.simulation.demo_archive import write_demo_archive
 
 REPO = Path(__file__).resolve().parents[1]
 BIN = Path(sys.executable).parent
@@ -31,15 +31,22 @@ pytestmark = pytest.mark.slow
 @pytest.fixture(scope="module")
 def particle_archive(tmp_path_factory: pytest.TempPathFactory) -> Path:
     out = tmp_path_factory.mktemp("e2e") / "archive"
-    write_demo_archive(out, maps=["generated:globular", "generated:ring"],
-                       n_particles=N_PARTICLES, box=48, micrograph_entries=0, seed=11,
-                       progress=False)
+    write_demo_archive(
+        out,
+        maps=["generated:globular", "generated:ring"],
+        n_particles=N_PARTICLES,
+        box=48,
+        micrograph_entries=0,
+        seed=11,
+        progress=False,
+    )
     return out
 
 
 @pytest.fixture
-def platform_env(particle_archive: Path, dagster_home: Path, tmp_path: Path,
-                 monkeypatch: pytest.MonkeyPatch) -> Iterator[dict[str, str]]:
+def platform_env(
+    particle_archive: Path, dagster_home: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> Iterator[dict[str, str]]:
     """The environment of a deployment: DAGSTER_HOME, storage root, EMPIAR server."""
     data = tmp_path / "data"
     monkeypatch.setenv("PARTICLESEG_DATA", str(data))
@@ -59,8 +66,9 @@ def _free_port() -> int:
 
 def _start(args: list[str], env: dict[str, str], log: Path) -> subprocess.Popen:
     handle = open(log, "wb")  # noqa: SIM115 - closed with the process
-    return subprocess.Popen(args, cwd=REPO, env=env, stdout=handle, stderr=subprocess.STDOUT,
-                            start_new_session=True)
+    return subprocess.Popen(
+        args, cwd=REPO, env=env, stdout=handle, stderr=subprocess.STDOUT, start_new_session=True
+    )
 
 
 def _stop(proc: subprocess.Popen) -> None:
@@ -77,8 +85,9 @@ def _wait_http(url: str, proc: subprocess.Popen, log: Path, timeout_s: float = 1
     deadline = time.monotonic() + timeout_s
     while time.monotonic() < deadline:
         if proc.poll() is not None:
-            raise AssertionError(f"{proc.args[0]} exited {proc.returncode}:\n"
-                                 f"{log.read_text()[-3000:]}")
+            raise AssertionError(
+                f"{proc.args[0]} exited {proc.returncode}:\n{log.read_text()[-3000:]}"
+            )
         try:
             with urllib.request.urlopen(url, timeout=2) as response:
                 if response.status == 200:
@@ -90,8 +99,9 @@ def _wait_http(url: str, proc: subprocess.Popen, log: Path, timeout_s: float = 1
 
 def _graphql(port: int, query: str, variables: dict | None = None) -> dict:
     body = json.dumps({"query": query, "variables": variables or {}}).encode()
-    request = urllib.request.Request(f"http://127.0.0.1:{port}/graphql", data=body,
-                                     headers={"Content-Type": "application/json"})
+    request = urllib.request.Request(
+        f"http://127.0.0.1:{port}/graphql", data=body, headers={"Content-Type": "application/json"}
+    )
     with urllib.request.urlopen(request, timeout=30) as response:
         answer = json.loads(response.read())
     assert "errors" not in answer, answer
@@ -104,46 +114,64 @@ def test_webserver_and_daemon_run_dataset_job_from_graphql(platform_env, tmp_pat
     port = _free_port()
     target = ["-m", "particleseg_assets.definitions"]
     web_log, daemon_log = tmp_path / "webserver.log", tmp_path / "daemon.log"
-    web = _start([str(BIN / "dagster-webserver"), *target, "-h", "127.0.0.1", "-p", str(port)],
-                 platform_env, web_log)
+    web = _start(
+        [str(BIN / "dagster-webserver"), *target, "-h", "127.0.0.1", "-p", str(port)],
+        platform_env,
+        web_log,
+    )
     daemon = _start([str(BIN / "dagster-daemon"), "run", *target], platform_env, daemon_log)
     try:
         _wait_http(f"http://127.0.0.1:{port}/server_info", web, web_log)
         client = DagsterGraphQLClient("127.0.0.1", port_number=port)
-        run_id = client.submit_job_execution("dataset_job",
-                                             tags={"dagster/partition": "30001"})
+        run_id = client.submit_job_execution("dataset_job", tags={"dagster/partition": "30001"})
         # queued until the daemon's run coordinator launches it
         deadline = time.monotonic() + 240
         status = client.get_run_status(run_id)
-        while status not in (DagsterRunStatus.SUCCESS, DagsterRunStatus.FAILURE,
-                             DagsterRunStatus.CANCELED) and time.monotonic() < deadline:
+        while (
+            status
+            not in (DagsterRunStatus.SUCCESS, DagsterRunStatus.FAILURE, DagsterRunStatus.CANCELED)
+            and time.monotonic() < deadline
+        ):
             assert daemon.poll() is None, daemon_log.read_text()[-3000:]
             time.sleep(1)
             status = client.get_run_status(run_id)
         assert status == DagsterRunStatus.SUCCESS, daemon_log.read_text()[-3000:]
 
         # the materialization events, read back through the same API the UI uses
-        data = _graphql(port, """
+        data = _graphql(
+            port,
+            """
             query($runId: ID!) { runOrError(runId: $runId) { ... on Run {
               tags { key value }
               assetMaterializations { assetKey { path } partition
                 metadataEntries { label ... on IntMetadataEntry { intValue } } } } } }""",
-                        {"runId": run_id})
+            {"runId": run_id},
+        )
         run = data["runOrError"]
         assert {"key": "dagster/partition", "value": "30001"} in run["tags"]
         events = {tuple(e["assetKey"]["path"]): e for e in run["assetMaterializations"]}
-        assert set(events) == {("particle_stacks",), ("refined_particles",), ("mask_volume",),
-                               ("particle_masks",)}
+        assert set(events) == {
+            ("particle_stacks",),
+            ("refined_particles",),
+            ("mask_volume",),
+            ("particle_masks",),
+        }
         assert all(e["partition"] == "30001" for e in events.values())
-        counts = {m["label"]: m.get("intValue") for m in
-                  events[("particle_masks",)]["metadataEntries"]}
+        counts = {
+            m["label"]: m.get("intValue") for m in events[("particle_masks",)]["metadataEntries"]
+        }
         assert counts["particles"] == N_PARTICLES
-        checks = _graphql(port, """
+        checks = _graphql(
+            port,
+            """
             { assetNodes(assetKeys: [{path: ["particle_masks"]}]) {
                 assetChecksOrError { ... on AssetChecks { checks { name
-                  executionForLatestMaterialization { status } } } } } }""")
-        found = {c["name"]: c["executionForLatestMaterialization"]["status"] for c in
-                 checks["assetNodes"][0]["assetChecksOrError"]["checks"]}
+                  executionForLatestMaterialization { status } } } } } }""",
+        )
+        found = {
+            c["name"]: c["executionForLatestMaterialization"]["status"]
+            for c in checks["assetNodes"][0]["assetChecksOrError"]["checks"]
+        }
         assert found == {"masks_not_empty": "SUCCEEDED", "zarr_parquet_rows_agree": "SUCCEEDED"}
     finally:
         _stop(daemon)

@@ -8,19 +8,26 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from particleseg_model.dataset import NothingToFetch, fetch_entry_files
-from particleseg_model.demo_archive import write_demo_archive
-from particleseg_model.empiar import EmpiarClient
-from particleseg_model.mrc import read_particles
-from particleseg_model.server import serve
-from particleseg_model.star import read_star
+from particleseg_model.access.dataset import NothingToFetch, fetch_entry_files
+from particleseg_model.access.empiar import EmpiarClient
+from particleseg_model.access.server import serve
+from particleseg_model.em.mrc import read_particles
+from particleseg_model.em.star import read_star
+from particleseg_model.simulation.demo_archive import write_demo_archive
 
 
 @pytest.fixture(scope="module")
 def small_archive(tmp_path_factory: pytest.TempPathFactory) -> Path:
     out = tmp_path_factory.mktemp("sim") / "archive"
-    write_demo_archive(out, maps=["generated:globular", "generated:ring"], n_particles=30,
-                       box=48, micrograph_size=256, particles_per_stack=12, progress=False)
+    write_demo_archive(
+        out,
+        maps=["generated:globular", "generated:ring"],
+        n_particles=30,
+        box=48,
+        micrograph_size=256,
+        particles_per_stack=12,
+        progress=False,
+    )
     # a stack nobody references: it must never be downloaded
     (out / "archive" / "30001" / "data" / "Particles" / "unused.mrcs").write_bytes(b"x" * 4096)
     return out
@@ -35,7 +42,8 @@ def served(small_archive: Path):
 def _entry(server, empiar_id: str):
     env = server.env()
     return EmpiarClient(env["PARTICLESEG_EMPIAR_URL"], env["PARTICLESEG_EMDB_URL"]).entry(
-        empiar_id), env["PARTICLESEG_ARCHIVE_URL"]
+        empiar_id
+    ), env["PARTICLESEG_ARCHIVE_URL"]
 
 
 def test_particles_entry_fetches_the_star_and_its_stacks_only(served, tmp_path: Path) -> None:
@@ -43,17 +51,22 @@ def test_particles_entry_fetches_the_star_and_its_stacks_only(served, tmp_path: 
     files = fetch_entry_files(entry, archive, tmp_path / "30001", progress=False)
     assert files.kind == "particles"
     assert files.particles_star == tmp_path / "30001" / "data" / "particles.star"
-    assert [p.name for p in files.stacks] == ["particles_001.mrcs", "particles_002.mrcs",
-                                              "particles_003.mrcs"]
+    assert [p.name for p in files.stacks] == [
+        "particles_001.mrcs",
+        "particles_002.mrcs",
+        "particles_003.mrcs",
+    ]
     assert not (tmp_path / "30001" / "data" / "Particles" / "unused.mrcs").exists()
     assert set(files.side_files) == {"ground_truth.csv", "simulation.json"}
     assert sorted(p.name for p in files.maps) == ["emd_95001.map", "mask.mrc"]
-    assert files.pixel_size_a == pytest.approx(read_star(files.particles_star)
-                                               .particles["pixel_size_a"].iloc[0])
+    assert files.pixel_size_a == pytest.approx(
+        read_star(files.particles_star).particles["pixel_size_a"].iloc[0]
+    )
     # the particles read back are the archive's, byte for byte
     star = read_star(files.particles_star)
-    images = read_particles(star.particles["image_name"].tolist()[:5],
-                            base_dir=files.particles_star.parent)
+    images = read_particles(
+        star.particles["image_name"].tolist()[:5], base_dir=files.particles_star.parent
+    )
     assert images.shape == (5, 48, 48) and np.isfinite(images).all()
     assert files.nbytes > 30 * 48 * 48 * 4
 
@@ -76,10 +89,14 @@ def test_micrograph_entry_fetches_micrographs_and_coordinates(served, tmp_path: 
 
 def test_mirror_path_works_like_the_server(small_archive: Path, served, tmp_path: Path) -> None:
     entry, _ = _entry(served, "EMPIAR-30001")
-    files = fetch_entry_files(entry, str(small_archive / "archive"), tmp_path / "local",
-                              progress=False)
-    assert [p.name for p in files.stacks] == ["particles_001.mrcs", "particles_002.mrcs",
-                                              "particles_003.mrcs"]
+    files = fetch_entry_files(
+        entry, str(small_archive / "archive"), tmp_path / "local", progress=False
+    )
+    assert [p.name for p in files.stacks] == [
+        "particles_001.mrcs",
+        "particles_002.mrcs",
+        "particles_003.mrcs",
+    ]
 
 
 def test_missing_stack_is_named(small_archive: Path, served, tmp_path: Path) -> None:
@@ -92,12 +109,21 @@ def test_missing_stack_is_named(small_archive: Path, served, tmp_path: Path) -> 
 
 
 def test_entry_without_particles_or_coordinates(fixture_mirror, tmp_path: Path) -> None:
-    from particleseg_model.empiar import parse_entry
+    from particleseg_model.access.empiar import parse_entry
 
-    record = {"title": "t", "status": "REL", "release_date": "2020-01-01",
-              "update_date": "2020-01-01", "dataset_size": "1 GB", "experiment_type": "EMDB",
-              "cross_references": [], "imagesets": [{"name": "movies", "directory": "data",
-                                                     "category": "micrographs - multiframe"}]}
+    record = {
+        "title": "t",
+        "status": "REL",
+        "release_date": "2020-01-01",
+        "update_date": "2020-01-01",
+        "dataset_size": "1 GB",
+        "experiment_type": "EMDB",
+        "cross_references": [],
+        "imagesets": [
+            {"name": "movies", "directory": "data", "category": "micrographs - multiframe"}
+        ],
+    }
     with pytest.raises(NothingToFetch, match="EMPIAR-19999"):
-        fetch_entry_files(parse_entry("19999", record), str(tmp_path), tmp_path / "d",
-                          progress=False)
+        fetch_entry_files(
+            parse_entry("19999", record), str(tmp_path), tmp_path / "d", progress=False
+        )

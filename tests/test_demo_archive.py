@@ -16,24 +16,31 @@ import pandas as pd
 import pytest
 import starfile
 
-from particleseg_model.catalog import entry_row, select_eligible
-from particleseg_model.demo_archive import (
+from particleseg_model.access.catalog import entry_row, select_eligible
+from particleseg_model.access.empiar import parse_entry, parse_resolution
+from particleseg_model.access.mirror import Mirror
+from particleseg_model.em.maps import MapError
+from particleseg_model.em.star import read_star
+from particleseg_model.simulation.demo_archive import (
     ArchiveExistsError,
     MapSource,
     default_maps,
     write_demo_archive,
 )
-from particleseg_model.empiar import parse_entry, parse_resolution
-from particleseg_model.maps import MapError
-from particleseg_model.mirror import Mirror
-from particleseg_model.simulate import normalise_images
-from particleseg_model.star import read_star
+from particleseg_model.simulation.simulate import normalise_images
 
 BOX = 64
 N = 40
-SMALL = {"maps": ["generated:globular", "generated:ring"], "n_particles": N, "box": BOX,
-         "seed": 1, "snr": 4.0, "micrograph_size": 256, "particles_per_stack": 25,
-         "progress": False}
+SMALL = {
+    "maps": ["generated:globular", "generated:ring"],
+    "n_particles": N,
+    "box": BOX,
+    "seed": 1,
+    "snr": 4.0,
+    "micrograph_size": 256,
+    "particles_per_stack": 25,
+    "progress": False,
+}
 
 
 @pytest.fixture(scope="module")
@@ -47,8 +54,11 @@ def _data(root: Path, number: int) -> Path:
 
 
 def _hashes(root: Path) -> dict[str, str]:
-    return {str(p.relative_to(root)): hashlib.sha256(p.read_bytes()).hexdigest()
-            for p in sorted(root.rglob("*")) if p.is_file()}
+    return {
+        str(p.relative_to(root)): hashlib.sha256(p.read_bytes()).hexdigest()
+        for p in sorted(root.rglob("*"))
+        if p.is_file()
+    }
 
 
 def _catalog_rows(root: Path) -> pd.DataFrame:
@@ -59,8 +69,9 @@ def _catalog_rows(root: Path) -> pd.DataFrame:
         resolutions = {}
         for emd in entry.emdb_ids:
             record = mirror.emdb_entry(emd)
-            processing = (record["structure_determination_list"]["structure_determination"][0]
-                          ["image_processing"][0])
+            processing = record["structure_determination_list"]["structure_determination"][0][
+                "image_processing"
+            ][0]
             resolutions[emd] = parse_resolution(processing["final_reconstruction"]["resolution"])
         rows.append(entry_row(entry, resolutions))
     return pd.DataFrame(rows)
@@ -73,8 +84,13 @@ def test_layout_and_eligible_records(archive: tuple[Path, list[str]]) -> None:
         data = _data(root, number)
         assert (root / "empiar" / f"EMPIAR-{number}.json").is_file()
         assert (root / "emdb" / f"EMD-{emd}.json").is_file()
-        for name in (f"Map/emd_{emd}.map", "Map/mask.mrc", "ground_truth.csv", "gallery.png",
-                     "simulation.json"):
+        for name in (
+            f"Map/emd_{emd}.map",
+            "Map/mask.mrc",
+            "ground_truth.csv",
+            "gallery.png",
+            "simulation.json",
+        ):
             assert (data / name).is_file(), name
     catalog = _catalog_rows(root)
     eligible = select_eligible(catalog)
@@ -89,8 +105,10 @@ def test_layout_and_eligible_records(archive: tuple[Path, list[str]]) -> None:
     info = json.loads((_data(root, 30001) / "simulation.json").read_text())
     assert imageset["pixel_width"] == pytest.approx(info["pixel_size_a"], abs=1e-6)
     assert record["cross_references"] == [{"name": "EMD-95001"}]
-    assert Mirror(root).entry("EMPIAR-30002")["EMPIAR-30002"]["imagesets"][0]["category"] \
+    assert (
+        Mirror(root).entry("EMPIAR-30002")["EMPIAR-30002"]["imagesets"][0]["category"]
         == "micrographs - single frame"
+    )
     # no temporary directory left beside the archive
     assert [p.name for p in root.parent.iterdir()] == ["mirror"]
 
@@ -107,8 +125,10 @@ def test_particle_files(archive: tuple[Path, list[str]]) -> None:
     assert (table.voltage_kv == 300).all() and (table.spherical_aberration_mm == 2.7).all()
     assert (table.amplitude_contrast == 0.1).all()
     # 25 particles per stack: two stacks, every image name resolves
-    assert sorted(table.stack_path.unique()) == ["Particles/particles_001.mrcs",
-                                                 "Particles/particles_002.mrcs"]
+    assert sorted(table.stack_path.unique()) == [
+        "Particles/particles_001.mrcs",
+        "Particles/particles_002.mrcs",
+    ]
     for stack, group in table.groupby("stack_path"):
         with mrcfile.open(data / stack) as mrc:
             assert mrc.data.shape[1:] == (BOX, BOX)
@@ -127,15 +147,28 @@ def test_particle_files(archive: tuple[Path, list[str]]) -> None:
 
 
 def test_relion_projects_the_star_file_onto_the_particles(
-        archive: tuple[Path, list[str]], relion_bin: Path, tmp_path: Path) -> None:
+    archive: tuple[Path, list[str]], relion_bin: Path, tmp_path: Path
+) -> None:
     """relion_project with the archive's map and STAR file (poses, origins, CTF) reproduces
     the good particles; junk does not match its (random) STAR poses."""
     root, _ = archive
     data = _data(root, 30001)
     (tmp_path / "map.mrc").symlink_to(data / "Map" / "emd_95001.map")
-    subprocess.run([str(relion_bin / "relion_project"), "--i", "map.mrc", "--o", "proj",
-                    "--ang", str(data / "particles.star"), "--ctf"], cwd=tmp_path, check=True,
-                   capture_output=True)
+    subprocess.run(
+        [
+            str(relion_bin / "relion_project"),
+            "--i",
+            "map.mrc",
+            "--o",
+            "proj",
+            "--ang",
+            str(data / "particles.star"),
+            "--ctf",
+        ],
+        cwd=tmp_path,
+        check=True,
+        capture_output=True,
+    )
     with mrcfile.open(tmp_path / "proj.mrcs") as mrc:
         projections = np.asarray(mrc.data, dtype=np.float64)
     table = read_star(data / "particles.star").particles
@@ -144,8 +177,9 @@ def test_relion_projects_the_star_file_onto_the_particles(
         with mrcfile.open(data / stack) as mrc:
             images.append(np.asarray(mrc.data[index - 1], dtype=np.float64))
     truth = pd.read_csv(data / "ground_truth.csv")
-    corr = np.array([np.corrcoef(a.ravel(), b.ravel())[0, 1]
-                     for a, b in zip(projections, images, strict=True)])
+    corr = np.array(
+        [np.corrcoef(a.ravel(), b.ravel())[0, 1] for a, b in zip(projections, images, strict=True)]
+    )
     # SNR 4: a perfect match correlates at about sqrt(4 / 5) = 0.89
     assert corr[truth.is_good].min() > 0.75
     assert np.abs(corr[truth.junk_kind == "empty"]).max() < 0.2
@@ -174,8 +208,9 @@ def test_micrograph_files(archive: tuple[Path, list[str]]) -> None:
         assert (boxes[:, 2:] == BOX).all()
 
 
-def test_relion_extracts_at_the_coordinates(archive: tuple[Path, list[str]],
-                                            relion_bin: Path, tmp_path: Path) -> None:
+def test_relion_extracts_at_the_coordinates(
+    archive: tuple[Path, list[str]], relion_bin: Path, tmp_path: Path
+) -> None:
     """relion_preprocess --extract at our coordinates cuts the boxes we mean (0-based centre)."""
     root, _ = archive
     data = _data(root, 30002)
@@ -187,23 +222,45 @@ def test_relion_extracts_at_the_coordinates(archive: tuple[Path, list[str]],
     star["micrographs"] = star["micrographs"][star["micrographs"].rlnMicrographName == name]
     starfile.write(star, tmp_path / "mics.star")
     (tmp_path / name.replace(".mrc", "_pick.star")).symlink_to(
-        data / "Coordinates" / f"{Path(name).stem}.star")
-    subprocess.run([str(relion_bin / "relion_preprocess"), "--i", "mics.star", "--coord_dir",
-                    "./", "--coord_suffix", "_pick.star", "--part_star", "parts.star",
-                    "--part_dir", "Extract/", "--extract", "--extract_size", str(BOX),
-                    "--invert_contrast", "--norm", "--bg_radius", str(int(0.375 * BOX))],
-                   cwd=tmp_path, check=True, capture_output=True)
+        data / "Coordinates" / f"{Path(name).stem}.star"
+    )
+    subprocess.run(
+        [
+            str(relion_bin / "relion_preprocess"),
+            "--i",
+            "mics.star",
+            "--coord_dir",
+            "./",
+            "--coord_suffix",
+            "_pick.star",
+            "--part_star",
+            "parts.star",
+            "--part_dir",
+            "Extract/",
+            "--extract",
+            "--extract_size",
+            str(BOX),
+            "--invert_contrast",
+            "--norm",
+            "--bg_radius",
+            str(int(0.375 * BOX)),
+        ],
+        cwd=tmp_path,
+        check=True,
+        capture_output=True,
+    )
     parts = starfile.read(tmp_path / "parts.star", always_dict=True)["particles"]
     with mrcfile.open(data / name) as mrc:
         micrograph = np.asarray(mrc.data, dtype=np.float64)
     assert len(parts) == (truth.micrograph_name == name).sum()
-    for image_name, x, y in zip(parts.rlnImageName, parts.rlnCoordinateX, parts.rlnCoordinateY,
-                                strict=True):
+    for image_name, x, y in zip(
+        parts.rlnImageName, parts.rlnCoordinateX, parts.rlnCoordinateY, strict=True
+    ):
         index, stack = image_name.split("@")
         with mrcfile.open(tmp_path / stack) as mrc:
             extracted = np.asarray(mrc.data[int(index) - 1] if mrc.data.ndim == 3 else mrc.data)
         x0, y0 = int(round(x)) - BOX // 2, int(round(y)) - BOX // 2
-        window = -micrograph[None, y0:y0 + BOX, x0:x0 + BOX].astype(np.float32)
+        window = -micrograph[None, y0 : y0 + BOX, x0 : x0 + BOX].astype(np.float32)
         ours, _, _ = normalise_images(window)  # RELION's --norm: background ramp removed
         assert np.corrcoef(ours.ravel(), extracted.ravel())[0, 1] > 0.999
 
@@ -214,8 +271,9 @@ def test_same_seed_same_bytes(archive: tuple[Path, list[str]], tmp_path: Path) -
     write_demo_archive(again, **SMALL)
     assert _hashes(again) == _hashes(root)
     other = tmp_path / "other"
-    write_demo_archive(other, **{**SMALL, "seed": 2, "maps": SMALL["maps"][:1],
-                                 "micrograph_entries": 0})
+    write_demo_archive(
+        other, **{**SMALL, "seed": 2, "maps": SMALL["maps"][:1], "micrograph_entries": 0}
+    )
     stack = "archive/30001/data/Particles/particles_001.mrcs"
     assert _hashes(other)[stack] != _hashes(root)[stack]
 
@@ -272,7 +330,7 @@ def test_bad_map_names_the_file_and_writes_nothing(tmp_path: Path) -> None:
 
 
 def test_failure_midway_leaves_nothing(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    import particleseg_model.demo_archive as demo
+    import particleseg_model.simulation.demo_archive as demo
 
     def broken(*args, **kwargs):
         raise RuntimeError("disk full")
@@ -288,8 +346,11 @@ def test_failure_midway_leaves_nothing(tmp_path: Path, monkeypatch: pytest.Monke
 
 def test_default_maps(shared_data: Path) -> None:
     with_shared = default_maps(shared_data)
-    assert [m.label for m in with_shared] == ["EMD-1832", "EMD-5625",
-                                              "generated ring pseudo-atomic map"]
+    assert [m.label for m in with_shared] == [
+        "EMD-1832",
+        "EMD-5625",
+        "generated ring pseudo-atomic map",
+    ]
     without = default_maps(None)
     assert [m.shape for m in without] == ["globular", "elongated", "ring"]
     assert default_maps(shared_data / "nowhere") == without
@@ -298,8 +359,14 @@ def test_default_maps(shared_data: Path) -> None:
 
 
 def test_real_map_entry(shared_data: Path, tmp_path: Path) -> None:
-    ids = write_demo_archive(tmp_path / "real", maps=[shared_data / "maps" / "emd_5625.map"],
-                             n_particles=12, box=BOX, micrograph_entries=0, progress=False)
+    ids = write_demo_archive(
+        tmp_path / "real",
+        maps=[shared_data / "maps" / "emd_5625.map"],
+        n_particles=12,
+        box=BOX,
+        micrograph_entries=0,
+        progress=False,
+    )
     record = Mirror(tmp_path / "real").entry(ids[0])[ids[0]]
     assert "EMD-5625" in record["title"]
     pixel = record["imagesets"][0]["pixel_width"]

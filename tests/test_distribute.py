@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 from test_model import write_partition
 
-from particleseg_model.train import TrainConfig, train_segmentation
+from particleseg_model.model.train import TrainConfig, train_segmentation
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -27,7 +27,7 @@ cpu = tf.config.list_physical_devices("CPU")[0]
 tf.config.set_logical_device_configuration(cpu, [tf.config.LogicalDeviceConfiguration()] * 2)
 
 import keras
-from particleseg_model.train import TrainConfig, evaluate_partition, train_segmentation
+from particleseg_model.model.train import TrainConfig, evaluate_partition, train_segmentation
 
 corpus, out = sys.argv[1], sys.argv[2]
 report = {"logical_cpus": len(tf.config.list_logical_devices("CPU"))}
@@ -61,12 +61,17 @@ def corpus(tmp_path_factory: pytest.TempPathFactory) -> Path:
 def test_mirrored_strategy_trains_on_two_replicas(corpus: Path, tmp_path: Path) -> None:
     import numpy as np
 
-    from particleseg_model.corpus import open_corpus
+    from particleseg_model.corpus.store import open_corpus
 
     dataset = open_corpus(corpus, "40001")
     assert len(dataset.split_indices("train")) % 16 % 2 and len(dataset.split_indices("val")) % 2
-    done = subprocess.run([sys.executable, "-c", SCRIPT, str(corpus), str(tmp_path)], cwd=REPO,
-                          capture_output=True, text=True, timeout=240)
+    done = subprocess.run(
+        [sys.executable, "-c", SCRIPT, str(corpus), str(tmp_path)],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=240,
+    )
     assert done.returncode == 0, done.stderr[-4000:]
     line = next(t for t in done.stdout.splitlines() if t.startswith("REPORT "))
     report = json.loads(line.removeprefix("REPORT "))
@@ -97,18 +102,33 @@ def test_distribute_is_validated(corpus: Path, tmp_path: Path, monkeypatch) -> N
     TrainConfig(distribute="mirrored").check()
 
 
-@pytest.mark.parametrize("tf_config, where", [
-    (None, "out"),
-    ({"cluster": {"worker": ["a:1", "b:1"]}, "task": {"type": "worker", "index": 0}}, "out"),
-    ({"cluster": {"worker": ["a:1", "b:1"]}, "task": {"type": "worker", "index": 1}},
-     "out/worker-1"),
-    ({"cluster": {"chief": ["c:1"], "worker": ["a:1"]}, "task": {"type": "chief", "index": 0}},
-     "out"),
-    ({"cluster": {"chief": ["c:1"], "worker": ["a:1"]}, "task": {"type": "worker", "index": 0}},
-     "out/worker-0"),
-])
+@pytest.mark.parametrize(
+    "tf_config, where",
+    [
+        (None, "out"),
+        ({"cluster": {"worker": ["a:1", "b:1"]}, "task": {"type": "worker", "index": 0}}, "out"),
+        (
+            {"cluster": {"worker": ["a:1", "b:1"]}, "task": {"type": "worker", "index": 1}},
+            "out/worker-1",
+        ),
+        (
+            {
+                "cluster": {"chief": ["c:1"], "worker": ["a:1"]},
+                "task": {"type": "chief", "index": 0},
+            },
+            "out",
+        ),
+        (
+            {
+                "cluster": {"chief": ["c:1"], "worker": ["a:1"]},
+                "task": {"type": "worker", "index": 0},
+            },
+            "out/worker-0",
+        ),
+    ],
+)
 def test_only_the_chief_writes_the_result(monkeypatch, tmp_path: Path, tf_config, where):
-    from particleseg_model.train import _output_dir
+    from particleseg_model.model.train import _output_dir
 
     if tf_config is None:
         monkeypatch.delenv("TF_CONFIG", raising=False)

@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 
 from conftest import FAST_HTTP
-from particleseg_model.empiar import (
+from particleseg_model.access.empiar import (
     EmdbClient,
     EmpiarClient,
     EntryError,
@@ -21,16 +21,30 @@ from particleseg_model.empiar import (
     partition_key,
     resolution_from_emdb,
 )
-from particleseg_model.fixtures import emdb_record
-from particleseg_model.http import BadPayloadError, NotFoundError, RateLimitedError, ServerError
-from particleseg_model.server import Fault
+from particleseg_model.access.fixtures import emdb_record
+from particleseg_model.access.http import (
+    BadPayloadError,
+    NotFoundError,
+    RateLimitedError,
+    ServerError,
+)
+from particleseg_model.access.server import Fault
 
 
-@pytest.mark.parametrize(("text", "expected"), [
-    ("26.8 GB", 26_800_000_000), ("1.9 TB", 1_900_000_000_000), ("512 MB", 512_000_000),
-    ("34.0 TB", 34 * 10**12), ("2 GiB", 2 * 2**30), ("1,024 KB", 1_024_000), (None, None),
-    ("", None), (123, 123),
-])
+@pytest.mark.parametrize(
+    ("text", "expected"),
+    [
+        ("26.8 GB", 26_800_000_000),
+        ("1.9 TB", 1_900_000_000_000),
+        ("512 MB", 512_000_000),
+        ("34.0 TB", 34 * 10**12),
+        ("2 GiB", 2 * 2**30),
+        ("1,024 KB", 1_024_000),
+        (None, None),
+        ("", None),
+        (123, 123),
+    ],
+)
 def test_dataset_size_parses_to_bytes(text, expected):
     assert parse_dataset_size(text) == expected
 
@@ -40,10 +54,19 @@ def test_dataset_size_garbage_is_an_error():
         parse_dataset_size("huge")
 
 
-@pytest.mark.parametrize(("value", "expected"), [
-    ("3.97", 3.97), ("3.5 Å", 3.5), ("3.5A", 3.5), (" 2.2 ", 2.2), (3.1, 3.1), (None, None),
-    ("", None), ({"valueOf_": "2.9", "units": "Å"}, 2.9),
-])
+@pytest.mark.parametrize(
+    ("value", "expected"),
+    [
+        ("3.97", 3.97),
+        ("3.5 Å", 3.5),
+        ("3.5A", 3.5),
+        (" 2.2 ", 2.2),
+        (3.1, 3.1),
+        (None, None),
+        ("", None),
+        ({"valueOf_": "2.9", "units": "Å"}, 2.9),
+    ],
+)
 def test_resolution_tolerates_units_and_missing(value, expected):
     assert parse_resolution(value) == expected
 
@@ -56,8 +79,9 @@ def test_resolution_that_does_not_parse_is_an_error(value):
 
 def test_cross_references_in_both_shapes():
     assert parse_cross_references(["EMD-1234", "EMD-5678"]) == ("EMD-1234", "EMD-5678")
-    assert parse_cross_references([{"name": "EMD-1234"}, {"name": "emd_99"}, {"name": "PDB-1ABC"},
-                                   {"name": "EMD-1234"}]) == ("EMD-1234",)
+    assert parse_cross_references(
+        [{"name": "EMD-1234"}, {"name": "emd_99"}, {"name": "PDB-1ABC"}, {"name": "EMD-1234"}]
+    ) == ("EMD-1234",)
     assert parse_cross_references(None) == ()
     with pytest.raises(ValueError):
         parse_cross_references("EMD-1234")
@@ -70,25 +94,44 @@ def test_ids_normalise():
     assert normalize_emd_id("emd_1832") == "EMD-1832"
     with pytest.raises(ValueError):
         normalize_empiar_id("10028x")
-    assert compress_ids([10060, "EMPIAR-10061", 10062, 10050, 10054, 10063]) == \
-        "10050,10054,10060-10063"
+    assert (
+        compress_ids([10060, "EMPIAR-10061", 10062, 10050, 10054, 10063])
+        == "10050,10054,10060-10063"
+    )
     assert date_window_query("2020-01-01") == "database:EMPIAR AND update_date:[2020-01-01 TO *]"
 
 
 def test_particles_and_coordinates_are_recognised():
-    particles = parse_imageset({"name": "p", "directory": "data/p",
-                                "category": "picked particles - multiframe - unprocessed"})
+    particles = parse_imageset(
+        {
+            "name": "p",
+            "directory": "data/p",
+            "category": "picked particles - multiframe - unprocessed",
+        }
+    )
     assert particles.is_particles and not particles.has_coordinates
-    coords = parse_imageset({"name": "m", "category": "micrographs - multiframe",
-                             "picked_particles_file_pattern": "data/coords/*.star",
-                             "image_width": "variable", "pixel_width": 1.06})
+    coords = parse_imageset(
+        {
+            "name": "m",
+            "category": "micrographs - multiframe",
+            "picked_particles_file_pattern": "data/coords/*.star",
+            "image_width": "variable",
+            "pixel_width": 1.06,
+        }
+    )
     assert coords.has_coordinates and coords.image_width_px is None
     assert coords.pixel_width_a == pytest.approx(1.06)
-    by_details = parse_imageset({"name": "m", "category": "micrographs - single frame",
-                                 "details": "Particle coordinates in RELION .star files."})
+    by_details = parse_imageset(
+        {
+            "name": "m",
+            "category": "micrographs - single frame",
+            "details": "Particle coordinates in RELION .star files.",
+        }
+    )
     assert by_details.has_coordinates
-    plain = parse_imageset({"name": "m", "category": "micrographs - multiframe",
-                            "details": "Gain reference included."})
+    plain = parse_imageset(
+        {"name": "m", "category": "micrographs - multiframe", "details": "Gain reference included."}
+    )
     assert not plain.has_coordinates and not plain.is_particles
 
 
@@ -152,8 +195,9 @@ def test_missing_entry_and_map_are_typed(archive_server):
 
 
 def test_client_survives_rate_limits_and_server_errors(archive_server):
-    archive_server.faults.append(Fault(r"/entry/10028", "status", status=429, times=2,
-                                       retry_after_s=0))
+    archive_server.faults.append(
+        Fault(r"/entry/10028", "status", status=429, times=2, retry_after_s=0)
+    )
     archive_server.faults.append(Fault(r"EMD-2660", "status", status=503, times=1))
     client = EmpiarClient(archive_server.empiar_url, archive_server.emdb_url, **FAST_HTTP)
     assert client.entry(10028).empiar_id == "EMPIAR-10028"
@@ -164,8 +208,9 @@ def test_client_survives_rate_limits_and_server_errors(archive_server):
 
 def test_client_gives_up_with_typed_errors(archive_server):
     archive_server.faults.append(Fault(r"/entry/10005", "status", status=500, times=-1))
-    archive_server.faults.append(Fault(r"/entry/10049", "status", status=429, times=-1,
-                                       retry_after_s=0))
+    archive_server.faults.append(
+        Fault(r"/entry/10049", "status", status=429, times=-1, retry_after_s=0)
+    )
     archive_server.faults.append(Fault(r"/entry/10059", "garbage", times=-1))
     client = EmpiarClient(archive_server.empiar_url, archive_server.emdb_url, **FAST_HTTP)
     with pytest.raises(ServerError):

@@ -36,11 +36,11 @@ from test_dagster_e2e import N_PARTICLES, REPO, particle_archive  # noqa: F401 -
 
 from particleseg_assets.assets.corpus import read_manifest
 from particleseg_assets.sensors import empiar_updates_sensor
-from particleseg_model.corpus import open_corpus
-from particleseg_model.fixtures import fixture_records
-from particleseg_model.registry import list_models, load_model, resolve_model
-from particleseg_model.server import ArchiveServer, Fault, serve
-from particleseg_model.star import read_star
+from particleseg_model.access.fixtures import fixture_records
+from particleseg_model.access.server import ArchiveServer, Fault, serve
+from particleseg_model.corpus.store import open_corpus
+from particleseg_model.em.star import read_star
+from particleseg_model.model.registry import list_models, load_model, resolve_model
 
 pytestmark = pytest.mark.slow
 
@@ -57,8 +57,10 @@ class Platform:
 
 
 @pytest.fixture(scope="module")
-def platform(particle_archive: Path, tmp_path_factory: pytest.TempPathFactory  # noqa: F811
-             ) -> Iterator[Platform]:
+def platform(
+    particle_archive: Path,  # noqa: F811
+    tmp_path_factory: pytest.TempPathFactory,
+) -> Iterator[Platform]:
     """One deployment for the kill tests: a DAGSTER_HOME, a storage root, the loopback
     archive, and a first good dataset_job run of 30001 (the version the kills must keep)."""
     import shutil
@@ -75,14 +77,30 @@ def platform(particle_archive: Path, tmp_path_factory: pytest.TempPathFactory  #
             patch.setenv(name, value)
         DagsterInstance.get().add_dynamic_partitions("empiar_id", ["30001", "30002"])
         env = {**os.environ, "PYTHONUNBUFFERED": "1"}
-        _ok(_dagster("job", "execute", *TARGET, "-j", "dataset_job", "--tags",
-                     json.dumps({"dagster/partition": "30001"}), env=env))
+        _ok(
+            _dagster(
+                "job",
+                "execute",
+                *TARGET,
+                "-j",
+                "dataset_job",
+                "--tags",
+                json.dumps({"dagster/partition": "30001"}),
+                env=env,
+            )
+        )
         yield Platform(data, particle_archive, work, server, env)
 
 
 def _dagster(*args: str, env: dict[str, str]) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "dagster", *args], cwd=REPO, env=env,
-                          capture_output=True, text=True, timeout=300)
+    return subprocess.run(
+        [sys.executable, "-m", "dagster", *args],
+        cwd=REPO,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
 
 
 def _ok(result: subprocess.CompletedProcess) -> None:
@@ -97,8 +115,11 @@ def _config(platform: Platform, name: str, op: str, config: dict) -> str:
 
 def _hashes(root: Path) -> dict[str, str]:
     """sha256 of every file under ``root``, by relative path."""
-    return {p.relative_to(root).as_posix(): hashlib.sha256(p.read_bytes()).hexdigest()
-            for p in sorted(root.rglob("*")) if p.is_file()}
+    return {
+        p.relative_to(root).as_posix(): hashlib.sha256(p.read_bytes()).hexdigest()
+        for p in sorted(root.rglob("*"))
+        if p.is_file()
+    }
 
 
 def _unchanged(before: dict[str, str], root: Path) -> dict[str, str]:
@@ -109,19 +130,28 @@ def _unchanged(before: dict[str, str], root: Path) -> dict[str, str]:
     return after
 
 
-def _kill_when(platform: Platform, args: list[str], ready: Callable[[], bool],
-               what: str, timeout_s: float = 180) -> None:
+def _kill_when(
+    platform: Platform,
+    args: list[str],
+    ready: Callable[[], bool],
+    what: str,
+    timeout_s: float = 180,
+) -> None:
     """Start ``dagster *args`` in its own session, SIGKILL the whole group once ``ready()``."""
     log = platform.work / f"killed-{time.monotonic_ns()}.log"
     with open(log, "wb") as handle:
-        proc = subprocess.Popen([sys.executable, "-m", "dagster", *args], cwd=REPO,
-                                env=platform.env, stdout=handle, stderr=subprocess.STDOUT,
-                                start_new_session=True)
+        proc = subprocess.Popen(
+            [sys.executable, "-m", "dagster", *args],
+            cwd=REPO,
+            env=platform.env,
+            stdout=handle,
+            stderr=subprocess.STDOUT,
+            start_new_session=True,
+        )
     try:
         deadline = time.monotonic() + timeout_s
         while not ready():
-            assert proc.poll() is None, \
-                f"the run ended before {what}:\n{log.read_text()[-3000:]}"
+            assert proc.poll() is None, f"the run ended before {what}:\n{log.read_text()[-3000:]}"
             assert time.monotonic() < deadline, f"no sign of {what} in {timeout_s} s"
             time.sleep(0.02)
         os.killpg(proc.pid, signal.SIGKILL)
@@ -149,8 +179,11 @@ def _fail_the_killed_run() -> str:
 def _latest(asset: str, partition: str | None = None):
     instance = DagsterInstance.get()
     records = instance.fetch_materializations(
-        AssetKey(asset) if partition is None else
-        AssetRecordsFilter(asset_key=AssetKey(asset), asset_partitions=[partition]), limit=1)
+        AssetKey(asset)
+        if partition is None
+        else AssetRecordsFilter(asset_key=AssetKey(asset), asset_partitions=[partition]),
+        limit=1,
+    )
     assert records.records, f"{asset} {partition or ''} was never materialized"
     return records.records[0].event_log_entry
 
@@ -181,8 +214,20 @@ def test_a_run_killed_while_downloading_leaves_no_partial_file(platform: Platfor
     # the stack trickles at 100 kB/s: the kill lands while it is in flight
     server.faults.append(Fault(r"/30002/.*\.mrcs$", "slow", bytes_per_s=100_000, times=-1))
     try:
-        _kill_when(platform, ["asset", "materialize", *TARGET, "--select", "particle_stacks",
-                              "--partition", "30002"], part.exists, "the stack download")
+        _kill_when(
+            platform,
+            [
+                "asset",
+                "materialize",
+                *TARGET,
+                "--select",
+                "particle_stacks",
+                "--partition",
+                "30002",
+            ],
+            part.exists,
+            "the stack download",
+        )
     finally:
         server.faults.clear()
     _fail_the_killed_run()
@@ -201,14 +246,23 @@ def test_a_run_killed_while_downloading_leaves_no_partial_file(platform: Platfor
     assert instance.get_materialized_partitions(AssetKey("particle_stacks")) == {"30001"}
 
     seen = len(server.requests)
-    _ok(_dagster("job", "execute", *TARGET, "-j", "dataset_job", "--tags",
-                 json.dumps({"dagster/partition": "30002"}), env=platform.env))
+    _ok(
+        _dagster(
+            "job",
+            "execute",
+            *TARGET,
+            "-j",
+            "dataset_job",
+            "--tags",
+            json.dumps({"dagster/partition": "30002"}),
+            env=platform.env,
+        )
+    )
     assert ("GET", f"/empiar/world_availability/30002/{stack}", 200) in server.requests[seen:]
     assert target.read_bytes() == source.read_bytes()
     assert not list((data / "downloads").rglob("*.part"))
     assert open_corpus(data / "corpus", "30002").n_particles == N_PARTICLES
-    assert instance.get_materialized_partitions(AssetKey("particle_masks")) == {"30001",
-                                                                                "30002"}
+    assert instance.get_materialized_partitions(AssetKey("particle_masks")) == {"30001", "30002"}
 
 
 # ------------------------------------------------------------------------------ masks
@@ -224,11 +278,23 @@ def test_a_run_killed_in_particle_masks_leaves_the_last_corpus(platform: Platfor
 
     # a slow re-labelling (one particle per batch), killed once its temporary version exists
     config = _config(platform, "relabel", "particle_masks", {"batch": 1, "threshold": 5.0})
-    select = ["asset", "materialize", *TARGET, "--select", "particle_masks", "--partition",
-              "30001", "--config", config]
-    _kill_when(platform, select,
-               lambda: any(p.name.startswith("30001.zarr.tmp-") for p in corpus.iterdir()),
-               "a temporary corpus version")
+    select = [
+        "asset",
+        "materialize",
+        *TARGET,
+        "--select",
+        "particle_masks",
+        "--partition",
+        "30001",
+        "--config",
+        config,
+    ]
+    _kill_when(
+        platform,
+        select,
+        lambda: any(p.name.startswith("30001.zarr.tmp-") for p in corpus.iterdir()),
+        "a temporary corpus version",
+    )
     _fail_the_killed_run()
 
     # the half-written version is invisible; the last good one is intact, byte for byte
@@ -244,31 +310,43 @@ def test_a_run_killed_in_particle_masks_leaves_the_last_corpus(platform: Platfor
     rebuilt = open_corpus(corpus, "30001")
     assert rebuilt.attrs["threshold"] == 5.0 and rebuilt.n_particles == N_PARTICLES
     assert not [p for p in corpus.iterdir() if ".tmp-" in p.name or ".old-" in p.name]
-    assert _latest("particle_masks", "30001").asset_materialization.metadata[
-        "threshold"].value == 5.0
+    assert (
+        _latest("particle_masks", "30001").asset_materialization.metadata["threshold"].value == 5.0
+    )
 
 
 # ------------------------------------------------------------------------------ train
 
 
-TINY = {"size": 32, "base_filters": 8, "batch_size": 16, "optimizer": "adam",
-        "partitions": ["30001"]}
+TINY = {
+    "size": 32,
+    "base_filters": 8,
+    "batch_size": 16,
+    "optimizer": "adam",
+    "partitions": ["30001"],
+}
 
 
 def test_a_run_killed_in_training_keeps_the_registered_model(platform: Platform):
     models = platform.data / "models"
     select = ["asset", "materialize", *TARGET, "--select", "segmentation_model", "--config"]
-    quick = _config(platform, "train-quick", "segmentation_model",
-                    {**TINY, "epochs": 1, "patience": 1})
+    quick = _config(
+        platform, "train-quick", "segmentation_model", {**TINY, "epochs": 1, "patience": 1}
+    )
     _ok(_dagster(*select, quick, env=platform.env))
     assert resolve_model(models_root=models).version == "v0001"
     before = _hashes(models / "v0001")
 
     # a long training, killed in its first epoch (Keras' CSV log opens when fit begins)
-    long = _config(platform, "train-long", "segmentation_model",
-                   {**TINY, "epochs": 500, "patience": 500})
-    _kill_when(platform, [*select, long],
-               lambda: any(models.glob(".staging-*/history.csv")), "an epoch in progress")
+    long = _config(
+        platform, "train-long", "segmentation_model", {**TINY, "epochs": 500, "patience": 500}
+    )
+    _kill_when(
+        platform,
+        [*select, long],
+        lambda: any(models.glob(".staging-*/history.csv")),
+        "an epoch in progress",
+    )
     _fail_the_killed_run()
     (staged,) = models.glob(".staging-*")  # the killed run's, mid-training: no model yet
     assert (staged / "history.csv").exists() and not (staged / "model.keras").exists()
@@ -285,8 +363,7 @@ def test_a_run_killed_in_training_keeps_the_registered_model(platform: Platform)
     assert resolve_model(models_root=models).version == "v0002"
     assert load_model(resolve_model(models_root=models)).input_shape[1:3] == (32, 32)
     assert _hashes(models / "v0001") == before
-    assert _latest("segmentation_model").asset_materialization.metadata[
-        "version"].value == "v0002"
+    assert _latest("segmentation_model").asset_materialization.metadata["version"].value == "v0002"
 
 
 # ------------------------------------------------------------------------------ refine
@@ -295,10 +372,23 @@ def test_a_run_killed_in_training_keeps_the_registered_model(platform: Platform)
 def test_a_run_killed_in_relion_refine_keeps_the_last_poses(platform: Platform, relion_bin):
     data = platform.data
     out = data / "refined_particles" / "30001"
-    config = _config(platform, "refine", "refined_particles",
-                     {"source": "refine", "max_iterations": 1, "max_particles": 24})
-    select = ["asset", "materialize", *TARGET, "--select", "refined_particles",
-              "--partition", "30001", "--config", config]
+    config = _config(
+        platform,
+        "refine",
+        "refined_particles",
+        {"source": "refine", "max_iterations": 1, "max_particles": 24},
+    )
+    select = [
+        "asset",
+        "materialize",
+        *TARGET,
+        "--select",
+        "refined_particles",
+        "--partition",
+        "30001",
+        "--config",
+        config,
+    ]
     _ok(_dagster(*select, env=platform.env))
     manifest = json.loads((out / "manifest.json").read_text())
     assert manifest["source"] == "refine"
@@ -333,16 +423,16 @@ def test_a_run_killed_in_relion_refine_keeps_the_last_poses(platform: Platform, 
     assert again["particles_star"] != manifest["particles_star"]
     assert len(read_star(again["particles_star"]).particles) == 24
     # the killed run's folder and the previous version's are gone; only the new one is left
-    assert [p.name for p in out.iterdir() if p.is_dir()] == \
-        [Path(again["particles_star"]).parent.name]
+    assert [p.name for p in out.iterdir() if p.is_dir()] == [
+        Path(again["particles_star"]).parent.name
+    ]
     assert _latest("refined_particles", "30001").run_id != first_run
 
 
 # ------------------------------------------------------------------------------ catalog
 
 
-def test_catalog_refresh_with_failing_entries_keeps_the_others(server_env, dagster_home,
-                                                               tmp_path):
+def test_catalog_refresh_with_failing_entries_keeps_the_others(server_env, dagster_home, tmp_path):
     """EMDB answers 500 for the maps of two updated entries and one new entry: the refresh
     succeeds, names them, keeps the failing entries' previous rows, takes the others' updates,
     and the next refresh (API healthy) picks the failing ones up although newer entries moved
@@ -353,14 +443,18 @@ def test_catalog_refresh_with_failing_entries_keeps_the_others(server_env, dagst
     catalog_path = tmp_path / "data" / "catalog" / "empiar_entries.parquet"
     first = pd.read_parquet(catalog_path).set_index("empiar_id")
     records = fixture_records()["entries"]
-    updates = {"EMPIAR-10028": "2026-11-05",   # healthy: its map answers
-               "EMPIAR-10005": "2026-11-03",   # EMD-5778 fails
-               "EMPIAR-10059": "2026-11-04"}   # EMD-8117 fails
+    updates = {
+        "EMPIAR-10028": "2026-11-05",  # healthy: its map answers
+        "EMPIAR-10005": "2026-11-03",  # EMD-5778 fails
+        "EMPIAR-10059": "2026-11-04",
+    }  # EMD-8117 fails
     for key, date in updates.items():
-        mirror.put_entry(key, dict(records[key], update_date=date,
-                                   title=records[key]["title"] + " (revised)"))
-    mirror.put_entry("EMPIAR-12001", dict(records["EMPIAR-10126"], update_date="2026-11-02",
-                                          title="a new entry"))  # EMD-7132 fails
+        mirror.put_entry(
+            key, dict(records[key], update_date=date, title=records[key]["title"] + " (revised)")
+        )
+    mirror.put_entry(
+        "EMPIAR-12001", dict(records["EMPIAR-10126"], update_date="2026-11-02", title="a new entry")
+    )  # EMD-7132 fails
     server_env.faults.append(Fault(r"EMD-(5778|8117|7132)$", "status", status=500, times=-1))
 
     result = run_catalog(instance, tmp_path)
@@ -381,33 +475,38 @@ def test_catalog_refresh_with_failing_entries_keeps_the_others(server_env, dagst
     assert pd.isna(table.loc["EMPIAR-12001", "best_resolution_a"])
     unchanged = [k for k in first.index if k not in updates and not first.loc[k, "error"]]
     assert table.loc[unchanged, "title"].equals(first.loc[unchanged, "title"])
-    eligible = set(pd.read_parquet(tmp_path / "data" / "catalog" / "eligible_entries.parquet")
-                   ["empiar_id"])
+    eligible = set(
+        pd.read_parquet(tmp_path / "data" / "catalog" / "eligible_entries.parquet")["empiar_id"]
+    )
     assert {"EMPIAR-10005", "EMPIAR-10059", "EMPIAR-10028"} <= eligible
     assert "EMPIAR-12001" not in eligible
 
     server_env.faults.clear()
     healed = run_catalog(instance, tmp_path)
     assert healed.success
-    problems = healed.asset_materializations_for_node("empiar_entries")[0].metadata[
-        "error_list"].value
+    problems = (
+        healed.asset_materializations_for_node("empiar_entries")[0].metadata["error_list"].value
+    )
     table = pd.read_parquet(catalog_path).set_index("empiar_id")
     for key, date in updates.items():
         assert table.loc[key, "update_date"] == date and table.loc[key, "error"] == "", key
         assert key not in problems
-    assert table.loc["EMPIAR-12001", "best_resolution_a"] == \
-        first.loc["EMPIAR-10126", "best_resolution_a"]
-    eligible = set(pd.read_parquet(tmp_path / "data" / "catalog" / "eligible_entries.parquet")
-                   ["empiar_id"])
+    assert (
+        table.loc["EMPIAR-12001", "best_resolution_a"]
+        == first.loc["EMPIAR-10126", "best_resolution_a"]
+    )
+    eligible = set(
+        pd.read_parquet(tmp_path / "data" / "catalog" / "eligible_entries.parquet")["empiar_id"]
+    )
     assert "EMPIAR-12001" in eligible
 
 
 # ------------------------------------------------------------------------------ sensor
 
 
-def test_sensor_tick_while_the_api_is_down_skips_and_the_next_tick_runs(server_env,
-                                                                        dagster_home,
-                                                                        tmp_path):
+def test_sensor_tick_while_the_api_is_down_skips_and_the_next_tick_runs(
+    server_env, dagster_home, tmp_path
+):
     instance = DagsterInstance.get()
     first, _ = sensor_tick(empiar_updates_sensor, instance, tmp_path)
     assert isinstance(first, SensorResult)

@@ -16,7 +16,7 @@ def test_grid_puts_each_mask_under_its_particle(tmp_path) -> None:
     labels[1, 1, 2:6] = 2
     grid = particles_with_masks(images, labels, columns=2, gap=2)
     assert grid.shape == (2 * 2 * (8 + 2) + 2, 2 * (8 + 2) + 2)
-    mask_of_second = grid[2 + 8 + 2:2 + 16 + 2, 12:20]  # band 0, column 1, lower row
+    mask_of_second = grid[2 + 8 + 2 : 2 + 16 + 2, 12:20]  # band 0, column 1, lower row
     assert mask_of_second[3, 3] == 255 and mask_of_second[1, 3] == 128
     assert mask_of_second[0, 0] == 0
     assert particles_with_masks(images).shape == (1 * (8 + 2) + 2, 3 * (8 + 2) + 2)  # one row

@@ -7,14 +7,14 @@ import time
 
 import pytest
 
-from particleseg_model.http import (
+from particleseg_model.access.http import (
     BadPayloadError,
     HttpClient,
     NotFoundError,
     RateLimitedError,
     ServerError,
 )
-from particleseg_model.server import Fault
+from particleseg_model.access.server import Fault
 
 
 def client(server, **options) -> HttpClient:
@@ -39,8 +39,9 @@ def test_get_json_returns_the_entry(archive_server):
 
 
 def test_retry_after_is_honoured(archive_server):
-    archive_server.faults.append(Fault("/entry/10028", "status", status=429, times=1,
-                                       retry_after_s=0.4))
+    archive_server.faults.append(
+        Fault("/entry/10028", "status", status=429, times=1, retry_after_s=0.4)
+    )
     http = client(archive_server, max_backoff_s=5.0)
     started = time.perf_counter()
     assert "EMPIAR-10028" in http.get_json("entry/10028")
@@ -76,8 +77,9 @@ def test_not_found_is_not_retried(archive_server):
 
 def test_final_failures_are_typed(archive_server):
     archive_server.faults.append(Fault("/entry/10005", "status", status=503, times=-1))
-    archive_server.faults.append(Fault("/entry/10049", "status", status=429, times=-1,
-                                       retry_after_s=0))
+    archive_server.faults.append(
+        Fault("/entry/10049", "status", status=429, times=-1, retry_after_s=0)
+    )
     http = client(archive_server)
     with pytest.raises(ServerError, match=r"entry/10005.*503") as error:
         http.get_json("entry/10005")

@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 from scipy import ndimage
 
-from particleseg_model.labels import (
+from particleseg_model.corpus.labels import (
     BACKGROUND,
     EDGE,
     SIGNAL,
@@ -19,8 +19,9 @@ from particleseg_model.labels import (
 N = 64
 
 
-def _disc(radius: float, value: float = 20.0, centre: tuple[int, int] = (N // 2, N // 2)
-          ) -> np.ndarray:
+def _disc(
+    radius: float, value: float = 20.0, centre: tuple[int, int] = (N // 2, N // 2)
+) -> np.ndarray:
     y, x = np.mgrid[:N, :N]
     return np.where(np.hypot(x - centre[0], y - centre[1]) <= radius, value, 0.0)
 
@@ -28,7 +29,7 @@ def _disc(radius: float, value: float = 20.0, centre: tuple[int, int] = (N // 2,
 def _chebyshev_distance_to(signal: np.ndarray) -> np.ndarray:
     """Brute force: the Chebyshev distance of every pixel to the nearest signal pixel."""
     ys, xs = np.nonzero(signal)
-    y, x = np.mgrid[:signal.shape[0], :signal.shape[1]]
+    y, x = np.mgrid[: signal.shape[0], : signal.shape[1]]
     d = np.maximum(np.abs(y[..., None] - ys), np.abs(x[..., None] - xs))
     return d.min(axis=-1)
 
@@ -48,8 +49,8 @@ def test_disc_gives_signal_and_a_five_pixel_edge_band() -> None:
     # the row through the centre: 12 px of signal each side of it, then exactly 5 px of edge
     row = labels[0, N // 2]
     c = N // 2
-    assert (row[c - 12:c + 13] == SIGNAL).all() and row[c - 13] == EDGE and row[c + 13] == EDGE
-    assert (row[c - 17:c - 12] == EDGE).all() and (row[c + 13:c + 18] == EDGE).all()
+    assert (row[c - 12 : c + 13] == SIGNAL).all() and row[c - 13] == EDGE and row[c + 13] == EDGE
+    assert (row[c - 17 : c - 12] == EDGE).all() and (row[c + 13 : c + 18] == EDGE).all()
     assert row[c - 18] == BACKGROUND and row[c + 18] == BACKGROUND
 
 
@@ -68,8 +69,8 @@ def test_edge_width_is_configurable_and_does_not_wrap() -> None:
         labels = labels_from_projection(image, edge_px=edge_px)
         width = (edge_px - 1) // 2
         assert (labels[:, :3] == SIGNAL).all()
-        assert (labels[:, 3:3 + width] == EDGE).all()
-        assert (labels[:, 3 + width:] == BACKGROUND).all()  # nothing at the right border
+        assert (labels[:, 3 : 3 + width] == EDGE).all()
+        assert (labels[:, 3 + width :] == BACKGROUND).all()  # nothing at the right border
     for bad in (0, 2, 10, -3):
         with pytest.raises(ValueError, match="odd"):
             labels_from_projection(image, edge_px=bad)
@@ -82,11 +83,14 @@ def test_matches_a_maximum_filter_dilation() -> None:
     projection = (rng.random((6, N, N)) > 0.995) * 20.0 + rng.random((6, N, N))
     for edge_px in (3, 5, 11, 13):
         signal = projection > 10
-        dilated = ndimage.maximum_filter(signal.astype(np.uint8), size=(1, edge_px, edge_px),
-                                         mode="constant") > 0
+        dilated = (
+            ndimage.maximum_filter(
+                signal.astype(np.uint8), size=(1, edge_px, edge_px), mode="constant"
+            )
+            > 0
+        )
         expected = np.where(signal, SIGNAL, np.where(dilated, EDGE, BACKGROUND))
-        np.testing.assert_array_equal(labels_from_projection(projection, edge_px=edge_px),
-                                      expected)
+        np.testing.assert_array_equal(labels_from_projection(projection, edge_px=edge_px), expected)
 
 
 def test_label_fractions() -> None:

@@ -10,9 +10,9 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from particleseg_model.corpus import open_corpus, write_corpus
-from particleseg_model.labels import resize_images, resize_labels
-from particleseg_model.loader import CorpusBatches, corpus_pydataset
+from particleseg_model.corpus.labels import resize_images, resize_labels
+from particleseg_model.corpus.store import open_corpus, write_corpus
+from particleseg_model.model.loader import CorpusBatches, corpus_pydataset
 
 ATTRS = {"pixel_size_a": 2.0, "threshold": 10.0, "edge_px": 11, "source_star": "sim.star"}
 REPO = Path(__file__).resolve().parents[1]
@@ -21,14 +21,15 @@ REPO = Path(__file__).resolve().parents[1]
 def pattern(box: int) -> np.ndarray:
     """An asymmetric label pattern: no flip or rotation maps it onto itself."""
     y = np.zeros((box, box), dtype=np.uint8)
-    y[2:box - 3, 3:6] = 1  # a long bar on the left
-    y[box - 6:box - 3, 3:box - 4] = 1  # a foot along the bottom: an "L"
-    y[2:5, box - 5:box - 2] = 2  # a mark in the top right corner
+    y[2 : box - 3, 3:6] = 1  # a long bar on the left
+    y[box - 6 : box - 3, 3 : box - 4] = 1  # a foot along the bottom: an "L"
+    y[2:5, box - 5 : box - 2] = 2  # a mark in the top right corner
     return y
 
 
-def make_corpus(root: Path, key: str, n: int, box: int, seed: int, chunk: int = 8,
-                kind: str = "random"):
+def make_corpus(
+    root: Path, key: str, n: int, box: int, seed: int, chunk: int = 8, kind: str = "random"
+):
     rng = np.random.default_rng(seed)
     if kind == "pattern":
         labels = np.broadcast_to(pattern(box), (n, box, box)).copy()
@@ -55,8 +56,11 @@ def epoch_samples(batches: CorpusBatches) -> list[tuple[str, int]]:
 def test_shapes_dtypes_and_split_coverage(two_datasets: Path):
     for split in ("train", "val", "test"):
         b = CorpusBatches.from_root(two_datasets, split=split, batch_size=7, size=40)
-        expected = {(key, int(i)) for key in ("10028", "10406")
-                    for i in open_corpus(two_datasets, key).split_indices(split)}
+        expected = {
+            (key, int(i))
+            for key in ("10028", "10406")
+            for i in open_corpus(two_datasets, key).split_indices(split)
+        }
         samples = epoch_samples(b)
         assert len(samples) == len(set(samples)) == b.n_samples == len(expected)
         assert set(samples) == expected  # exactly the split, each particle once
@@ -65,25 +69,32 @@ def test_shapes_dtypes_and_split_coverage(two_datasets: Path):
         assert y.shape == (7, 40, 40) and y.dtype == np.uint8
         assert set(np.unique(y)) <= {0, 1, 2}
         assert len(b[len(b) - 1][0]) == b.n_samples - 7 * (len(b) - 1)
-    assert len(CorpusBatches.from_root(two_datasets, split=None, batch_size=7, size=40,
-                                       drop_last=True)) == 151 // 7
+    assert (
+        len(
+            CorpusBatches.from_root(two_datasets, split=None, batch_size=7, size=40, drop_last=True)
+        )
+        == 151 // 7
+    )
 
 
 def test_epochs_reshuffle_deterministically_and_stay_chunk_local(two_datasets: Path):
-    b = CorpusBatches.from_root(two_datasets, split=None, batch_size=5, size=32, seed=4,
-                                buffer_chunks=2)
+    b = CorpusBatches.from_root(
+        two_datasets, split=None, batch_size=5, size=32, seed=4, buffer_chunks=2
+    )
     first = epoch_samples(b)
     b.on_epoch_end()
     second = epoch_samples(b)
     assert sorted(first) == sorted(second) and first != second
-    again = CorpusBatches.from_root(two_datasets, split=None, batch_size=5, size=32, seed=4,
-                                    buffer_chunks=2)
+    again = CorpusBatches.from_root(
+        two_datasets, split=None, batch_size=5, size=32, seed=4, buffer_chunks=2
+    )
     assert epoch_samples(again) == first  # same seed and epoch: same order
     chunks = {"10028": 8, "10406": 16}
     for i in range(len(b)):  # a batch reads one window of 2 chunks (two where it straddles)
         assert len({(k, r // chunks[k]) for k, r in b.batch_indices(i)}) <= 4
-    ordered = CorpusBatches.from_root(two_datasets, split=None, batch_size=5, size=32,
-                                      shuffle=False)
+    ordered = CorpusBatches.from_root(
+        two_datasets, split=None, batch_size=5, size=32, shuffle=False
+    )
     samples = epoch_samples(ordered)
     assert samples == [("10028", i) for i in range(90)] + [("10406", i) for i in range(61)]
 
@@ -106,11 +117,13 @@ def test_values_match_the_store_without_resize(tmp_path: Path):
 
 def test_augmentation_keeps_image_and_labels_aligned(tmp_path: Path):
     ds = make_corpus(tmp_path, "pat", 64, 20, seed=3, kind="pattern")
-    b = CorpusBatches([ds], split=None, batch_size=16, size=None, flips=True, rot90=True,
-                      seed=7)
+    b = CorpusBatches([ds], split=None, batch_size=16, size=None, flips=True, rot90=True, seed=7)
     base = pattern(20)
-    variants = {(k, f): np.rot90(base, k)[:, ::-1] if f else np.rot90(base, k)
-                for k in range(4) for f in (False, True)}
+    variants = {
+        (k, f): np.rot90(base, k)[:, ::-1] if f else np.rot90(base, k)
+        for k in range(4)
+        for f in (False, True)
+    }
     used = set()
     for i in range(len(b)):
         x, y = b[i]
@@ -142,10 +155,12 @@ def test_resize_keeps_codes_and_registration(two_datasets: Path, size: int):
         for j, (key, row) in enumerate(b.batch_indices(i)):
             ds = stores[key]  # nearest for labels, bilinear up / area down for images
             np.testing.assert_array_equal(y[j], resize_labels(ds.labels[row], size))
-            np.testing.assert_allclose(x[j, ..., 0], resize_images(
-                ds.images[row].astype(np.float32), size), atol=1e-5)
-    ordered = CorpusBatches.from_root(two_datasets, split=None, batch_size=4, size=48,
-                                      shuffle=False)
+            np.testing.assert_allclose(
+                x[j, ..., 0], resize_images(ds.images[row].astype(np.float32), size), atol=1e-5
+            )
+    ordered = CorpusBatches.from_root(
+        two_datasets, split=None, batch_size=4, size=48, shuffle=False
+    )
     # doubling 24 px: every source label pixel becomes a 2x2 block
     np.testing.assert_array_equal(ordered[0][1][:, ::2, ::2], stores["10028"].labels[:4])
     np.testing.assert_array_equal(ordered[0][1][:, 1::2, 1::2], stores["10028"].labels[:4])
@@ -165,12 +180,14 @@ def test_bad_requests(two_datasets: Path):
 
 def test_pydataset_feeds_keras_fit(two_datasets: Path):
     keras = pytest.importorskip("keras")
-    b = CorpusBatches.from_root(two_datasets, split="train", batch_size=16, size=16,
-                                flips=True, rot90=True)
+    b = CorpusBatches.from_root(
+        two_datasets, split="train", batch_size=16, size=16, flips=True, rot90=True
+    )
     data = corpus_pydataset(b, workers=2)
     assert isinstance(data, keras.utils.PyDataset) and len(data) == len(b)
-    model = keras.Sequential([keras.Input((16, 16, 1)),
-                              keras.layers.Conv2D(3, 3, padding="same", activation="softmax")])
+    model = keras.Sequential(
+        [keras.Input((16, 16, 1)), keras.layers.Conv2D(3, 3, padding="same", activation="softmax")]
+    )
     model.compile("adam", "sparse_categorical_crossentropy")
     history = model.fit(data, epochs=2, shuffle=False, verbose=0)
     assert len(history.history["loss"]) == 2
@@ -179,18 +196,22 @@ def test_pydataset_feeds_keras_fit(two_datasets: Path):
 
 def test_tf_dataset_runs_epochs(two_datasets: Path):
     pytest.importorskip("tensorflow")
-    from particleseg_model.loader import corpus_tf_dataset
+    from particleseg_model.model.loader import corpus_tf_dataset
 
     b = CorpusBatches.from_root(two_datasets, split="val", batch_size=4, size=16, one_hot=True)
-    seen = [(tuple(x.shape[1:]), tuple(y.shape[1:]), len(x))
-            for x, y in corpus_tf_dataset(b, epochs=2)]
+    seen = [
+        (tuple(x.shape[1:]), tuple(y.shape[1:]), len(x)) for x, y in corpus_tf_dataset(b, epochs=2)
+    ]
     assert {s[:2] for s in seen} == {((16, 16, 1), (16, 16, 3))}
     assert sum(s[2] for s in seen) == 2 * b.n_samples and b.epoch == 2
 
 
 def test_loader_import_does_not_load_tensorflow():
-    code = ("import sys, particleseg_model.loader, particleseg_model.corpus; "
-            "print(any(m in sys.modules for m in ('keras', 'tensorflow', 'torch', 'jax')))")
-    out = subprocess.run([sys.executable, "-c", code], cwd=REPO, capture_output=True,
-                         text=True, timeout=60)
+    code = (
+        "import sys, particleseg_model.model.loader, particleseg_model.corpus.store; "
+        "print(any(m in sys.modules for m in ('keras', 'tensorflow', 'torch', 'jax')))"
+    )
+    out = subprocess.run(
+        [sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True, timeout=60
+    )
     assert out.stdout.strip() == "False", out.stderr

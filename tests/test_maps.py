@@ -10,7 +10,7 @@ import mrcfile
 import numpy as np
 import pytest
 
-from particleseg_model.maps import (
+from particleseg_model.em.maps import (
     GENERATED_SHAPES,
     DensityMap,
     MapError,
@@ -52,15 +52,19 @@ def test_load_real_maps(shared_data: Path) -> None:
     assert emd_5625.pixel_size_a == pytest.approx(4.23)
 
 
-@pytest.mark.parametrize(("name", "data", "voxel", "message"), [
-    ("flat.mrc", np.ones((16, 20, 20)), 2.0, "not cubic"),
-    ("novoxel.mrc", _blob(16), None, "no voxel size"),
-    ("nan.mrc", np.where(_blob(16) > 0.5, np.nan, _blob(16)), 2.0, "NaN"),
-    ("zeros.mrc", np.zeros((16, 16, 16)), 2.0, "empty"),
-    ("image.mrc", np.ones((1, 16, 16)), 2.0, "2D image"),
-])
-def test_bad_maps_name_the_file(tmp_path: Path, name: str, data: np.ndarray,
-                                voxel: float | None, message: str) -> None:
+@pytest.mark.parametrize(
+    ("name", "data", "voxel", "message"),
+    [
+        ("flat.mrc", np.ones((16, 20, 20)), 2.0, "not cubic"),
+        ("novoxel.mrc", _blob(16), None, "no voxel size"),
+        ("nan.mrc", np.where(_blob(16) > 0.5, np.nan, _blob(16)), 2.0, "NaN"),
+        ("zeros.mrc", np.zeros((16, 16, 16)), 2.0, "empty"),
+        ("image.mrc", np.ones((1, 16, 16)), 2.0, "2D image"),
+    ],
+)
+def test_bad_maps_name_the_file(
+    tmp_path: Path, name: str, data: np.ndarray, voxel: float | None, message: str
+) -> None:
     path = _write(tmp_path / name, data, voxel)
     with pytest.raises(MapError, match=message) as info:
         load_map(path)
@@ -88,7 +92,7 @@ def test_axis_order_is_normalised(tmp_path: Path) -> None:
         mrc.voxel_size = 1.0
     with pytest.raises(MapError, match="not cubic"):  # still validated after re-ordering
         load_map(path)
-    from particleseg_model.maps import _zyx_order
+    from particleseg_model.em.maps import _zyx_order
 
     with mrcfile.open(path) as mrc:
         assert np.array_equal(_zyx_order(np.asarray(mrc.data), mrc.header), data)
@@ -122,15 +126,20 @@ def test_prepare_map_centres_and_scales() -> None:
     prepared = prepare_map(density, 64, particle_fraction=0.5)
     assert prepared.box == 64
     weights = np.clip(prepared.data, 0, None)
-    com = np.array([(weights.sum(axis=tuple(a for a in range(3) if a != ax))
-                     * np.arange(64)).sum() / weights.sum() for ax in range(3)])
+    com = np.array(
+        [
+            (weights.sum(axis=tuple(a for a in range(3) if a != ax)) * np.arange(64)).sum()
+            / weights.sum()
+            for ax in range(3)
+        ]
+    )
     assert np.abs(com - 32).max() < 0.3
     # pixel size follows the resampling: old * n / m
-    diameter = particle_diameter_px((prepared.data >= 0.5 * prepared.data.max())
-                                    .astype(np.float32))
+    diameter = particle_diameter_px((prepared.data >= 0.5 * prepared.data.max()).astype(np.float32))
     assert prepared.pixel_size_a != 2.0
     assert diameter * prepared.pixel_size_a == pytest.approx(
-        particle_diameter_px((blob >= 0.5).astype(np.float32)) * 2.0, rel=0.15)
+        particle_diameter_px((blob >= 0.5).astype(np.float32)) * 2.0, rel=0.15
+    )
 
 
 def test_prepare_real_map(shared_data: Path) -> None:
@@ -163,10 +172,23 @@ def test_mask_matches_relion_mask_create(relion_bin: Path, tmp_path: Path) -> No
     density = generate_map("globular", 48, seed=1)
     path = write_mrc(tmp_path / "map.mrc", density.data, density.pixel_size_a)
     threshold = float(np.percentile(density.data, 97))
-    subprocess.run([str(relion_bin / "relion_mask_create"), "--i", str(path), "--o",
-                    str(tmp_path / "mask.mrc"), "--ini_threshold", f"{threshold:.6f}",
-                    "--extend_inimask", "3", "--width_soft_edge", "5"],
-                   check=True, capture_output=True)
+    subprocess.run(
+        [
+            str(relion_bin / "relion_mask_create"),
+            "--i",
+            str(path),
+            "--o",
+            str(tmp_path / "mask.mrc"),
+            "--ini_threshold",
+            f"{threshold:.6f}",
+            "--extend_inimask",
+            "3",
+            "--width_soft_edge",
+            "5",
+        ],
+        check=True,
+        capture_output=True,
+    )
     with mrcfile.open(tmp_path / "mask.mrc") as mrc:
         reference = np.asarray(mrc.data, dtype=np.float64)
     ours = create_mask(density.data, threshold, extend_px=3, soft_edge_px=5)

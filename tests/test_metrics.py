@@ -8,7 +8,7 @@ import warnings
 import numpy as np
 import pytest
 
-from particleseg_model.metrics import (
+from particleseg_model.model.metrics import (
     ConfusionAccumulator,
     confusion_matrix,
     edge_to_signal,
@@ -45,8 +45,8 @@ def test_confusion_matrix_matches_brute_force_on_random_batches() -> None:
 
 def test_iou_scores_by_hand() -> None:
     scores = iou_scores(confusion_matrix(TRUE, PRED))
-    assert scores["iou_background"] == 1.0        # TP 1, FP 0, FN 0
-    assert scores["iou_signal"] == 0.0            # TP 0, FP 1, FN 1
+    assert scores["iou_background"] == 1.0  # TP 1, FP 0, FN 0
+    assert scores["iou_signal"] == 0.0  # TP 0, FP 1, FN 1
     assert scores["iou_edge"] == pytest.approx(1 / 3)  # TP 1, FP 1, FN 1
     assert scores["mean_iou"] == pytest.approx((1 + 0 + 1 / 3) / 3)
     assert scores["pixel_accuracy"] == 0.5
@@ -79,10 +79,11 @@ def test_accumulator_equals_one_confusion_matrix_over_everything() -> None:
     rng = np.random.default_rng(1)
     true = rng.integers(0, 3, (12, 8, 8), dtype=np.uint8)
     pred = np.where(rng.random(true.shape) < 0.7, true, rng.integers(0, 3, true.shape)).astype(
-        np.uint8)
+        np.uint8
+    )
     acc = ConfusionAccumulator()
     for start in range(0, 12, 5):  # uneven batches: 5, 5, 2
-        acc.update(true[start:start + 5], pred[start:start + 5])
+        acc.update(true[start : start + 5], pred[start : start + 5])
     np.testing.assert_array_equal(acc.matrix, confusion_matrix(true, pred))
     assert acc.scores() == iou_scores(confusion_matrix(true, pred))
     # the dataset mean IoU is not the mean of per-particle IoUs
@@ -115,9 +116,9 @@ def test_float_predictions_are_refused() -> None:
 
 def test_edge_to_signal_per_particle() -> None:
     labels = np.zeros((3, 6, 6), dtype=np.uint8)
-    labels[0, 1:3, 1:3] = 1       # 4 signal
-    labels[0, 4, :] = 2           # 6 edge
-    labels[1, 0, :3] = 2          # edge but no signal: ETS 0 (the paper's rule)
+    labels[0, 1:3, 1:3] = 1  # 4 signal
+    labels[0, 4, :] = 2  # 6 edge
+    labels[1, 0, :3] = 2  # edge but no signal: ETS 0 (the paper's rule)
     # particle 2: all background: 0
     ets = edge_to_signal(labels)
     assert ets.dtype == np.float64 and ets.shape == (3,)
@@ -141,7 +142,7 @@ def test_per_particle_iou() -> None:
 
 
 def test_chunked_counting_gives_the_same_counts(monkeypatch: pytest.MonkeyPatch) -> None:
-    import particleseg_model.metrics as metrics
+    import particleseg_model.model.metrics as metrics
 
     rng = np.random.default_rng(2)
     true = rng.integers(0, 3, (7, 5, 5), dtype=np.uint8)

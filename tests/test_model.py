@@ -9,8 +9,9 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from particleseg_model.corpus import CorpusWriter, open_corpus
-from particleseg_model.registry import (
+from particleseg_model.corpus.store import CorpusWriter, open_corpus
+from particleseg_model.model.predict import predict_labels
+from particleseg_model.model.registry import (
     ModelError,
     get_model,
     latest_model,
@@ -19,17 +20,23 @@ from particleseg_model.registry import (
     register_model,
     staging_dir,
 )
-from particleseg_model.train import (
+from particleseg_model.model.train import (
     TrainConfig,
     evaluate_partition,
-    predict_labels,
     train_segmentation,
     training_curve_png,
 )
 
 BOX = 32
-TINY = dict(size=32, base_filters=12, batch_size=16, epochs=15, patience=4,
-            optimizer="adam", learning_rate=3e-3)
+TINY = dict(
+    size=32,
+    base_filters=12,
+    batch_size=16,
+    epochs=15,
+    patience=4,
+    optimizer="adam",
+    learning_rate=3e-3,
+)
 
 
 def disc_particles(n: int, box: int = BOX, seed: int = 0) -> tuple[np.ndarray, np.ndarray]:
@@ -68,15 +75,17 @@ def corpus(tmp_path_factory: pytest.TempPathFactory) -> Path:
 @pytest.fixture(scope="module")
 def trained(corpus: Path, tmp_path_factory: pytest.TempPathFactory):
     out = tmp_path_factory.mktemp("trained")
-    result = train_segmentation(corpus, ["40001", "40002"], TrainConfig(**TINY), out,
-                                log=lambda line: None)
+    result = train_segmentation(
+        corpus, ["40001", "40002"], TrainConfig(**TINY), out, log=lambda line: None
+    )
     return result
 
 
 def test_training_learns_the_discs(trained, corpus: Path) -> None:
     assert trained.model_path.is_file() and trained.mode == "full"
     assert trained.train_particles == {
-        k: len(open_corpus(corpus, k).split_indices("train")) for k in ("40001", "40002")}
+        k: len(open_corpus(corpus, k).split_indices("train")) for k in ("40001", "40002")
+    }
     losses = trained.history["loss"]
     assert len(losses) == trained.epochs_run >= 3 and losses[-1] < 0.6 * losses[0]
     assert len(trained.history["val_loss"]) == trained.epochs_run
@@ -109,10 +118,15 @@ def test_prediction_at_another_box_keeps_the_box(trained) -> None:
 
 
 def test_incremental_training_starts_from_the_parent(trained, corpus: Path, tmp_path: Path):
-    result = train_segmentation(corpus, ["40001", "40002", "40003"],
-                                TrainConfig(**{**TINY, "epochs": 2}), tmp_path,
-                                parent=trained.model_path, new_ids=["40003"],
-                                log=lambda line: None)
+    result = train_segmentation(
+        corpus,
+        ["40001", "40002", "40003"],
+        TrainConfig(**{**TINY, "epochs": 2}),
+        tmp_path,
+        parent=trained.model_path,
+        new_ids=["40003"],
+        log=lambda line: None,
+    )
     assert result.mode == "incremental" and result.new_partitions == ["40003"]
     # started from a trained model: the first epoch's loss is already near the parent's last
     assert result.history["loss"][0] < 2 * trained.history["loss"][-1]
@@ -120,8 +134,14 @@ def test_incremental_training_starts_from_the_parent(trained, corpus: Path, tmp_
     steps = -(-len(open_corpus(corpus, "40003").split_indices("train")) // 16)
     assert result.images_seen == result.epochs_run * steps * 24
     with pytest.raises(ValueError, match="input"):
-        train_segmentation(corpus, ["40001", "40003"], TrainConfig(**{**TINY, "size": 64}),
-                           tmp_path / "other", parent=trained.model_path, new_ids=["40003"])
+        train_segmentation(
+            corpus,
+            ["40001", "40003"],
+            TrainConfig(**{**TINY, "size": 64}),
+            tmp_path / "other",
+            parent=trained.model_path,
+            new_ids=["40003"],
+        )
 
 
 def test_training_refuses_bad_input(corpus: Path, tmp_path: Path) -> None:
@@ -130,8 +150,7 @@ def test_training_refuses_bad_input(corpus: Path, tmp_path: Path) -> None:
     with pytest.raises(FileNotFoundError, match="40009"):
         train_segmentation(corpus, ["40009"], TrainConfig(**TINY), tmp_path)
     with pytest.raises(ValueError, match="optimizer"):
-        train_segmentation(corpus, ["40001"], TrainConfig(**{**TINY, "optimizer": "sgd"}),
-                           tmp_path)
+        train_segmentation(corpus, ["40001"], TrainConfig(**{**TINY, "optimizer": "sgd"}), tmp_path)
     with pytest.raises(ValueError, match="unknown split 'nope'"):
         evaluate_partition(None, corpus, "40001", split="nope")
 
@@ -141,13 +160,23 @@ def test_registry_versions_latest_and_refusals(trained, tmp_path: Path) -> None:
     assert latest_model(root) is None and list_models(root) == []
     first = staging_dir(root)
     (first / "model.keras").write_bytes(trained.model_path.read_bytes())
-    v1 = register_model(root, first, {"input_size": 32, "arch": "custom",
-                                      "partitions": {"40001": 10}, "parent": None})
+    v1 = register_model(
+        root,
+        first,
+        {"input_size": 32, "arch": "custom", "partitions": {"40001": 10}, "parent": None},
+    )
     second = staging_dir(root)
     (second / "model.keras").write_bytes(trained.model_path.read_bytes())
-    v2 = register_model(root, second, {"input_size": 32, "arch": "custom",
-                                       "partitions": {"40001": 10, "40002": 5},
-                                       "parent": v1.version})
+    v2 = register_model(
+        root,
+        second,
+        {
+            "input_size": 32,
+            "arch": "custom",
+            "partitions": {"40001": 10, "40002": 5},
+            "parent": v1.version,
+        },
+    )
     assert (v1.version, v2.version) == ("v0001", "v0002")
     assert latest_model(root).version == "v0002" and get_model(root, "1").version == "v0001"
     assert [v.version for v in list_models(root)] == ["v0001", "v0002"]
@@ -184,9 +213,8 @@ def test_registry_versions_latest_and_refusals(trained, tmp_path: Path) -> None:
 def test_mask_calibration_describes_the_good_particles_masks(trained, corpus: Path) -> None:
     import keras
 
-    from particleseg_model.clean import mask_features
-    from particleseg_model.metrics import edge_to_signal
-    from particleseg_model.train import mask_calibration
+    from particleseg_model.model.calibration import mask_calibration, mask_features
+    from particleseg_model.model.metrics import edge_to_signal
 
     model = keras.models.load_model(trained.model_path, compile=False)
     calibration = mask_calibration(model, corpus, ["40001", "40002"])
@@ -220,31 +248,52 @@ def write_star_project(folder: Path, n: int, box: int = BOX, seed: int = 4) -> P
     import mrcfile
     import pandas as pd
 
-    from particleseg_model.star import write_loop_blocks
+    from particleseg_model.em.star import write_loop_blocks
 
     images, _ = disc_particles(n, box=box, seed=seed)
     (folder / "Particles").mkdir(parents=True)
     with mrcfile.new(folder / "Particles" / "stack.mrcs") as mrc:
         mrc.set_data(images)
         mrc.voxel_size = 2.0
-    optics = pd.DataFrame({"rlnOpticsGroup": [1], "rlnImagePixelSize": [2.0],
-                           "rlnImageSize": [box], "rlnImageDimensionality": [2]})
-    particles = pd.DataFrame({"rlnImageName": [f"{i:06d}@Particles/stack.mrcs"
-                                               for i in range(1, n + 1)],
-                              "rlnOpticsGroup": [1] * n})
+    optics = pd.DataFrame(
+        {
+            "rlnOpticsGroup": [1],
+            "rlnImagePixelSize": [2.0],
+            "rlnImageSize": [box],
+            "rlnImageDimensionality": [2],
+        }
+    )
+    particles = pd.DataFrame(
+        {
+            "rlnImageName": [f"{i:06d}@Particles/stack.mrcs" for i in range(1, n + 1)],
+            "rlnOpticsGroup": [1] * n,
+        }
+    )
     write_loop_blocks(folder / "particles.star", {"optics": optics, "particles": particles})
     return folder / "particles.star"
 
 
-def test_segment_command_writes_labels_in_star_order(registry: Path, tmp_path: Path,
-                                                     capsys) -> None:
+def test_segment_command_writes_labels_in_star_order(
+    registry: Path, tmp_path: Path, capsys
+) -> None:
+    from particleseg_model.cleaning.segment import read_labels
     from particleseg_model.cli import main
-    from particleseg_model.segment import read_labels
 
     star = write_star_project(tmp_path / "project", 40)
     out = tmp_path / "labels.zarr"
-    code = main(["segment", str(star), "--out", str(out), "--models-root", str(registry),
-                 "--batch", "16", "--no-progress"])
+    code = main(
+        [
+            "segment",
+            str(star),
+            "--out",
+            str(out),
+            "--models-root",
+            str(registry),
+            "--batch",
+            "16",
+            "--no-progress",
+        ]
+    )
     assert code == 0, capsys.readouterr().err
     assert "40 particles segmented with model v0001" in capsys.readouterr().out
     labels, attrs = read_labels(out)
@@ -253,7 +302,7 @@ def test_segment_command_writes_labels_in_star_order(registry: Path, tmp_path: P
     # row order: the labels of row i are the model's prediction for image i of the stack
     import mrcfile
 
-    from particleseg_model.registry import load_model as load
+    from particleseg_model.model.registry import load_model as load
 
     stack = mrcfile.read(star.parent / "Particles" / "stack.mrcs")
     direct = predict_labels(load(registry / "v0001"), stack[[0, 17, 39]])
@@ -261,19 +310,44 @@ def test_segment_command_writes_labels_in_star_order(registry: Path, tmp_path: P
     assert not [p for p in tmp_path.iterdir() if ".tmp-" in p.name]
 
     # the output is never overwritten, and a 48 px set is resized for the 32 px model
-    assert main(["segment", str(star), "--out", str(out), "--models-root", str(registry),
-                 "--no-progress"]) == 1
+    assert (
+        main(
+            [
+                "segment",
+                str(star),
+                "--out",
+                str(out),
+                "--models-root",
+                str(registry),
+                "--no-progress",
+            ]
+        )
+        == 1
+    )
     assert "exists" in capsys.readouterr().err
     big = write_star_project(tmp_path / "big", 8, box=48)
-    assert main(["segment", str(big), "--out", str(tmp_path / "big.zarr"), "--models-root",
-                 str(registry), "--no-progress"]) == 0
+    assert (
+        main(
+            [
+                "segment",
+                str(big),
+                "--out",
+                str(tmp_path / "big.zarr"),
+                "--models-root",
+                str(registry),
+                "--no-progress",
+            ]
+        )
+        == 0
+    )
     captured = capsys.readouterr()
     assert "particles are 48 px, the model takes 32 px" in captured.err
     assert read_labels(tmp_path / "big.zarr")[0].shape == (8, 48, 48)
 
 
-def test_segment_refuses_non_square_images_and_no_model(registry: Path, tmp_path: Path,
-                                                        capsys) -> None:
+def test_segment_refuses_non_square_images_and_no_model(
+    registry: Path, tmp_path: Path, capsys
+) -> None:
     import mrcfile
 
     from particleseg_model.cli import main
@@ -281,33 +355,64 @@ def test_segment_refuses_non_square_images_and_no_model(registry: Path, tmp_path
     star = write_star_project(tmp_path / "project", 4)
     with mrcfile.new(star.parent / "Particles" / "stack.mrcs", overwrite=True) as mrc:
         mrc.set_data(np.zeros((4, 32, 40), np.float32))
-    assert main(["segment", str(star), "--out", str(tmp_path / "x.zarr"), "--models-root",
-                 str(registry), "--no-progress"]) == 1
+    assert (
+        main(
+            [
+                "segment",
+                str(star),
+                "--out",
+                str(tmp_path / "x.zarr"),
+                "--models-root",
+                str(registry),
+                "--no-progress",
+            ]
+        )
+        == 1
+    )
     assert "40 x 32 pixels, not square" in capsys.readouterr().err
-    assert main(["segment", str(star), "--out", str(tmp_path / "y.zarr"), "--models-root",
-                 str(tmp_path / "empty"), "--no-progress"]) == 1
+    assert (
+        main(
+            [
+                "segment",
+                str(star),
+                "--out",
+                str(tmp_path / "y.zarr"),
+                "--models-root",
+                str(tmp_path / "empty"),
+                "--no-progress",
+            ]
+        )
+        == 1
+    )
     assert "no model registered" in capsys.readouterr().err
     assert not (tmp_path / "x.zarr").exists() and not (tmp_path / "y.zarr").exists()
     assert os.listdir(tmp_path) == ["project"]
 
 
 def test_known_junk_is_left_out_of_training_and_scored_apart(tmp_path: Path) -> None:
-    from particleseg_model.loader import CorpusBatches
+    from particleseg_model.model.loader import CorpusBatches
 
     images, labels = disc_particles(200, seed=5)
     good = np.arange(200) % 4 != 0
     images[~good] = np.random.default_rng(0).normal(size=(int((~good).sum()), BOX, BOX))
     with CorpusWriter(tmp_path, "40010", BOX, attrs={"pixel_size_a": 2.0}) as writer:
-        writer.append(images, labels, {"image_name": [f"{i + 1}@s.mrcs" for i in range(200)],
-                                       "is_good": good})
+        writer.append(
+            images, labels, {"image_name": [f"{i + 1}@s.mrcs" for i in range(200)], "is_good": good}
+        )
     dataset = open_corpus(tmp_path, "40010")
     train_rows = dataset.split_indices("train")
     kept = CorpusBatches([dataset], split="train", good_only=True, size=None)
     assert kept.n_samples == int(good[train_rows].sum()) < len(train_rows)
     assert CorpusBatches([dataset], split="train", size=None).n_samples == len(train_rows)
     # junk kept with background labels: every train particle, junk ones without signal
-    background = CorpusBatches([dataset], split="train", junk_background=True, size=None,
-                               shuffle=False, batch_size=len(train_rows))
+    background = CorpusBatches(
+        [dataset],
+        split="train",
+        junk_background=True,
+        size=None,
+        shuffle=False,
+        batch_size=len(train_rows),
+    )
     _, y = background[0]
     assert len(y) == len(train_rows)
     assert not y[~good[train_rows]].any() and y[good[train_rows]].any(axis=(1, 2)).all()

@@ -13,8 +13,8 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from particleseg_model import mrc as mrc_module
-from particleseg_model.mrc import (
+from particleseg_model.em import mrc as mrc_module
+from particleseg_model.em.mrc import (
     MrcError,
     clear_cache,
     open_stack,
@@ -24,23 +24,38 @@ from particleseg_model.mrc import (
     write_map,
     write_stack,
 )
-from particleseg_model.star import read_star, write_star
+from particleseg_model.em.star import read_star, write_star
 
 # STAR file -> (folder, the stack its image names use, the shared file holding that stack,
 # stack shape). The shared files were renamed when collected (aspire_/cryodrgn_ prefixes), so
 # the tests link the names the STAR files use to them in a temporary project directory.
 STACKS = {
     "aspire_rln_proj_65.star": (
-        "particles", "rln_proj_65.mrcs", "aspire_rln_proj_65.mrcs", (5, 65, 65)),
+        "particles",
+        "rln_proj_65.mrcs",
+        "aspire_rln_proj_65.mrcs",
+        (5, 65, 65),
+    ),
     "aspire_rln_proj_65_shifted.star": (
-        "particles", "rln_proj_65_shifted.mrcs", "aspire_rln_proj_65_shifted.mrcs", (4, 65, 65)),
+        "particles",
+        "rln_proj_65_shifted.mrcs",
+        "aspire_rln_proj_65_shifted.mrcs",
+        (4, 65, 65),
+    ),
     "aspire_sample_particles_relion30.star": (
-        "particles", "sample.mrcs", "aspire_sample.mrcs", (17, 200, 200)),
+        "particles",
+        "sample.mrcs",
+        "aspire_sample.mrcs",
+        (17, 200, 200),
+    ),
     "aspire_sample_particles_relion31.star": (
-        "particles", "sample.mrcs", "aspire_sample.mrcs", (17, 200, 200)),
+        "particles",
+        "sample.mrcs",
+        "aspire_sample.mrcs",
+        (17, 200, 200),
+    ),
     "cryodrgn_relion31.star": ("star", "relion31.mrcs", "cryodrgn_relion31.mrcs", (5, 256, 256)),
-    "cryodrgn_relion31.v2.star": (
-        "star", "relion31.mrcs", "cryodrgn_relion31.mrcs", (5, 256, 256)),
+    "cryodrgn_relion31.v2.star": ("star", "relion31.mrcs", "cryodrgn_relion31.mrcs", (5, 256, 256)),
 }
 
 
@@ -74,8 +89,9 @@ def _fresh_cache():
 
 
 @pytest.mark.parametrize("star_name", sorted(STACKS))
-def test_read_real_particles_by_star_names(shared_data: Path, tmp_path: Path,
-                                           star_name: str) -> None:
+def test_read_real_particles_by_star_names(
+    shared_data: Path, tmp_path: Path, star_name: str
+) -> None:
     star = read_star(shared_data / STACKS[star_name][0] / star_name)
     project, stack_file = _project(shared_data, tmp_path, star_name)
     images = read_particles_table(star.particles, base_dir=project)
@@ -139,14 +155,16 @@ def test_stack_headers_of_the_real_data(shared_data: Path) -> None:
     """The shared stacks' headers give no usable pixel size: it comes from the STAR files."""
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        with mrcfile.open(shared_data / "particles" / "aspire_sample.mrcs",
-                          header_only=True) as mrc:
+        with mrcfile.open(
+            shared_data / "particles" / "aspire_sample.mrcs", header_only=True
+        ) as mrc:
             assert float(mrc.voxel_size.x) == 0.0
     assert open_stack(shared_data / "star" / "cryodrgn_relion31.mrcs").shape == (5, 256, 256)
 
 
-def test_box_from_the_stack_completes_a_relion30_conversion(shared_data: Path,
-                                                             tmp_path: Path) -> None:
+def test_box_from_the_stack_completes_a_relion30_conversion(
+    shared_data: Path, tmp_path: Path
+) -> None:
     star = read_star(shared_data / "particles" / "aspire_sample_particles_relion30.star")
     project, _ = _project(shared_data, tmp_path, "aspire_sample_particles_relion30.star")
     stack = open_stack(project / star.particles["stack_path"].iloc[0])
@@ -193,8 +211,11 @@ def test_truncation_after_caching_is_noticed(shared_data: Path, tmp_path: Path) 
 
 def test_index_beyond_the_stack(shared_data: Path, tmp_path: Path) -> None:
     project, _ = _project(shared_data, tmp_path, "aspire_rln_proj_65.star")
-    with pytest.raises(MrcError, match=r"'6@rln_proj_65.mrcs' is beyond the stack, which "
-                                       r"holds 5 images") as info:
+    with pytest.raises(
+        MrcError,
+        match=r"'6@rln_proj_65.mrcs' is beyond the stack, which "
+        r"holds 5 images",
+    ) as info:
         read_particles(["1@rln_proj_65.mrcs", "6@rln_proj_65.mrcs"], base_dir=project)
     assert str(project / "rln_proj_65.mrcs") in str(info.value)
 
@@ -264,11 +285,13 @@ def test_relion_reads_what_we_write(relion_bin: Path, tmp_path: Path) -> None:
     write_stack(tmp_path / "s.mrcs", images, 1.5)
     write_map(tmp_path / "m.mrc", np.ones((4, 6, 8)), 2.5)
     run = [str(relion_bin / "relion_image_handler"), "--stats", "--i"]
-    out = subprocess.run([*run, "2@s.mrcs"], cwd=tmp_path, check=True, capture_output=True,
-                         text=True, timeout=60).stdout
+    out = subprocess.run(
+        [*run, "2@s.mrcs"], cwd=tmp_path, check=True, capture_output=True, text=True, timeout=60
+    ).stdout
     assert "(x,y,z,n)= 6 x 8 x 1 x 1" in out and "avg= 71.5" in out and "angpix = 1.5" in out
-    out = subprocess.run([*run, "m.mrc"], cwd=tmp_path, check=True, capture_output=True,
-                         text=True, timeout=60).stdout
+    out = subprocess.run(
+        [*run, "m.mrc"], cwd=tmp_path, check=True, capture_output=True, text=True, timeout=60
+    ).stdout
     assert "(x,y,z,n)= 8 x 6 x 4 x 1" in out and "angpix = 2.5" in out
 
 
@@ -281,7 +304,10 @@ def test_map_round_trip(tmp_path: Path) -> None:
     with mrcfile.open(path) as mrc:
         assert mrc.is_volume()
         assert (int(mrc.header.nxstart), int(mrc.header.nystart), int(mrc.header.nzstart)) == (
-            -4, -3, -3)
+            -4,
+            -3,
+            -3,
+        )
 
 
 def test_map_axis_order_from_the_header(tmp_path: Path) -> None:
@@ -314,13 +340,16 @@ def test_writes_are_atomic(tmp_path: Path, monkeypatch) -> None:
     assert [p.name for p in tmp_path.iterdir()] == ["s.mrcs"]
 
 
-@pytest.mark.parametrize(("writer", "data", "pixel", "message"), [
-    (write_stack, np.zeros((2, 4, 4)), 0.0, "pixel size must be a positive"),
-    (write_stack, np.zeros((2, 4, 4)), float("nan"), "pixel size must be a positive"),
-    (write_stack, np.zeros((2, 2, 4, 4)), 1.0, "must be \\[n, y, x\\]"),
-    (write_map, np.zeros((4, 4)), 1.0, "must be a \\[z, y, x\\] volume"),
-    (write_map, np.zeros((0, 4, 4)), 1.0, "must be a \\[z, y, x\\] volume"),
-])
+@pytest.mark.parametrize(
+    ("writer", "data", "pixel", "message"),
+    [
+        (write_stack, np.zeros((2, 4, 4)), 0.0, "pixel size must be a positive"),
+        (write_stack, np.zeros((2, 4, 4)), float("nan"), "pixel size must be a positive"),
+        (write_stack, np.zeros((2, 2, 4, 4)), 1.0, "must be \\[n, y, x\\]"),
+        (write_map, np.zeros((4, 4)), 1.0, "must be a \\[z, y, x\\] volume"),
+        (write_map, np.zeros((0, 4, 4)), 1.0, "must be a \\[z, y, x\\] volume"),
+    ],
+)
 def test_write_refuses_bad_input(tmp_path: Path, writer, data, pixel, message) -> None:
     path = tmp_path / "out.mrc"
     with pytest.raises(MrcError, match=message) as info:

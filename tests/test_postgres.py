@@ -19,9 +19,9 @@ import yaml
 from dagster import AssetKey, DagsterEventType, DagsterInstance, DagsterRunStatus, RunsFilter
 from test_dagster_e2e import _start, _stop
 
-from particleseg_model.corpus import open_corpus
-from particleseg_model.demo_archive import write_demo_archive
-from particleseg_model.server import serve
+from particleseg_model.access.server import serve
+from particleseg_model.corpus.store import open_corpus
+from particleseg_model.simulation.demo_archive import write_demo_archive
 
 REPO = Path(__file__).resolve().parents[1]
 BIN = Path(sys.executable).parent
@@ -39,9 +39,15 @@ pytestmark = pytest.mark.slow
 @pytest.fixture(scope="module")
 def three_entry_archive(tmp_path_factory: pytest.TempPathFactory) -> Path:
     out = tmp_path_factory.mktemp("pg") / "archive"
-    write_demo_archive(out, maps=["generated:globular", "generated:ring", "generated:globular"],
-                       n_particles=N_PARTICLES, box=48, micrograph_entries=0, seed=5,
-                       progress=False)
+    write_demo_archive(
+        out,
+        maps=["generated:globular", "generated:ring", "generated:globular"],
+        n_particles=N_PARTICLES,
+        box=48,
+        micrograph_entries=0,
+        seed=5,
+        progress=False,
+    )
     return out
 
 
@@ -54,8 +60,9 @@ def _tune(home: Path, **monitoring: int) -> None:
 
 
 @pytest.fixture
-def pg_platform(postgres_home: Path, three_entry_archive: Path, tmp_path: Path,
-                monkeypatch: pytest.MonkeyPatch) -> Iterator[dict[str, str]]:
+def pg_platform(
+    postgres_home: Path, three_entry_archive: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> Iterator[dict[str, str]]:
     _tune(postgres_home, poll_interval_seconds=1, free_slots_after_run_end_seconds=1)
     monkeypatch.setenv("PARTICLESEG_DATA", str(tmp_path / "data"))
     with serve(three_entry_archive) as server:
@@ -70,13 +77,22 @@ def pg_platform(postgres_home: Path, three_entry_archive: Path, tmp_path: Path,
 def _dataset_job(command: str, partition: str, env: dict[str, str]) -> list[str]:
     """``dagster job <command>`` of dataset_job for one partition, in one process."""
     config = Path(env["PARTICLESEG_DATA"]).parent / "in_process.json"
-    return [str(BIN / "dagster"), "job", command, *TARGET, "-j", "dataset_job", "--tags",
-            json.dumps({"dagster/partition": partition}), "--config", str(config)]
+    return [
+        str(BIN / "dagster"),
+        "job",
+        command,
+        *TARGET,
+        "-j",
+        "dataset_job",
+        "--tags",
+        json.dumps({"dagster/partition": partition}),
+        "--config",
+        str(config),
+    ]
 
 
 def _dagster(args: list[str], env: dict[str, str], timeout: float = 300) -> str:
-    done = subprocess.run(args, cwd=REPO, env=env,
-                          capture_output=True, text=True, timeout=timeout)
+    done = subprocess.run(args, cwd=REPO, env=env, capture_output=True, text=True, timeout=timeout)
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
     return done.stdout + done.stderr
 
@@ -120,14 +136,22 @@ def test_instance_storage_is_postgres(postgres_home: Path) -> None:
     assert not list(postgres_home.glob("**/*.db")), "no SQLite file beside a Postgres instance"
 
 
-def test_parallel_partitions_queue_and_relion_pool(pg_platform: dict[str, str],
-                                                   tmp_path: Path) -> None:
+def test_parallel_partitions_queue_and_relion_pool(
+    pg_platform: dict[str, str], tmp_path: Path
+) -> None:
     """Three partitions launched at once through the run queue (limit two) on PostgreSQL: every
     run succeeds, no more than two run at a time but two do overlap, and the steps of the
     "relion" pool never overlap (pool limit one)."""
-    launches = [subprocess.Popen(_dataset_job("launch", key, pg_platform), cwd=REPO,
-                                 env=pg_platform, stdout=subprocess.PIPE,
-                                 stderr=subprocess.STDOUT) for key in PARTITIONS]
+    launches = [
+        subprocess.Popen(
+            _dataset_job("launch", key, pg_platform),
+            cwd=REPO,
+            env=pg_platform,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT,
+        )
+        for key in PARTITIONS
+    ]
     for launch in launches:
         output = launch.communicate(timeout=120)[0]
         assert launch.returncode == 0, output[-3000:]
@@ -143,8 +167,15 @@ def test_parallel_partitions_queue_and_relion_pool(pg_platform: dict[str, str],
             while time.monotonic() < deadline:
                 assert daemon.poll() is None, log.read_text()[-3000:]
                 runs = instance.get_runs()
-                if all(r.status in (DagsterRunStatus.SUCCESS, DagsterRunStatus.FAILURE,
-                                    DagsterRunStatus.CANCELED) for r in runs):
+                if all(
+                    r.status
+                    in (
+                        DagsterRunStatus.SUCCESS,
+                        DagsterRunStatus.FAILURE,
+                        DagsterRunStatus.CANCELED,
+                    )
+                    for r in runs
+                ):
                     break
                 time.sleep(1)
     finally:
@@ -153,8 +184,9 @@ def test_parallel_partitions_queue_and_relion_pool(pg_platform: dict[str, str],
     with DagsterInstance.get() as instance:
         records = instance.get_run_records()
         assert sorted(r.dagster_run.tags["dagster/partition"] for r in records) == PARTITIONS
-        assert all(r.dagster_run.status == DagsterRunStatus.SUCCESS for r in records), \
+        assert all(r.dagster_run.status == DagsterRunStatus.SUCCESS for r in records), (
             log.read_text()[-3000:]
+        )
         # the run queue: at most two runs at once, and two did run at once
         spans = [(r.start_time, r.end_time) for r in records]
         most = max(sum(1 for s in spans if s[0] <= t < s[1]) for t, _ in spans)
@@ -166,7 +198,7 @@ def test_parallel_partitions_queue_and_relion_pool(pg_platform: dict[str, str],
             assert RELION_POOL_STEPS | {"mask_volume", "particle_masks"} <= set(windows)
             relion_windows += [windows[s] for s in RELION_POOL_STEPS]
         for i, a in enumerate(relion_windows):
-            for b in relion_windows[i + 1:]:
+            for b in relion_windows[i + 1 :]:
                 assert _overlap(a, b) <= 0, (a, b)
         # run and event history in PostgreSQL: one materialization per partition and asset
         for asset in ("particle_stacks", "refined_particles", "particle_masks"):
@@ -174,18 +206,26 @@ def test_parallel_partitions_queue_and_relion_pool(pg_platform: dict[str, str],
         info = instance.event_log_storage.get_concurrency_info("relion")
         assert info.slot_count == 1 and info.active_slot_count == 0
     for key in PARTITIONS:
-        assert open_corpus(Path(pg_platform["PARTICLESEG_DATA"]) / "corpus", key).n_particles \
+        assert (
+            open_corpus(Path(pg_platform["PARTICLESEG_DATA"]) / "corpus", key).n_particles
             == N_PARTICLES
+        )
 
 
-def test_a_killed_run_frees_its_pool_slot_once_cancelled(pg_platform: dict[str, str],
-                                                         tmp_path: Path) -> None:
+def test_a_killed_run_frees_its_pool_slot_once_cancelled(
+    pg_platform: dict[str, str], tmp_path: Path
+) -> None:
     """A run SIGKILLed inside a "relion" step holds the pool's only slot; once the run is
     cancelled (the UI's terminate of a dead run), run monitoring gives the slot back and the
     next partition's RELION steps run."""
     proc = subprocess.Popen(
-        _dataset_job("execute", "30001", pg_platform), cwd=REPO, env=pg_platform,
-        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
+        _dataset_job("execute", "30001", pg_platform),
+        cwd=REPO,
+        env=pg_platform,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+        start_new_session=True,
+    )
     try:
         deadline = time.monotonic() + 120
         with DagsterInstance.get() as instance:
@@ -213,8 +253,9 @@ def test_a_killed_run_frees_its_pool_slot_once_cancelled(pg_platform: dict[str, 
         with DagsterInstance.get() as instance:
             while instance.event_log_storage.get_concurrency_info("relion").claimed_slots:
                 assert daemon.poll() is None, log.read_text()[-3000:]
-                assert time.monotonic() < deadline, "the slot was not freed:\n" + \
-                    log.read_text()[-3000:]
+                assert time.monotonic() < deadline, (
+                    "the slot was not freed:\n" + log.read_text()[-3000:]
+                )
                 time.sleep(0.5)
     finally:
         _stop(daemon)

@@ -32,11 +32,20 @@ def test_shown_only_on_a_terminal(monkeypatch):
     assert "maps" in terminal.getvalue() and "3/3" in terminal.getvalue()
 
 
-@pytest.mark.parametrize(("value", "disable", "shown"), [
-    ("0", None, False), ("0", False, False), ("off", False, False),
-    ("1", None, True), ("1", True, True), ("yes", None, True),
-    ("", None, False), ("", False, True), ("", True, False),
-])
+@pytest.mark.parametrize(
+    ("value", "disable", "shown"),
+    [
+        ("0", None, False),
+        ("0", False, False),
+        ("off", False, False),
+        ("1", None, True),
+        ("1", True, True),
+        ("yes", None, True),
+        ("", None, False),
+        ("", False, True),
+        ("", True, False),
+    ],
+)
 def test_environment_wins_over_argument_and_tty(monkeypatch, value, disable, shown):
     monkeypatch.setattr(sys, "stderr", io.StringIO())  # not a terminal
     monkeypatch.setenv(ENV_VAR, value)
@@ -49,8 +58,7 @@ def test_environment_wins_over_argument_and_tty(monkeypatch, value, disable, sho
 def test_bar_shows_rate_and_eta(monkeypatch):
     monkeypatch.setenv(ENV_VAR, "1")
     out = io.StringIO()
-    bar = progress(total=4 << 20, desc="p.mrcs", unit="B", unit_scale=True, file=out,
-                   mininterval=0)
+    bar = progress(total=4 << 20, desc="p.mrcs", unit="B", unit_scale=True, file=out, mininterval=0)
     bar.update(1 << 20)
     bar.update(3 << 20)
     bar.close()

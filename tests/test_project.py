@@ -11,19 +11,10 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from particleseg_model.labels import labels_from_projection
-from particleseg_model.maps import (
-    fourier_resample,
-    generate_map,
-    load_map,
-    make_mask,
-    pad_or_crop,
-    write_mrc,
-)
-from particleseg_model.project import (
+from particleseg_model.corpus.labels import labels_from_projection
+from particleseg_model.corpus.projection import (
     MaskProjector,
     ProjectionError,
-    RelionError,
     particle_poses,
     project_masks,
     project_with_relion,
@@ -31,12 +22,23 @@ from particleseg_model.project import (
     relion_mask_projections,
     write_pose_star,
 )
-from particleseg_model.simulate import random_euler
+from particleseg_model.em.geometry import random_euler
+from particleseg_model.em.maps import (
+    fourier_resample,
+    generate_map,
+    load_map,
+    make_mask,
+    pad_or_crop,
+    write_mrc,
+)
+from particleseg_model.relion.runner import RelionError
 
 BOX = 64
 relion = pytest.mark.relion
-needs_relion = pytest.mark.skipif(shutil.which("relion_project") is None,
-                                  reason="relion_project is not on PATH (apt-get install relion)")
+needs_relion = pytest.mark.skipif(
+    shutil.which("relion_project") is None,
+    reason="relion_project is not on PATH (apt-get install relion)",
+)
 
 
 @pytest.fixture(scope="module")
@@ -47,19 +49,27 @@ def mask() -> tuple[np.ndarray, float]:
     return volume, density.pixel_size_a
 
 
-def _table(n: int, pixel: float, seed: int = 0, box: int = BOX, shift_px: float = 4.0
-           ) -> pd.DataFrame:
+def _table(
+    n: int, pixel: float, seed: int = 0, box: int = BOX, shift_px: float = 4.0
+) -> pd.DataFrame:
     """A canonical particle table (as read_star gives it) with random poses and origins."""
     rng = np.random.default_rng(seed)
     rot, tilt, psi = random_euler(rng, n)
     rot[0] = tilt[0] = psi[0] = 0.0  # the identity view
     origins = rng.uniform(-shift_px, shift_px, (n, 2))
     origins[0] = 0.0
-    return pd.DataFrame({
-        "image_name": [f"{i + 1}@Extract/particles.mrcs" for i in range(n)],
-        "rot_deg": rot, "tilt_deg": tilt, "psi_deg": psi,
-        "origin_x_a": origins[:, 0] * pixel, "origin_y_a": origins[:, 1] * pixel,
-        "pixel_size_a": pixel, "image_size_px": box})
+    return pd.DataFrame(
+        {
+            "image_name": [f"{i + 1}@Extract/particles.mrcs" for i in range(n)],
+            "rot_deg": rot,
+            "tilt_deg": tilt,
+            "psi_deg": psi,
+            "origin_x_a": origins[:, 0] * pixel,
+            "origin_y_a": origins[:, 1] * pixel,
+            "pixel_size_a": pixel,
+            "image_size_px": box,
+        }
+    )
 
 
 def _ours(volume: np.ndarray, table: pd.DataFrame, pixel: float, **kwargs) -> np.ndarray:
@@ -141,7 +151,7 @@ def test_aspire_star_file_through_relion_project(shared_data: Path, tmp_path: Pa
     relion_project ignores pixel origins in a file with optics (it would project unshifted):
     project_with_relion refuses the file, and its poses rewritten by write_pose_star give
     RELION's projections = ours, one pixel off as relion_project writes odd boxes."""
-    from particleseg_model.star import read_star
+    from particleseg_model.em.star import read_star
 
     star = shared_data / "particles" / "aspire_rln_proj_65_shifted.star"
     density = load_map(shared_data / "maps" / "emd_1832.map")
@@ -154,13 +164,15 @@ def test_aspire_star_file_through_relion_project(shared_data: Path, tmp_path: Pa
     poses = particle_poses(particles)
     assert np.abs(poses.origin_x_px).max() >= 10 and poses.box == 65
     write_pose_star(tmp_path / "poses.star", particles, pixel_size_a=1.0, box=65)
-    out = project_with_relion(tmp_path / "mask.mrc", tmp_path / "poses.star",
-                              tmp_path / "proj.mrcs")
+    out = project_with_relion(
+        tmp_path / "mask.mrc", tmp_path / "poses.star", tmp_path / "proj.mrcs"
+    )
     with mrcfile.open(out) as mrc:
         reference = np.asarray(mrc.data, dtype=np.float32)
     projector = MaskProjector(volume, pixel_size_a=1.0, band=None)
-    ours = projector.project(poses.rot, poses.tilt, poses.psi, poses.origin_x_px - 1,
-                             poses.origin_y_px - 1)
+    ours = projector.project(
+        poses.rot, poses.tilt, poses.psi, poses.origin_x_px - 1, poses.origin_y_px - 1
+    )
     assert min(_corr(a, b) for a, b in zip(ours, reference, strict=True)) > 0.9999
     # and through the streaming API from the table read_star gives (box 65 centred at 32)
     streamed = _ours(volume, particles, 1.0, band=None)
@@ -173,8 +185,9 @@ def test_one_process_per_particle_gives_the_same_projections(mask, tmp_path: Pat
     volume, pixel = mask
     table = _table(6, pixel, seed=4)
     write_mrc(tmp_path / "mask.mrc", volume, pixel)
-    single = project_with_relion_per_particle(tmp_path / "mask.mrc", table, pixel_size_a=pixel,
-                                              indices=[0, 3, 5])
+    single = project_with_relion_per_particle(
+        tmp_path / "mask.mrc", table, pixel_size_a=pixel, indices=[0, 3, 5]
+    )
     batched = _relion(volume, table, pixel, tmp_path / "ang")
     assert single.shape == (3, BOX, BOX)
     np.testing.assert_allclose(single, batched[[0, 3, 5]], atol=1e-3 * np.abs(batched).max())
@@ -187,8 +200,9 @@ def test_project_with_relion_outputs_and_errors(mask, tmp_path: Path) -> None:
     table = _table(5, pixel, seed=5)
     write_mrc(tmp_path / "mask.mrc", volume, pixel)
     write_pose_star(tmp_path / "poses.star", table, pixel_size_a=pixel, box=BOX)
-    out = project_with_relion(tmp_path / "mask.mrc", tmp_path / "poses.star",
-                              tmp_path / "out" / "proj.mrcs")
+    out = project_with_relion(
+        tmp_path / "mask.mrc", tmp_path / "poses.star", tmp_path / "out" / "proj.mrcs"
+    )
     assert out == tmp_path / "out" / "proj.mrcs"
     assert (tmp_path / "out" / "proj.star").is_file()  # RELION 3.1 writes both
     with mrcfile.open(out) as mrc:
@@ -197,8 +211,7 @@ def test_project_with_relion_outputs_and_errors(mask, tmp_path: Path) -> None:
         project_with_relion(tmp_path / "mask.mrc", tmp_path / "poses.star", tmp_path / "x.mrc")
     (tmp_path / "broken.mrc").write_text("not a map")
     with pytest.raises(RelionError, match="relion_project"):
-        project_with_relion(tmp_path / "broken.mrc", tmp_path / "poses.star",
-                            tmp_path / "bad.mrcs")
+        project_with_relion(tmp_path / "broken.mrc", tmp_path / "poses.star", tmp_path / "bad.mrcs")
 
 
 # ------------------------------------------------------------------------------ in process
@@ -209,14 +222,26 @@ def test_streams_batches_in_particle_order(mask) -> None:
     table = _table(30, pixel, seed=6)
     projector = MaskProjector(volume, pixel_size_a=pixel, band=20)
     done: list[int] = []
-    batches = list(project_masks(volume, table, pixel_size_a=pixel, batch=7,
-                                 projector=projector, progress=done.append))
+    batches = list(
+        project_masks(
+            volume, table, pixel_size_a=pixel, batch=7, projector=projector, progress=done.append
+        )
+    )
     assert [len(b) for b in batches] == [7, 7, 7, 7, 2] and done == [7, 7, 7, 7, 2]
     stacked = np.concatenate(batches)
     poses = particle_poses(table)
-    one_by_one = np.concatenate([projector.project(poses.rot[i], poses.tilt[i], poses.psi[i],
-                                                   poses.origin_x_px[i], poses.origin_y_px[i])
-                                 for i in range(len(table))])
+    one_by_one = np.concatenate(
+        [
+            projector.project(
+                poses.rot[i],
+                poses.tilt[i],
+                poses.psi[i],
+                poses.origin_x_px[i],
+                poses.origin_y_px[i],
+            )
+            for i in range(len(table))
+        ]
+    )
     np.testing.assert_allclose(stacked, one_by_one, atol=1e-5)
 
     # lazy: taking the first batch computes at most workers + 1 batches ahead
@@ -317,10 +342,15 @@ def test_bad_input_is_refused_with_a_clear_message(mask) -> None:
 def test_relion_column_names_and_absent_origins(mask) -> None:
     volume, pixel = mask
     table = _table(4, pixel, seed=10)
-    relion_table = pd.DataFrame({"rlnAngleRot": table.rot_deg, "rlnAngleTilt": table.tilt_deg,
-                                 "rlnAnglePsi": table.psi_deg,
-                                 "rlnOriginX": table.origin_x_a / pixel,  # RELION 3.0: pixels
-                                 "rlnOriginY": table.origin_y_a / pixel})
+    relion_table = pd.DataFrame(
+        {
+            "rlnAngleRot": table.rot_deg,
+            "rlnAngleTilt": table.tilt_deg,
+            "rlnAnglePsi": table.psi_deg,
+            "rlnOriginX": table.origin_x_a / pixel,  # RELION 3.0: pixels
+            "rlnOriginY": table.origin_y_a / pixel,
+        }
+    )
     a = particle_poses(table)
     b = particle_poses(relion_table, pixel_size_a=pixel)
     np.testing.assert_allclose(a.origin_x_px, b.origin_x_px)

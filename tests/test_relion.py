@@ -17,9 +17,9 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from particleseg_model.demo_archive import write_demo_archive, write_star
-from particleseg_model.maps import DensityMap, generate_map, load_map, lowpass, write_mrc
-from particleseg_model.mrc import open_stack, read_particles_table
+from particleseg_model.em.maps import DensityMap, generate_map, load_map, lowpass, write_mrc
+from particleseg_model.em.mrc import open_stack, read_particles_table
+from particleseg_model.em.star import read_star
 from particleseg_model.relion import (
     RelionError,
     auto_refine,
@@ -32,7 +32,8 @@ from particleseg_model.relion import (
     run_relion,
     summarise_pose_errors,
 )
-from particleseg_model.simulate import (
+from particleseg_model.simulation.demo_archive import write_demo_archive, write_star
+from particleseg_model.simulation.simulate import (
     FourierProjector,
     SimulationConfig,
     ctf_2d,
@@ -41,12 +42,13 @@ from particleseg_model.simulate import (
     random_euler,
     simulate_particles,
 )
-from particleseg_model.star import read_star
 
 HAS_RELION = shutil.which("relion_preprocess") is not None
 needs_relion = pytest.mark.skipif(
-    not HAS_RELION, reason="RELION is not installed (relion_preprocess not on PATH; "
-                           "apt-get install -y relion, or `make setup`)")
+    not HAS_RELION,
+    reason="RELION is not installed (relion_preprocess not on PATH; "
+    "apt-get install -y relion, or `make setup`)",
+)
 
 BOX = 64
 N_PICKS = 60
@@ -65,19 +67,28 @@ def micrograph_entry(tmp_path_factory) -> Path:
     ``data`` directory with Micrographs/, Coordinates/*.star|box, micrographs_ctf.star,
     ground_truth.csv and Map/."""
     out = tmp_path_factory.mktemp("archive") / "mirror"
-    (entry,) = write_demo_archive(out, maps=["generated:globular"], n_particles=N_PICKS,
-                                  box=BOX, micrograph_size=512, junk_fraction=0.3,
-                                  progress=False)
+    (entry,) = write_demo_archive(
+        out,
+        maps=["generated:globular"],
+        n_particles=N_PICKS,
+        box=BOX,
+        micrograph_size=512,
+        junk_fraction=0.3,
+        progress=False,
+    )
     return out / "archive" / entry.split("-")[1] / "data"
 
 
 @pytest.fixture(scope="module")
 def extracted(micrograph_entry: Path, tmp_path_factory):
     lines: list[str] = []
-    result = extract_particles(micrograph_entry / "micrographs_ctf.star",
-                               micrograph_entry / "Coordinates",
-                               tmp_path_factory.mktemp("extract") / "project", box_px=BOX,
-                               log=lines.append)
+    result = extract_particles(
+        micrograph_entry / "micrographs_ctf.star",
+        micrograph_entry / "Coordinates",
+        tmp_path_factory.mktemp("extract") / "project",
+        box_px=BOX,
+        log=lines.append,
+    )
     return result, lines
 
 
@@ -89,7 +100,7 @@ def _windows(data: Path, table: pd.DataFrame, box: int) -> np.ndarray:
     for row in table.itertuples():
         mic = open_stack(data / row.micrograph_name)[0]
         x, y = int(row.coordinate_x_px), int(row.coordinate_y_px)
-        out.append(-np.asarray(mic[y - half:y + half, x - half:x + half], dtype=np.float32))
+        out.append(-np.asarray(mic[y - half : y + half, x - half : x + half], dtype=np.float32))
     return np.stack(out)
 
 
@@ -98,8 +109,9 @@ def _windows(data: Path, table: pd.DataFrame, box: int) -> np.ndarray:
 
 @pytest.mark.relion
 @needs_relion
-def test_extraction_matches_the_micrographs_and_the_ground_truth(micrograph_entry: Path,
-                                                                 extracted) -> None:
+def test_extraction_matches_the_micrographs_and_the_ground_truth(
+    micrograph_entry: Path, extracted
+) -> None:
     result, lines = extracted
     truth = pd.read_csv(micrograph_entry / "ground_truth.csv")
     assert result.n_particles == len(truth) == N_PICKS
@@ -127,17 +139,24 @@ def test_extraction_matches_the_micrographs_and_the_ground_truth(micrograph_entr
     assert np.allclose(background.std(axis=1), 1.0, atol=1e-3)
 
     # every good particle correlates with the map projected at its true pose, origin and CTF
-    merged = particles.merge(truth, on=["micrograph_name", "coordinate_x_px",
-                                        "coordinate_y_px"], suffixes=("", "_true"))
+    merged = particles.merge(
+        truth, on=["micrograph_name", "coordinate_x_px", "coordinate_y_px"], suffixes=("", "_true")
+    )
     assert len(merged) == N_PICKS
     good = merged[merged.is_good]
     density = load_map(micrograph_entry / "Map" / "emd_95001.map")
     pixel = density.pixel_size_a
-    ctf = ctf_2d(BOX, pixel, good.defocus_u_a_true, good.defocus_v_a_true,
-                 good.defocus_angle_deg_true)
+    ctf = ctf_2d(
+        BOX, pixel, good.defocus_u_a_true, good.defocus_v_a_true, good.defocus_angle_deg_true
+    )
     model = FourierProjector(density.data).project(
-        good.rot_deg_true, good.tilt_deg_true, good.psi_deg_true,
-        good.origin_x_a_true / pixel, good.origin_y_a_true / pixel, ctf)
+        good.rot_deg_true,
+        good.tilt_deg_true,
+        good.psi_deg_true,
+        good.origin_x_a_true / pixel,
+        good.origin_y_a_true / pixel,
+        ctf,
+    )
     good_images = images[good.index.to_numpy()]
 
     def unit(stack: np.ndarray) -> np.ndarray:
@@ -162,12 +181,17 @@ def test_extraction_matches_the_micrographs_and_the_ground_truth(micrograph_entr
 
 @pytest.mark.relion
 @needs_relion
-def test_box_and_star_coordinates_give_the_same_particles(micrograph_entry: Path,
-                                                          extracted, tmp_path: Path) -> None:
+def test_box_and_star_coordinates_give_the_same_particles(
+    micrograph_entry: Path, extracted, tmp_path: Path
+) -> None:
     star_result, _ = extracted
-    box_result = extract_particles(micrograph_entry / "micrographs_ctf.star",
-                                   micrograph_entry / "Coordinates", tmp_path / "from_box",
-                                   box_px=BOX, coord_suffix=".box")
+    box_result = extract_particles(
+        micrograph_entry / "micrographs_ctf.star",
+        micrograph_entry / "Coordinates",
+        tmp_path / "from_box",
+        box_px=BOX,
+        coord_suffix=".box",
+    )
     a = read_star(star_result.particles_star).particles
     b = read_star(box_result.particles_star).particles
     columns = ["micrograph_name", "coordinate_x_px", "coordinate_y_px", "image_name"]
@@ -179,12 +203,20 @@ def test_box_and_star_coordinates_give_the_same_particles(micrograph_entry: Path
 
 @pytest.mark.relion
 @needs_relion
-def test_extraction_from_a_micrograph_list_with_rescaling(micrograph_entry: Path,
-                                                          tmp_path: Path) -> None:
+def test_extraction_from_a_micrograph_list_with_rescaling(
+    micrograph_entry: Path, tmp_path: Path
+) -> None:
     mics = sorted((micrograph_entry / "Micrographs").glob("*.mrc"))
     coords = sorted((micrograph_entry / "Coordinates").glob("*.box"))
-    result = extract_particles(mics, coords, tmp_path / "small", box_px=BOX, rescale_px=32,
-                               invert_contrast=False, normalise=False)
+    result = extract_particles(
+        mics,
+        coords,
+        tmp_path / "small",
+        box_px=BOX,
+        rescale_px=32,
+        invert_contrast=False,
+        normalise=False,
+    )
     assert (result.image_size_px, result.rescale_px, result.bg_radius_px) == (32, 32, None)
     assert result.pixel_size_a == pytest.approx(2 * result.micrograph_pixel_size_a)
     particles = read_star(result.particles_star).particles
@@ -202,17 +234,23 @@ def test_extraction_from_a_micrograph_list_with_rescaling(micrograph_entry: Path
 @pytest.mark.relion
 @needs_relion
 def test_extraction_refuses_an_existing_directory_and_missing_coordinates(
-        micrograph_entry: Path, extracted, tmp_path: Path) -> None:
+    micrograph_entry: Path, extracted, tmp_path: Path
+) -> None:
     result, _ = extracted
     with pytest.raises(FileExistsError):
-        extract_particles(micrograph_entry / "micrographs_ctf.star",
-                          micrograph_entry / "Coordinates", result.project_dir, box_px=BOX)
+        extract_particles(
+            micrograph_entry / "micrographs_ctf.star",
+            micrograph_entry / "Coordinates",
+            result.project_dir,
+            box_px=BOX,
+        )
     empty = tmp_path / "nothing"
     empty.mkdir()
     (empty / "other.star").write_text("data_\nloop_\n_rlnCoordinateX\n_rlnCoordinateY\n1 2\n")
     with pytest.raises(ValueError, match="no micrograph has particle coordinates"):
-        extract_particles(micrograph_entry / "micrographs_ctf.star", empty, tmp_path / "x",
-                          box_px=BOX)
+        extract_particles(
+            micrograph_entry / "micrographs_ctf.star", empty, tmp_path / "x", box_px=BOX
+        )
     assert not (tmp_path / "x").exists()
     assert not [p for p in tmp_path.iterdir() if p.name.startswith(".x.")]  # no temporary left
 
@@ -224,9 +262,21 @@ def test_extraction_refuses_an_existing_directory_and_missing_coordinates(
 @needs_relion
 def test_relion_error_carries_relions_message_and_the_command(tmp_path: Path) -> None:
     with pytest.raises(RelionError) as caught:
-        run_relion(["relion_preprocess", "--i", "missing.star", "--coord_suffix", ".star",
-                    "--part_star", "out.star", "--extract", "--extract_size", "64"],
-                   cwd=tmp_path)
+        run_relion(
+            [
+                "relion_preprocess",
+                "--i",
+                "missing.star",
+                "--coord_suffix",
+                ".star",
+                "--part_star",
+                "out.star",
+                "--extract",
+                "--extract_size",
+                "64",
+            ],
+            cwd=tmp_path,
+        )
     error = caught.value
     assert "MetaDataTable::read: File missing.star does not exist" in str(error)
     assert "relion_preprocess --i missing.star" in str(error)
@@ -265,19 +315,24 @@ exit 0
     return script
 
 
-def test_run_relion_streams_lines_without_progress_bars(fake_relion: Path, tmp_path: Path,
-                                                        monkeypatch, caplog) -> None:
+def test_run_relion_streams_lines_without_progress_bars(
+    fake_relion: Path, tmp_path: Path, monkeypatch, caplog
+) -> None:
     monkeypatch.setenv("FAKE_MODE", "ok")
     seen: list[str] = []
-    run = run_relion(["relion_fake", "--i", "x"], cwd=tmp_path, log=seen.append,
-                     transcript=tmp_path / "run.log")
+    run = run_relion(
+        ["relion_fake", "--i", "x"], cwd=tmp_path, log=seen.append, transcript=tmp_path / "run.log"
+    )
     assert run.returncode == 0 and run.seconds >= 0
     lines = [s.strip() for s in seen]
     # stdout keeps its order; a stderr line may arrive before or between them (two pipes)
-    assert [s for s in lines if s != "warning on stderr"] == ["Reading particles ...",
-                                                               "Written out 3 particles"]
-    assert sorted(lines) == sorted(["Reading particles ...", "Written out 3 particles",
-                                    "warning on stderr"])
+    assert [s for s in lines if s != "warning on stderr"] == [
+        "Reading particles ...",
+        "Written out 3 particles",
+    ]
+    assert sorted(lines) == sorted(
+        ["Reading particles ...", "Written out 3 particles", "warning on stderr"]
+    )
     assert "[err] warning on stderr" in (tmp_path / "run.log").read_text()
     logger = logging.getLogger("test.relion")
     with caplog.at_level(logging.INFO, logger="test.relion"):
@@ -310,8 +365,14 @@ def test_run_relion_names_a_missing_program_and_directory(tmp_path: Path) -> Non
 
 def test_error_text_falls_back_to_the_last_lines() -> None:
     assert relion_error_text(["a", "b", "", "c"]) == "a\nb\nc"
-    mpi = ["ERROR: ", "MlOptimiser::initialise: no particles", "-" * 40,
-           "MPI_ABORT was invoked on rank 1", "ERROR: ", "MlOptimiser::initialise: no particles"]
+    mpi = [
+        "ERROR: ",
+        "MlOptimiser::initialise: no particles",
+        "-" * 40,
+        "MPI_ABORT was invoked on rank 1",
+        "ERROR: ",
+        "MlOptimiser::initialise: no particles",
+    ]
     assert relion_error_text(mpi) == "MlOptimiser::initialise: no particles"
     # Open MPI's runtime may add its own ORTE_ERROR_LOG lines after RELION's message
     orte = "[vm:01149] [[26755,0],0] ORTE_ERROR_LOG: Data unpack would read past end of buffer"
@@ -324,9 +385,16 @@ def test_error_text_falls_back_to_the_last_lines() -> None:
 def _poses(n: int, seed: int = 0) -> pd.DataFrame:
     rng = np.random.default_rng(seed)
     rot, tilt, psi = random_euler(rng, n)
-    return pd.DataFrame({"image_name": [f"{i + 1:06d}@stack.mrcs" for i in range(n)],
-                         "rot_deg": rot, "tilt_deg": tilt, "psi_deg": psi,
-                         "origin_x_a": rng.normal(0, 3, n), "origin_y_a": rng.normal(0, 3, n)})
+    return pd.DataFrame(
+        {
+            "image_name": [f"{i + 1:06d}@stack.mrcs" for i in range(n)],
+            "rot_deg": rot,
+            "tilt_deg": tilt,
+            "psi_deg": psi,
+            "origin_x_a": rng.normal(0, 3, n),
+            "origin_y_a": rng.normal(0, 3, n),
+        }
+    )
 
 
 def test_pose_errors_are_exact_on_known_rotations() -> None:
@@ -374,8 +442,9 @@ def test_pose_errors_skip_junk_and_unmatched_rows_and_summarise() -> None:
     assert summary["fraction_within_deg"] == pytest.approx(7 / 8)
     assert summary["mean_angle_error_deg"] == pytest.approx(30.0 / 8)
     # matching on several columns (particles extracted from micrographs)
-    picks = truth.assign(micrograph_name="m.mrc", coordinate_x_px=np.arange(10.0) * 70,
-                         coordinate_y_px=100.0).drop(columns="image_name")
+    picks = truth.assign(
+        micrograph_name="m.mrc", coordinate_x_px=np.arange(10.0) * 70, coordinate_y_px=100.0
+    ).drop(columns="image_name")
     on = ("micrograph_name", "coordinate_x_px", "coordinate_y_px")
     refined_picks = picks.fillna(0.0).iloc[::-1]
     assert len(pose_errors(refined_picks, picks, on=on)) == 8
@@ -389,21 +458,36 @@ def test_default_lowpass_follows_the_particle_size() -> None:
     geometry = reference_geometry(density)
     assert 0 < geometry.body_diameter_a < geometry.mask_diameter_a < 48 * density.pixel_size_a
     assert geometry.ini_lowpass_a == pytest.approx(
-        default_ini_lowpass_a(geometry.body_diameter_a, density.pixel_size_a))
+        default_ini_lowpass_a(geometry.body_diameter_a, density.pixel_size_a)
+    )
 
 
 # ------------------------------------------------------------------------------ reconstruction
 
 
-def _particle_project(root: Path, density: DensityMap, n: int, snr: float, seed: int = 0,
-                      with_poses: bool = True):
-    sim = simulate_particles(density, SimulationConfig(n_particles=n, junk_fraction=0.0,
-                                                       snr=snr), seed=seed, keep_clean=False)
-    write_mrc(root / "Particles" / "particles_001.mrcs", sim.images, sim.pixel_size_a,
-              stack=True)
-    star = sim.star if with_poses else sim.star.drop(
-        columns=["rlnAngleRot", "rlnAngleTilt", "rlnAnglePsi", "rlnOriginXAngst",
-                 "rlnOriginYAngst"])
+def _particle_project(
+    root: Path, density: DensityMap, n: int, snr: float, seed: int = 0, with_poses: bool = True
+):
+    sim = simulate_particles(
+        density,
+        SimulationConfig(n_particles=n, junk_fraction=0.0, snr=snr),
+        seed=seed,
+        keep_clean=False,
+    )
+    write_mrc(root / "Particles" / "particles_001.mrcs", sim.images, sim.pixel_size_a, stack=True)
+    star = (
+        sim.star
+        if with_poses
+        else sim.star.drop(
+            columns=[
+                "rlnAngleRot",
+                "rlnAngleTilt",
+                "rlnAnglePsi",
+                "rlnOriginXAngst",
+                "rlnOriginYAngst",
+            ]
+        )
+    )
     write_star(root / "particles.star", {"optics": sim.optics, "particles": star})
     return sim
 
@@ -418,8 +502,13 @@ def test_reconstruct_from_true_poses_recovers_the_map(tmp_path: Path) -> None:
     assert recon.data.shape == (32, 32, 32)
     assert recon.pixel_size_a == pytest.approx(density.pixel_size_a, rel=1e-3)
     cutoff = 4 * density.pixel_size_a
-    assert _corr(lowpass(recon.data, recon.pixel_size_a, cutoff),
-                 lowpass(density.data, density.pixel_size_a, cutoff)) > 0.9
+    assert (
+        _corr(
+            lowpass(recon.data, recon.pixel_size_a, cutoff),
+            lowpass(density.data, density.pixel_size_a, cutoff),
+        )
+        > 0.9
+    )
 
 
 @pytest.mark.relion
@@ -428,12 +517,19 @@ def test_auto_refine_failure_under_mpi_names_relions_error(tmp_path: Path) -> No
     if shutil.which("relion_refine_mpi") is None or shutil.which("mpirun") is None:
         pytest.skip("relion_refine_mpi or mpirun not on PATH")
     density = generate_map("globular", 32, seed=0)
-    particles = pd.DataFrame({"rlnImageName": ["1@Particles/missing.mrcs",
-                                               "2@Particles/missing.mrcs"],
-                              "rlnOpticsGroup": [1, 1], "rlnDefocusU": [1e4, 1e4],
-                              "rlnDefocusV": [1e4, 1e4], "rlnDefocusAngle": [0.0, 0.0]})
-    write_star(tmp_path / "particles.star", {
-        "optics": SimulationConfig().optics(density.pixel_size_a, 32), "particles": particles})
+    particles = pd.DataFrame(
+        {
+            "rlnImageName": ["1@Particles/missing.mrcs", "2@Particles/missing.mrcs"],
+            "rlnOpticsGroup": [1, 1],
+            "rlnDefocusU": [1e4, 1e4],
+            "rlnDefocusV": [1e4, 1e4],
+            "rlnDefocusAngle": [0.0, 0.0],
+        }
+    )
+    write_star(
+        tmp_path / "particles.star",
+        {"optics": SimulationConfig().optics(density.pixel_size_a, 32), "particles": particles},
+    )
     with pytest.raises(RelionError) as caught:
         auto_refine(tmp_path / "particles.star", density, tmp_path / "refine", timeout_s=120)
     message = str(caught.value)
@@ -454,16 +550,27 @@ def test_tiny_auto_refine_recovers_the_poses(tmp_path: Path) -> None:
     density = generate_map("globular", 48, seed=0)
     sim = _particle_project(tmp_path / "project", density, 150, snr=1.0, with_poses=False)
     # local searches from 7.5 degrees on (RELION's default: 3.75) keep it under a minute
-    refine = auto_refine(tmp_path / "project" / "particles.star", density, tmp_path / "refine",
-                         local_healpix_order=3, timeout_s=300)
+    refine = auto_refine(
+        tmp_path / "project" / "particles.star",
+        density,
+        tmp_path / "refine",
+        local_healpix_order=3,
+        timeout_s=300,
+    )
     assert refine.converged and refine.data_star.is_file() and refine.map_path.is_file()
     assert refine.iterations >= 3 and refine.ini_lowpass_a == pytest.approx(
-        reference_geometry(density).ini_lowpass_a)
+        reference_geometry(density).ini_lowpass_a
+    )
     assert 2 * density.pixel_size_a <= refine.resolution_a < 30
     # the refined map is the true one, in the same frame (no flip, no shift)
     refined_map = load_map(refine.map_path)
-    assert _corr(lowpass(refined_map.data, density.pixel_size_a, 25.0),
-                 lowpass(density.data, density.pixel_size_a, 25.0)) > 0.9
+    assert (
+        _corr(
+            lowpass(refined_map.data, density.pixel_size_a, 25.0),
+            lowpass(density.data, density.pixel_size_a, 25.0),
+        )
+        > 0.9
+    )
     refined = read_star(refine.data_star).particles
     summary = summarise_pose_errors(pose_errors(refined, sim.truth))
     assert summary["n_particles"] == 150

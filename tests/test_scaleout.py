@@ -35,15 +35,22 @@ from particleseg_assets.executors import EXECUTOR_ENV, executor_for
 
 REPO = Path(__file__).resolve().parents[1]
 DEPLOY = REPO / "deploy"
-JOBS = ("catalog_job", "dataset_job", "train_job", "report_job", "clean_job",
-        "remove_dataset_job")
+JOBS = ("catalog_job", "dataset_job", "train_job", "report_job", "clean_job", "remove_dataset_job")
 # the op config two jobs cannot run without (the deploy files set executors, not ops)
-JOB_OPS = {"clean_job": {"cleaned_particles": {"config": {"star": "/data/particles.star"}}},
-           "remove_dataset_job": {"remove_dataset": {"config": {"empiar_id": "10028"}}}}
+JOB_OPS = {
+    "clean_job": {"cleaned_particles": {"config": {"star": "/data/particles.star"}}},
+    "remove_dataset_job": {"remove_dataset": {"config": {"empiar_id": "10028"}}},
+}
 # what the Kubernetes deployment's ConfigMap and secret would put in the environment
-K8S_ENV = {"PGHOST": "postgres.dagster.svc", "PGPORT": "5432", "PGUSER": "dagster",
-           "DAGSTER_PG_PASSWORD": "s3cret+1", "PGDATABASE": "dagster",
-           "DAGSTER_K8S_NAMESPACE": "particleseg", "PARTICLESEG_IMAGE": "registry/particleseg:1"}
+K8S_ENV = {
+    "PGHOST": "postgres.dagster.svc",
+    "PGPORT": "5432",
+    "PGUSER": "dagster",
+    "DAGSTER_PG_PASSWORD": "s3cret+1",
+    "PGDATABASE": "dagster",
+    "DAGSTER_K8S_NAMESPACE": "particleseg",
+    "PARTICLESEG_IMAGE": "registry/particleseg:1",
+}
 
 
 @pytest.fixture
@@ -78,18 +85,27 @@ def run_config(*names: str) -> dict:
 
 # -- executor selection ------------------------------------------------------------------------
 
+
 def test_default_executor_is_dagsters_own(defs_with):
     defs = defs_with(None)
-    assert all(defs.resolve_job_def(j).executor_def is multi_or_in_process_executor
-               for j in JOBS)
-    assert defs_with("default").resolve_job_def("train_job").executor_def \
+    assert all(defs.resolve_job_def(j).executor_def is multi_or_in_process_executor for j in JOBS)
+    assert (
+        defs_with("default").resolve_job_def("train_job").executor_def
         is multi_or_in_process_executor
+    )
 
 
-@pytest.mark.parametrize("name, executor", [("multiprocess", "multiprocess"),
-                                            ("in_process", "in_process"), ("dask", "dask"),
-                                            ("celery", "celery"), ("k8s", "k8s"),
-                                            ("in-process", "in_process")])
+@pytest.mark.parametrize(
+    "name, executor",
+    [
+        ("multiprocess", "multiprocess"),
+        ("in_process", "in_process"),
+        ("dask", "dask"),
+        ("celery", "celery"),
+        ("k8s", "k8s"),
+        ("in-process", "in_process"),
+    ],
+)
 def test_executor_from_the_environment(defs_with, name, executor):
     defs = defs_with(name)
     # every job, asset jobs and the op job alike
@@ -106,14 +122,22 @@ def test_bad_or_missing_executor_is_named(monkeypatch):
 
 # -- the Kubernetes instance -------------------------------------------------------------------
 
+
 def kubeconfig(tmp_path: Path) -> Path:
     """A kubeconfig for a cluster that is never contacted: enough for the launcher to load."""
     path = tmp_path / "kubeconfig"
-    path.write_text(yaml.safe_dump({
-        "apiVersion": "v1", "kind": "Config", "current-context": "test",
-        "clusters": [{"name": "test", "cluster": {"server": "https://127.0.0.1:1"}}],
-        "users": [{"name": "test", "user": {"token": "x"}}],
-        "contexts": [{"name": "test", "context": {"cluster": "test", "user": "test"}}]}))
+    path.write_text(
+        yaml.safe_dump(
+            {
+                "apiVersion": "v1",
+                "kind": "Config",
+                "current-context": "test",
+                "clusters": [{"name": "test", "cluster": {"server": "https://127.0.0.1:1"}}],
+                "users": [{"name": "test", "user": {"token": "x"}}],
+                "contexts": [{"name": "test", "context": {"cluster": "test", "user": "test"}}],
+            }
+        )
+    )
     return path
 
 
@@ -133,10 +157,14 @@ def k8s_launcher(config: dict, tmp_path: Path):
     from dagster._serdes.config_class import ConfigurableClassData
 
     section = config["run_launcher"]
-    out_of_cluster = {**section["config"], "load_incluster_config": False,
-                      "kubeconfig_file": str(kubeconfig(tmp_path))}
-    return ConfigurableClassData(section["module"], section["class"],
-                                 yaml.safe_dump(out_of_cluster)).rehydrate()
+    out_of_cluster = {
+        **section["config"],
+        "load_incluster_config": False,
+        "kubeconfig_file": str(kubeconfig(tmp_path)),
+    }
+    return ConfigurableClassData(
+        section["module"], section["class"], yaml.safe_dump(out_of_cluster)
+    ).rehydrate()
 
 
 def test_k8s_instance_config_is_valid(k8s_env, tmp_path):
@@ -155,8 +183,10 @@ def test_k8s_instance_config_is_valid(k8s_env, tmp_path):
     # storage: the environment's server, through psycopg2
     storage = process_config(DagsterPostgresStorage.config_type(), config["storage"]["postgres"])
     assert storage.success, storage.errors
-    assert pg_url_from_config(storage.value) == \
-        "postgresql+psycopg2://dagster:s3cret%2B1@postgres.dagster.svc:5432/dagster"
+    assert (
+        pg_url_from_config(storage.value)
+        == "postgresql+psycopg2://dagster:s3cret%2B1@postgres.dagster.svc:5432/dagster"
+    )
     # the same pools and run queue as the local instance
     local = yaml.safe_load((REPO / "dagster_home" / "dagster.yaml").read_text())
     assert config["concurrency"] == local["concurrency"]
@@ -179,16 +209,19 @@ def test_k8s_instance_config_rejects_mistakes(k8s_env, tmp_path):
 
 # -- the run configs ---------------------------------------------------------------------------
 
-RUN_CONFIGS = [("k8s", ("k8s/run_config.yaml",), JOBS),
-               ("k8s", ("k8s/run_config.yaml", "k8s/train_gpus.yaml"), ("train_job",)),
-               ("dask", ("dask/run_config.yaml",), JOBS),
-               ("dask", ("dask/local_run_config.yaml",), JOBS),
-               ("celery", ("celery/run_config.yaml",), JOBS)]
+RUN_CONFIGS = [
+    ("k8s", ("k8s/run_config.yaml",), JOBS),
+    ("k8s", ("k8s/run_config.yaml", "k8s/train_gpus.yaml"), ("train_job",)),
+    ("dask", ("dask/run_config.yaml",), JOBS),
+    ("dask", ("dask/local_run_config.yaml",), JOBS),
+    ("celery", ("celery/run_config.yaml",), JOBS),
+]
 
 
 @pytest.mark.parametrize("executor, files, jobs", RUN_CONFIGS)
-def test_run_configs_validate_against_the_jobs(defs_with, k8s_env, monkeypatch,
-                                               executor, files, jobs):
+def test_run_configs_validate_against_the_jobs(
+    defs_with, k8s_env, monkeypatch, executor, files, jobs
+):
     monkeypatch.setenv("DASK_SCHEDULER_ADDRESS", "tcp://scheduler:8786")
     monkeypatch.setenv("DAGSTER_CELERY_BROKER_URL", "pyamqp://guest@rabbitmq:5672//")
     monkeypatch.setenv("DAGSTER_CELERY_BACKEND_URL", "redis://redis:6379/0")
@@ -205,8 +238,7 @@ def test_run_configs_validate_against_the_jobs(defs_with, k8s_env, monkeypatch,
 
 def test_run_config_values_and_mistakes(defs_with, k8s_env, monkeypatch):
     train = defs_with("k8s").resolve_job_def("train_job")
-    resolved = validate_run_config(train, run_config("k8s/run_config.yaml",
-                                                     "k8s/train_gpus.yaml"))
+    resolved = validate_run_config(train, run_config("k8s/run_config.yaml", "k8s/train_gpus.yaml"))
     execution = resolved["execution"]["k8s"]
     assert execution["job_namespace"] == "particleseg"  # from the environment
     step = execution["per_step_k8s_config"]["segmentation_model"]["container_config"]
@@ -236,6 +268,7 @@ def test_run_config_values_and_mistakes(defs_with, k8s_env, monkeypatch):
 
 # -- the step pods -----------------------------------------------------------------------------
 
+
 def step_pod(defs, job: str, step_key: str, files: tuple[str, ...], tmp_path: Path):
     """The Kubernetes Job the k8s_job_executor would create for one step: the run launcher's
     settings, then the executor's step_k8s_config, the step's own ``dagster-k8s/config`` tag
@@ -252,61 +285,88 @@ def step_pod(defs, job: str, step_key: str, files: tuple[str, ...], tmp_path: Pa
     config = run_config(*files)
     executor = validate_run_config(job_def, config)["execution"]["k8s"]
     step = create_execution_plan(job_def, run_config=config).get_step_by_key(step_key)
-    launcher = k8s_launcher(load_instance_config(
-        tmp_path, (DEPLOY / "k8s" / "dagster.yaml").read_text()), tmp_path)
+    launcher = k8s_launcher(
+        load_instance_config(tmp_path, (DEPLOY / "k8s" / "dagster.yaml").read_text()), tmp_path
+    )
     context = K8sContainerContext.create_for_run(
-        DagsterRun(job_name=job), launcher, include_run_tags=False)
-    context = context.merge(K8sContainerContext(
-        namespace=executor.get("job_namespace"),
-        run_k8s_config=UserDefinedDagsterK8sConfig.from_dict(executor.get("step_k8s_config",
-                                                                          {}))))
-    context = context.merge(K8sContainerContext(
-        run_k8s_config=get_user_defined_k8s_config(step.tags))).merge(K8sContainerContext(
+        DagsterRun(job_name=job), launcher, include_run_tags=False
+    )
+    context = context.merge(
+        K8sContainerContext(
+            namespace=executor.get("job_namespace"),
             run_k8s_config=UserDefinedDagsterK8sConfig.from_dict(
-                executor["per_step_k8s_config"].get(step.op_name, {}))))
+                executor.get("step_k8s_config", {})
+            ),
+        )
+    )
+    context = context.merge(
+        K8sContainerContext(run_k8s_config=get_user_defined_k8s_config(step.tags))
+    ).merge(
+        K8sContainerContext(
+            run_k8s_config=UserDefinedDagsterK8sConfig.from_dict(
+                executor["per_step_k8s_config"].get(step.op_name, {})
+            )
+        )
+    )
     job_config = context.get_k8s_job_config(None, launcher)
-    body = construct_dagster_k8s_job(job_config, ["dagster", "api", "execute_step"],
-                                     f"dagster-step-{step_key.replace('_', '-')}",
-                                     user_defined_k8s_config=context.run_k8s_config,
-                                     component="step_worker")
+    body = construct_dagster_k8s_job(
+        job_config,
+        ["dagster", "api", "execute_step"],
+        f"dagster-step-{step_key.replace('_', '-')}",
+        user_defined_k8s_config=context.run_k8s_config,
+        component="step_worker",
+    )
     return context, body.to_dict()
 
 
 def test_training_step_pod_requests_a_gpu(defs_with, k8s_env, tmp_path):
     defs = defs_with("k8s")
-    context, body = step_pod(defs, "train_job", "segmentation_model",
-                             ("k8s/run_config.yaml",), tmp_path)
+    context, body = step_pod(
+        defs, "train_job", "segmentation_model", ("k8s/run_config.yaml",), tmp_path
+    )
     assert context.namespace == "particleseg"
     pod = body["spec"]["template"]["spec"]
     (container,) = pod["containers"]
     assert container["image"] == "registry/particleseg:1"
     assert container["resources"]["limits"]["nvidia.com/gpu"] == "1"  # the op tag
     assert container["resources"]["requests"] == {"cpu": "4", "memory": "16Gi"}
-    assert {"key": "nvidia.com/gpu", "operator": "Exists", "effect": "NoSchedule"} in \
-        [{k: v for k, v in t.items() if v is not None} for t in pod["tolerations"]]
+    assert {"key": "nvidia.com/gpu", "operator": "Exists", "effect": "NoSchedule"} in [
+        {k: v for k, v in t.items() if v is not None} for t in pod["tolerations"]
+    ]
     # the run launcher's shared volume and environment reach the step pod
-    assert {"name": "particleseg-data", "mount_path": "/data"}.items() <= \
-        container["volume_mounts"][-1].items()
-    assert any(e["config_map_ref"]["name"] == "particleseg-env" for e in container["env_from"]
-               if e.get("config_map_ref"))
+    assert {"name": "particleseg-data", "mount_path": "/data"}.items() <= container[
+        "volume_mounts"
+    ][-1].items()
+    assert any(
+        e["config_map_ref"]["name"] == "particleseg-env"
+        for e in container["env_from"]
+        if e.get("config_map_ref")
+    )
     # four GPUs for a MirroredStrategy run, from the second run config file
-    _, body = step_pod(defs, "train_job", "segmentation_model",
-                       ("k8s/run_config.yaml", "k8s/train_gpus.yaml"), tmp_path)
+    _, body = step_pod(
+        defs,
+        "train_job",
+        "segmentation_model",
+        ("k8s/run_config.yaml", "k8s/train_gpus.yaml"),
+        tmp_path,
+    )
     limits = body["spec"]["template"]["spec"]["containers"][0]["resources"]["limits"]
     assert limits["nvidia.com/gpu"] == "4" and limits["memory"] == "32Gi"
 
 
 def test_relion_step_pod_gets_cpus_and_no_gpu(defs_with, k8s_env, tmp_path):
-    _, body = step_pod(defs_with("k8s"), "dataset_job", "refined_particles",
-                       ("k8s/run_config.yaml",), tmp_path)
+    _, body = step_pod(
+        defs_with("k8s"), "dataset_job", "refined_particles", ("k8s/run_config.yaml",), tmp_path
+    )
     (container,) = body["spec"]["template"]["spec"]["containers"]
     assert container["resources"]["limits"] == {"cpu": "9", "memory": "48Gi"}
     assert "nvidia.com/gpu" not in container["resources"]["requests"]
     env = {e["name"]: e["value"] for e in container["env"] if e.get("value") is not None}
     assert env["PARTICLESEG_RELION_MPI_RANKS"] == "9"
     # an ordinary step gets the executor's default pod
-    _, body = step_pod(defs_with("k8s"), "catalog_job", "empiar_entries",
-                       ("k8s/run_config.yaml",), tmp_path)
+    _, body = step_pod(
+        defs_with("k8s"), "catalog_job", "empiar_entries", ("k8s/run_config.yaml",), tmp_path
+    )
     resources = body["spec"]["template"]["spec"]["containers"][0]["resources"]
     assert resources["requests"] == {"cpu": "1", "memory": "2Gi"}
     assert "nvidia.com/gpu" not in resources.get("limits", {})
@@ -317,8 +377,10 @@ def test_gpu_tag_parses_with_dagster_k8s():
 
     from particleseg_assets.assets.model import TRAIN_K8S_CONFIG, segmentation_model
 
-    tags = {k: json.dumps(v) if not isinstance(v, str) else v
-            for k, v in segmentation_model.op.tags.items()}
+    tags = {
+        k: json.dumps(v) if not isinstance(v, str) else v
+        for k, v in segmentation_model.op.tags.items()
+    }
     parsed = get_user_defined_k8s_config(tags)
     assert parsed.container_config["resources"]["limits"] == {"nvidia.com/gpu": 1}
     assert json.loads(tags[USER_DEFINED_K8S_CONFIG_KEY]) == TRAIN_K8S_CONFIG
@@ -329,6 +391,7 @@ def test_gpu_tag_parses_with_dagster_k8s():
 
 # -- a real Dask run ---------------------------------------------------------------------------
 
+
 @pytest.mark.slow
 def test_catalog_job_on_a_local_dask_cluster(server_env, dagster_home, tmp_path, monkeypatch):
     """catalog_job from the command line with PARTICLESEG_EXECUTOR=dask and
@@ -336,8 +399,12 @@ def test_catalog_job_on_a_local_dask_cluster(server_env, dagster_home, tmp_path,
     from dask.distributed import Client, LocalCluster
 
     monkeypatch.setenv(EXECUTOR_ENV, "dask")
-    with LocalCluster(n_workers=0, threads_per_worker=1, processes=True,
-                      dashboard_address=":0") as cluster, Client(cluster) as client:
+    with (
+        LocalCluster(
+            n_workers=0, threads_per_worker=1, processes=True, dashboard_address=":0"
+        ) as cluster,
+        Client(cluster) as client,
+    ):
         # the workers start with this environment, as a deployment's would: the loopback
         # archive, the data root, DAGSTER_HOME, the executor and the scheduler's address (each
         # step checks the run config again, environment variables included)
@@ -347,18 +414,34 @@ def test_catalog_job_on_a_local_dask_cluster(server_env, dagster_home, tmp_path,
         worker_pids = set(client.run(os.getpid).values())
         env = {**os.environ}
         done = subprocess.run(
-            [sys.executable, "-m", "dagster", "job", "execute", "-m",
-             "particleseg_assets.definitions", "-j", "catalog_job",
-             "-c", str(DEPLOY / "dask" / "run_config.yaml")],
-            cwd=REPO, env=env, capture_output=True, text=True, timeout=240)
+            [
+                sys.executable,
+                "-m",
+                "dagster",
+                "job",
+                "execute",
+                "-m",
+                "particleseg_assets.definitions",
+                "-j",
+                "catalog_job",
+                "-c",
+                str(DEPLOY / "dask" / "run_config.yaml"),
+            ],
+            cwd=REPO,
+            env=env,
+            capture_output=True,
+            text=True,
+            timeout=240,
+        )
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
     assert len(worker_pids) == 2 and os.getpid() not in worker_pids
 
     instance = DagsterInstance.get()
     (run,) = instance.get_runs()
     assert run.job_name == "catalog_job" and run.status == DagsterRunStatus.SUCCESS
-    assert run.run_config["execution"]["config"]["cluster"] == \
-        {"existing": {"address": {"env": "DASK_SCHEDULER_ADDRESS"}}}  # the file as shipped
+    assert run.run_config["execution"]["config"]["cluster"] == {
+        "existing": {"address": {"env": "DASK_SCHEDULER_ADDRESS"}}
+    }  # the file as shipped
     starts = instance.all_logs(run.run_id, of_type=DagsterEventType.STEP_START)
     steps = {e.step_key: e.dagster_event.pid for e in starts}
     assert {"empiar_entries", "eligible_entries"} <= set(steps)

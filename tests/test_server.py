@@ -11,15 +11,20 @@ from pathlib import Path
 import pytest
 import requests
 
-from particleseg_model.empiar import EmpiarClient
-from particleseg_model.http import BadPayloadError
-from particleseg_model.mirror import Mirror, parse_id_list, parse_query
-from particleseg_model.server import Fault, autoindex_html, serve
+from particleseg_model.access.empiar import EmpiarClient
+from particleseg_model.access.http import BadPayloadError
+from particleseg_model.access.mirror import Mirror, parse_id_list, parse_query
+from particleseg_model.access.server import Fault, autoindex_html, serve
 
 
 def test_id_lists_and_ranges():
     assert parse_id_list("10050, 10054,10060-10062") == [
-        "EMPIAR-10050", "EMPIAR-10054", "EMPIAR-10060", "EMPIAR-10061", "EMPIAR-10062"]
+        "EMPIAR-10050",
+        "EMPIAR-10054",
+        "EMPIAR-10060",
+        "EMPIAR-10061",
+        "EMPIAR-10062",
+    ]
     assert parse_id_list("EMPIAR-10028") == ["EMPIAR-10028"]
     for bad in ["10062-10060", "abc", "1-2000000"]:
         with pytest.raises(ValueError):
@@ -29,7 +34,8 @@ def test_id_lists_and_ranges():
 def test_query_language():
     assert parse_query("database:EMPIAR") == []
     assert parse_query("database:EMPIAR AND update_date:[2021-01-01 TO *]") == [
-        ("update_date", "2021-01-01", "*")]
+        ("update_date", "2021-01-01", "*")
+    ]
     assert parse_query("empiar_id:10028") == [("id", "EMPIAR-10028", "EMPIAR-10028")]
     with pytest.raises(ValueError, match="title:ribosome"):
         parse_query("database:EMPIAR AND title:ribosome")
@@ -44,7 +50,8 @@ def test_search_windows_and_pages(fixture_mirror):
     assert released and all(r["release_date"][:4] == "2017" for r in released.values())
     assert "EMPIAR-10028" in released
     timestamps = fixture_mirror.search(
-        "update_date:[2022-02-07T00:00:00Z TO 2022-02-07T23:59:59Z]", rows=1000)
+        "update_date:[2022-02-07T00:00:00Z TO 2022-02-07T23:59:59Z]", rows=1000
+    )
     assert list(timestamps) == ["EMPIAR-10934"]
 
 
@@ -73,17 +80,25 @@ def test_api_routes(archive_server):
     assert sorted(many.json()) == ["EMPIAR-10005", "EMPIAR-10028"]
     missing = requests.get(f"{url}/empiar/api/entry/99999", timeout=5)
     assert missing.status_code == 404 and missing.json() == {"detail": "Not found."}
-    page = requests.get(f"{url}/emdb/api/empiar/search/database:EMPIAR",
-                        params={"rows": 5, "page": 2}, timeout=5).json()
+    page = requests.get(
+        f"{url}/emdb/api/empiar/search/database:EMPIAR", params={"rows": 5, "page": 2}, timeout=5
+    ).json()
     assert list(page) == archive_server.mirror.entry_ids()[5:10]
     bad = requests.get(f"{url}/emdb/api/empiar/search/title:x", timeout=5)
     assert bad.status_code == 400 and "title:x" in bad.json()["detail"]
     emdb = requests.get(f"{url}/emdb/api/entry/EMD-2660", timeout=5).json()
     resolution = emdb["structure_determination_list"]["structure_determination"][0][
-        "image_processing"][0]["final_reconstruction"]["resolution"]["valueOf_"]
+        "image_processing"
+    ][0]["final_reconstruction"]["resolution"]["valueOf_"]
     assert resolution == "3.2"
     assert [(m, s) for m, _, s in archive_server.requests] == [
-        ("GET", 200), ("POST", 200), ("GET", 404), ("GET", 200), ("GET", 400), ("GET", 200)]
+        ("GET", 200),
+        ("POST", 200),
+        ("GET", 404),
+        ("GET", 200),
+        ("GET", 400),
+        ("GET", 200),
+    ]
 
 
 def test_malformed_entry_is_served_as_stored(archive_server):
@@ -115,8 +130,9 @@ def test_archive_files_ranges_and_listings(tmp_path):
         assert part.headers["Content-Range"] == f"bytes 1000-{len(payload) - 1}/{len(payload)}"
         tail = requests.get(f"{base}/shiny.mrcs", headers={"Range": "bytes=-10"}, timeout=5)
         assert tail.content == payload[-10:]
-        beyond = requests.get(f"{base}/shiny.mrcs",
-                              headers={"Range": f"bytes={len(payload)}-"}, timeout=5)
+        beyond = requests.get(
+            f"{base}/shiny.mrcs", headers={"Range": f"bytes={len(payload)}-"}, timeout=5
+        )
         assert beyond.status_code == 416
         assert beyond.headers["Content-Range"] == f"bytes */{len(payload)}"
         redirect = requests.get(base, allow_redirects=False, timeout=5)
@@ -126,8 +142,12 @@ def test_archive_files_ranges_and_listings(tmp_path):
         assert 'href="shiny.mrcs"' in listing and "293K" in listing
         assert ".part" not in listing
         assert requests.get(f"{base}/half.mrcs.part", timeout=5).status_code == 404
-        assert requests.get(f"{server.archive_url}/10028/../../empiar/EMPIAR-10028.json",
-                            timeout=5).status_code == 404
+        assert (
+            requests.get(
+                f"{server.archive_url}/10028/../../empiar/EMPIAR-10028.json", timeout=5
+            ).status_code
+            == 404
+        )
 
 
 def test_cut_fault_closes_the_connection_mid_body(tmp_path):
@@ -151,14 +171,24 @@ def test_autoindex_shape(tmp_path):
 
 
 def test_serve_archive_command(tmp_path):
-    command = [sys.executable, "-m", "particleseg_model.cli", "serve-archive",
-               str(tmp_path / "mirror"), "--port", "0", "--fixture"]
+    command = [
+        sys.executable,
+        "-m",
+        "particleseg_model.cli",
+        "serve-archive",
+        str(tmp_path / "mirror"),
+        "--port",
+        "0",
+        "--fixture",
+    ]
     process = subprocess.Popen(command, stdout=subprocess.PIPE, text=True)
     try:
         first = process.stdout.readline()
         assert first.startswith("serving ") and " at http://127.0.0.1:" in first
-        exports = dict(process.stdout.readline().removeprefix("export ").strip().split("=", 1)
-                       for _ in range(3))
+        exports = dict(
+            process.stdout.readline().removeprefix("export ").strip().split("=", 1)
+            for _ in range(3)
+        )
         reply = requests.get(exports["PARTICLESEG_EMPIAR_URL"] + "/entry/10934", timeout=5)
         assert reply.json()["EMPIAR-10934"]["title"].startswith("Cryo-EM multiframe")
     finally:

@@ -14,9 +14,9 @@ import pandas as pd
 import pytest
 import starfile
 
-from particleseg_model.demo_archive import write_star
-from particleseg_model.maps import DensityMap, generate_map, pad_or_crop, write_mrc
-from particleseg_model.simulate import (
+from particleseg_model.em.maps import DensityMap, generate_map, pad_or_crop, write_mrc
+from particleseg_model.simulation.demo_archive import write_star
+from particleseg_model.simulation.simulate import (
     JUNK_KINDS,
     FourierProjector,
     SimulationConfig,
@@ -45,17 +45,33 @@ def _corr(a: np.ndarray, b: np.ndarray) -> float:
     return float(np.corrcoef(np.ravel(a), np.ravel(b))[0, 1])
 
 
-def _relion_project(relion_bin: Path, work: Path, volume: np.ndarray, pixel: float,
-                    poses: pd.DataFrame, *extra: str) -> np.ndarray:
+def _relion_project(
+    relion_bin: Path, work: Path, volume: np.ndarray, pixel: float, poses: pd.DataFrame, *extra: str
+) -> np.ndarray:
     """relion_project --ang on a RELION 3.1 STAR of ``poses`` (angles, origins in A, CTF)."""
     write_mrc(work / "map.mrc", volume, pixel)
     particles = poses.copy()
     particles["rlnImageName"] = [f"{i + 1}@dummy.mrcs" for i in range(len(poses))]
     particles["rlnOpticsGroup"] = 1
-    write_star(work / "poses.star", {
-        "optics": SimulationConfig().optics(pixel, volume.shape[0]), "particles": particles})
-    subprocess.run([str(relion_bin / "relion_project"), "--i", "map.mrc", "--o", "proj",
-                    "--ang", "poses.star", *extra], cwd=work, check=True, capture_output=True)
+    write_star(
+        work / "poses.star",
+        {"optics": SimulationConfig().optics(pixel, volume.shape[0]), "particles": particles},
+    )
+    subprocess.run(
+        [
+            str(relion_bin / "relion_project"),
+            "--i",
+            "map.mrc",
+            "--o",
+            "proj",
+            "--ang",
+            "poses.star",
+            *extra,
+        ],
+        cwd=work,
+        check=True,
+        capture_output=True,
+    )
     with mrcfile.open(work / "proj.mrcs") as mrc:
         return np.asarray(mrc.data, dtype=np.float64)
 
@@ -69,11 +85,18 @@ def _poses(n: int, seed: int, pixel: float) -> pd.DataFrame:
     shifts[2] = (5.0, 0.0)  # pure x and pure y shifts show the sign convention
     shifts[3] = (0.0, -7.5)
     du = rng.uniform(8000, 25000, n)
-    return pd.DataFrame({
-        "rlnAngleRot": rot, "rlnAngleTilt": tilt, "rlnAnglePsi": psi,
-        "rlnOriginXAngst": shifts[:, 0] * pixel, "rlnOriginYAngst": shifts[:, 1] * pixel,
-        "rlnDefocusU": du, "rlnDefocusV": du - rng.uniform(0, 900, n),
-        "rlnDefocusAngle": rng.uniform(0, 180, n)})
+    return pd.DataFrame(
+        {
+            "rlnAngleRot": rot,
+            "rlnAngleTilt": tilt,
+            "rlnAnglePsi": psi,
+            "rlnOriginXAngst": shifts[:, 0] * pixel,
+            "rlnOriginYAngst": shifts[:, 1] * pixel,
+            "rlnDefocusU": du,
+            "rlnDefocusV": du - rng.uniform(0, 900, n),
+            "rlnDefocusAngle": rng.uniform(0, 180, n),
+        }
+    )
 
 
 # ------------------------------------------------------------------------------ geometry
@@ -108,57 +131,85 @@ def test_random_euler_is_uniform_on_so3() -> None:
 # ------------------------------------------------------------------------------ vs RELION
 
 
-def test_projector_matches_relion_project(relion_bin: Path, tmp_path: Path,
-                                          density: DensityMap,
-                                          projector: FourierProjector) -> None:
+def test_projector_matches_relion_project(
+    relion_bin: Path, tmp_path: Path, density: DensityMap, projector: FourierProjector
+) -> None:
     pixel = density.pixel_size_a
     poses = _poses(6, 0, pixel)
     reference = _relion_project(relion_bin, tmp_path, density.data, pixel, poses)
-    ours = projector.project(poses.rlnAngleRot, poses.rlnAngleTilt, poses.rlnAnglePsi,
-                             poses.rlnOriginXAngst / pixel, poses.rlnOriginYAngst / pixel)
+    ours = projector.project(
+        poses.rlnAngleRot,
+        poses.rlnAngleTilt,
+        poses.rlnAnglePsi,
+        poses.rlnOriginXAngst / pixel,
+        poses.rlnOriginYAngst / pixel,
+    )
     for a, b in zip(ours, reference, strict=True):
         assert _corr(a, b) > 0.999
         assert np.abs(a - b).max() < 1e-3 * np.abs(b).max()  # same scale, not just shape
     # the shift sign: origin +5 px in x moves the particle by -5 px (relion_project shifts
     # the projection by -origin)
-    centre_of = [(np.clip(img, 0, None) * np.arange(BOX)).sum() / np.clip(img, 0, None).sum()
-                 for img in ours[[0, 2]].sum(axis=1)]
+    centre_of = [
+        (np.clip(img, 0, None) * np.arange(BOX)).sum() / np.clip(img, 0, None).sum()
+        for img in ours[[0, 2]].sum(axis=1)
+    ]
     assert centre_of[1] - centre_of[0] == pytest.approx(-5.0, abs=0.5)
 
 
-def test_ctf_matches_relion_project(relion_bin: Path, tmp_path: Path, density: DensityMap,
-                                    projector: FourierProjector) -> None:
+def test_ctf_matches_relion_project(
+    relion_bin: Path, tmp_path: Path, density: DensityMap, projector: FourierProjector
+) -> None:
     pixel = density.pixel_size_a
     poses = _poses(6, 1, pixel)
     reference = _relion_project(relion_bin, tmp_path, density.data, pixel, poses, "--ctf")
     ctf = ctf_2d(BOX, pixel, poses.rlnDefocusU, poses.rlnDefocusV, poses.rlnDefocusAngle)
-    ours = projector.project(poses.rlnAngleRot, poses.rlnAngleTilt, poses.rlnAnglePsi,
-                             poses.rlnOriginXAngst / pixel, poses.rlnOriginYAngst / pixel, ctf)
+    ours = projector.project(
+        poses.rlnAngleRot,
+        poses.rlnAngleTilt,
+        poses.rlnAnglePsi,
+        poses.rlnOriginXAngst / pixel,
+        poses.rlnOriginYAngst / pixel,
+        ctf,
+    )
     for a, b in zip(ours, reference, strict=True):
         assert _corr(a, b) > 0.999
     # and the CTF matters: the same projections without it correlate much less
-    plain = projector.project(poses.rlnAngleRot, poses.rlnAngleTilt, poses.rlnAnglePsi,
-                              poses.rlnOriginXAngst / pixel, poses.rlnOriginYAngst / pixel)
+    plain = projector.project(
+        poses.rlnAngleRot,
+        poses.rlnAngleTilt,
+        poses.rlnAnglePsi,
+        poses.rlnOriginXAngst / pixel,
+        poses.rlnOriginYAngst / pixel,
+    )
     assert np.mean([_corr(a, b) for a, b in zip(plain, reference, strict=True)]) < 0.9
 
 
-def test_relion_odd_box_output_is_centred_one_pixel_up(relion_bin: Path, tmp_path: Path,
-                                                       density: DensityMap) -> None:
+def test_relion_odd_box_output_is_centred_one_pixel_up(
+    relion_bin: Path, tmp_path: Path, density: DensityMap
+) -> None:
     """relion_project centres odd-sized images at (n + 1) / 2 (its inverse CenterFFT), not at
     RELION's origin n // 2; maps and even boxes agree exactly (see the test above)."""
     volume = pad_or_crop(density.data, 65)
     poses = _poses(4, 2, density.pixel_size_a)
     reference = _relion_project(relion_bin, tmp_path, volume, density.pixel_size_a, poses)
     ours = FourierProjector(volume).project(
-        poses.rlnAngleRot, poses.rlnAngleTilt, poses.rlnAnglePsi,
+        poses.rlnAngleRot,
+        poses.rlnAngleTilt,
+        poses.rlnAnglePsi,
         poses.rlnOriginXAngst / density.pixel_size_a - 1,
-        poses.rlnOriginYAngst / density.pixel_size_a - 1)
+        poses.rlnOriginYAngst / density.pixel_size_a - 1,
+    )
     assert min(_corr(a, b) for a, b in zip(ours, reference, strict=True)) > 0.999
 
 
-def _common_line_score(images: np.ndarray, angles: np.ndarray, origins_px: np.ndarray,
-                       centre: float, transpose: bool = False, shift_sign: float = 1.0,
-                       ) -> float:
+def _common_line_score(
+    images: np.ndarray,
+    angles: np.ndarray,
+    origins_px: np.ndarray,
+    centre: float,
+    transpose: bool = False,
+    shift_sign: float = 1.0,
+) -> float:
     """Mean correlation of the Fourier transforms of every image pair along the common line
     that the Euler angles predict (after undoing the origins): 1 when the conventions hold."""
     n = images.shape[-1]
@@ -171,8 +222,12 @@ def _common_line_score(images: np.ndarray, angles: np.ndarray, origins_px: np.nd
     def line(i: int, direction: np.ndarray) -> np.ndarray:
         # particle centre at centre - origin (RELION); shift_sign=-1 tries the opposite
         cx, cy = centre - shift_sign * origins_px[i]
-        phase = np.exp(-2j * np.pi * (t[:, None, None] * (direction[0] * (x - cx)
-                                                          + direction[1] * (y - cy))) / n)
+        phase = np.exp(
+            -2j
+            * np.pi
+            * (t[:, None, None] * (direction[0] * (x - cx) + direction[1] * (y - cy)))
+            / n
+        )
         return (images[i][None] * phase).sum(axis=(1, 2))
 
     scores = []
@@ -193,8 +248,9 @@ def test_conventions_against_aspire_relion_files(shared_data: Path) -> None:
     origin sign must make every pair agree on it; the wrong conventions must not."""
     images, angles, origins = [], [], []
     for name in ("aspire_rln_proj_65", "aspire_rln_proj_65_shifted"):
-        table = starfile.read(shared_data / "particles" / f"{name}.star",
-                              always_dict=True)["particles"]
+        table = starfile.read(shared_data / "particles" / f"{name}.star", always_dict=True)[
+            "particles"
+        ]
         with mrcfile.open(shared_data / "particles" / f"{name}.mrcs") as mrc:
             images.append(np.asarray(mrc.data, dtype=np.float64))
         angles.append(table[["rlnAngleRot", "rlnAngleTilt", "rlnAnglePsi"]].to_numpy())
@@ -202,8 +258,7 @@ def test_conventions_against_aspire_relion_files(shared_data: Path) -> None:
             origins.append(table[["rlnOriginXAngst", "rlnOriginYAngst"]].to_numpy())
         else:
             origins.append(table[["rlnOriginX", "rlnOriginY"]].to_numpy())
-    stack, poses, shifts = np.concatenate(images), np.concatenate(angles), \
-        np.concatenate(origins)
+    stack, poses, shifts = np.concatenate(images), np.concatenate(angles), np.concatenate(origins)
     assert stack.shape == (9, 65, 65) and np.abs(shifts).max() >= 10
     centre = 33  # relion_project's odd-box image centre, (n + 1) / 2 (see the test above)
     assert _common_line_score(stack, poses, shifts, centre) > 0.98
@@ -251,13 +306,19 @@ def plain_junk(density: DensityMap):
     return simulate_particles(density, config, seed=5)
 
 
-def test_truth_matches_the_images(plain_junk, density: DensityMap,
-                                  projector: FourierProjector) -> None:
+def test_truth_matches_the_images(
+    plain_junk, density: DensityMap, projector: FourierProjector
+) -> None:
     truth, clean = plain_junk.truth, plain_junk.clean
     pixel = density.pixel_size_a
     good = truth.index[truth.is_good].to_numpy()
-    expected = projector.project(truth.rot_deg[good], truth.tilt_deg[good], truth.psi_deg[good],
-                                 truth.origin_x_a[good] / pixel, truth.origin_y_a[good] / pixel)
+    expected = projector.project(
+        truth.rot_deg[good],
+        truth.tilt_deg[good],
+        truth.psi_deg[good],
+        truth.origin_x_a[good] / pixel,
+        truth.origin_y_a[good] / pixel,
+    )
     for a, b in zip(clean[good], expected, strict=True):
         assert _corr(a, b) > 0.999
     # good particles: the STAR poses are the true ones
@@ -268,9 +329,14 @@ def test_truth_matches_the_images(plain_junk, density: DensityMap,
     # twice the box, so that the particle is not wrapped around, then cropped)
     big = FourierProjector(pad_or_crop(density.data, 2 * BOX))
     off = truth.index[truth.junk_kind == "off_centre"].to_numpy()
-    wide = big.project(truth.rot_deg[off], truth.tilt_deg[off], truth.psi_deg[off],
-                       truth.origin_x_a[off] / pixel, truth.origin_y_a[off] / pixel)
-    cropped = wide[:, BOX // 2:BOX // 2 + BOX, BOX // 2:BOX // 2 + BOX]
+    wide = big.project(
+        truth.rot_deg[off],
+        truth.tilt_deg[off],
+        truth.psi_deg[off],
+        truth.origin_x_a[off] / pixel,
+        truth.origin_y_a[off] / pixel,
+    )
+    cropped = wide[:, BOX // 2 : BOX // 2 + BOX, BOX // 2 : BOX // 2 + BOX]
     for a, b in zip(clean[off], cropped, strict=True):
         assert _corr(a, b) > 0.99
 
@@ -294,8 +360,9 @@ def test_junk_kinds_have_their_properties(plain_junk) -> None:
         assert blob.mean() > 0.1  # large: over a tenth of the box
         assert image[blob].mean() > 1.5 * bright_particle  # and uniformly bright
     # carbon edge: a strong step across the box, along the recorded normal
-    for image, detail in zip(images[kind == "carbon_edge"],
-                             truth.detail[kind == "carbon_edge"], strict=True):
+    for image, detail in zip(
+        images[kind == "carbon_edge"], truth.detail[kind == "carbon_edge"], strict=True
+    ):
         fields = dict(item.split("=") for item in detail.split(";"))
         phi = math.radians(float(fields["normal_deg"]))
         s = x * math.cos(phi) + y * math.sin(phi) - float(fields["offset_px"])
@@ -363,17 +430,29 @@ def test_micrographs_and_picks(density: DensityMap, projector: FourierProjector)
     # (the CTF applied to the whole micrograph instead of the box: close, not identical)
     assert sim.clean_picks is not None
     good = picks.index[picks.is_good].to_numpy()
-    ctf = ctf_2d(BOX, sim.pixel_size_a, picks.defocus_u_a[good], picks.defocus_v_a[good],
-                 picks.defocus_angle_deg[good])
-    expected = projector.project(picks.rot_deg[good], picks.tilt_deg[good], picks.psi_deg[good],
-                                 picks.origin_x_a[good] / sim.pixel_size_a,
-                                 picks.origin_y_a[good] / sim.pixel_size_a, ctf)
+    ctf = ctf_2d(
+        BOX,
+        sim.pixel_size_a,
+        picks.defocus_u_a[good],
+        picks.defocus_v_a[good],
+        picks.defocus_angle_deg[good],
+    )
+    expected = projector.project(
+        picks.rot_deg[good],
+        picks.tilt_deg[good],
+        picks.psi_deg[good],
+        picks.origin_x_a[good] / sim.pixel_size_a,
+        picks.origin_y_a[good] / sim.pixel_size_a,
+        ctf,
+    )
     # the ice-thickness gradient adds a plane to every box: remove it first
     flat, _, _ = normalise_images(sim.clean_picks[good], bg_radius_px=0.45 * BOX)
     scores = [_corr(a, b) for a, b in zip(flat, expected, strict=True)]
     assert np.median(scores) > 0.95
     # empty picks hold no particle: their noiseless box is far flatter than a good one's
     empty = picks.index[picks.junk_kind == "empty"].to_numpy()
-    detrended = [w - np.polyval(np.polyfit(np.arange(BOX), w.mean(axis=0), 1), np.arange(BOX))
-                 for w in sim.clean_picks[empty]]
+    detrended = [
+        w - np.polyval(np.polyfit(np.arange(BOX), w.mean(axis=0), 1), np.arange(BOX))
+        for w in sim.clean_picks[empty]
+    ]
     assert max(d.std() for d in detrended) < 0.5 * min(sim.clean_picks[good].std(axis=(1, 2)))

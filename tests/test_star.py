@@ -12,8 +12,8 @@ import pandas as pd
 import pytest
 import starfile
 
-from particleseg_model import star as star_module
-from particleseg_model.star import (
+from particleseg_model.em import star as star_module
+from particleseg_model.em.star import (
     CANONICAL_COLUMNS,
     ParticleStar,
     StarError,
@@ -30,11 +30,35 @@ REAL = {
     "aspire_rln_proj_65.star": ("particles", "3.1", "particles", 5, None, None, None, True),
     "aspire_rln_proj_65_shifted.star": ("particles", "3.1", "particles", 4, 1, 1.0, 65, True),
     "aspire_sample_particles_relion30.star": (
-        "particles", "3.0", "model_class_1", 17, None, 5.0e4 / 37369.207031, None, True),
+        "particles",
+        "3.0",
+        "model_class_1",
+        17,
+        None,
+        5.0e4 / 37369.207031,
+        None,
+        True,
+    ),
     "aspire_sample_particles_relion31.star": (
-        "particles", "3.1", "particles", 17, 2, 1.4, None, True),
+        "particles",
+        "3.1",
+        "particles",
+        17,
+        2,
+        1.4,
+        None,
+        True,
+    ),
     "cryodrgn_FinalRefinement-OriginalParticles-PfCRT.star": (
-        "star", "3.0", "images", 5, None, 1.035, None, True),
+        "star",
+        "3.0",
+        "images",
+        5,
+        None,
+        1.035,
+        None,
+        True,
+    ),
     "cryodrgn_empiar_10076_7.star": ("star", "3.0", "", 7, None, 5.0e4 / 38168, None, False),
     "cryodrgn_relion31.6opticsgroups.star": ("star", "3.1", "particles", 139, 6, None, 196, True),
     "cryodrgn_relion31.star": ("star", "3.1", "particles", 5, 1, 2.806, 256, True),
@@ -48,16 +72,21 @@ def _real(shared_data: Path, name: str) -> Path:
 
 
 def _canonical_equal(left: pd.DataFrame, right: pd.DataFrame) -> None:
-    pd.testing.assert_frame_equal(left.reset_index(drop=True), right.reset_index(drop=True),
-                                  check_exact=True)
+    pd.testing.assert_frame_equal(
+        left.reset_index(drop=True), right.reset_index(drop=True), check_exact=True
+    )
 
 
 # ------------------------------------------------------------------------------ real files
 
 
 def test_every_real_star_file_is_checked(shared_data: Path) -> None:
-    found = {p.name for folder in ("star", "particles") for p in (shared_data / folder).iterdir()
-             if p.name.endswith(".star")}
+    found = {
+        p.name
+        for folder in ("star", "particles")
+        for p in (shared_data / folder).iterdir()
+        if p.name.endswith(".star")
+    }
     assert found == set(REAL), "a STAR file was added or removed: describe it in REAL"
 
 
@@ -77,8 +106,9 @@ def test_read_real_file(shared_data: Path, name: str) -> None:
     # image names split into a 1-based index and the stack, exactly as written
     raw = star.blocks[block]
     assert table["image_name"].tolist() == raw["rlnImageName"].tolist()
-    for name_, index, stack in zip(table["image_name"], table["image_index"],
-                                   table["stack_path"], strict=True):
+    for name_, index, stack in zip(
+        table["image_name"], table["image_index"], table["stack_path"], strict=True
+    ):
         assert split_image_name(name_) == (index, stack)
     assert (table["image_index"] >= 1).all()
 
@@ -129,8 +159,9 @@ def test_optics_groups_join_by_number_not_order(shared_data: Path) -> None:
     assert optics.loc[4, "rlnOpticsGroupName"] == "opticsGroup1"
     for group, rows in table.groupby("optics_group"):
         assert (rows["pixel_size_a"] == optics.loc[group, "rlnImagePixelSize"]).all()
-        assert (rows["spherical_aberration_mm"]
-                == optics.loc[group, "rlnSphericalAberration"]).all()
+        assert (
+            rows["spherical_aberration_mm"] == optics.loc[group, "rlnSphericalAberration"]
+        ).all()
     assert set(table.loc[table["optics_group"] == 4, "spherical_aberration_mm"]) == {2.6}
     assert set(table.loc[table["optics_group"] == 2, "pixel_size_a"]) == {1.24}
     assert table.loc[0, "optics_group"] == 6 and table.loc[0, "voltage_kv"] == 200.0
@@ -150,7 +181,10 @@ def test_optics_block_before_or_after_particles(shared_data: Path) -> None:
     assert (row["rot_deg"], row["tilt_deg"], row["psi_deg"]) == (-102.30296, 82.318041, 124.706463)
     assert (row["origin_x_a"], row["origin_y_a"]) == (0.019324, -0.64686)
     assert (row["voltage_kv"], row["spherical_aberration_mm"], row["amplitude_contrast"]) == (
-        300.0, 0.01, 0.1)
+        300.0,
+        0.01,
+        0.1,
+    )
 
 
 def test_relion5_file(shared_data: Path) -> None:
@@ -169,7 +203,8 @@ def test_text_columns_stay_text(shared_data: Path) -> None:
     assert star.particles["image_name"].iloc[0] == "1@empiar_10076_7.mrc"
     pfcrt = read_star(_real(shared_data, "cryodrgn_FinalRefinement-OriginalParticles-PfCRT.star"))
     assert pfcrt.blocks["images"]["rlnImageOriginalName"].iloc[0] == (
-        "000001@J407/imported/subtracted.mrcs")
+        "000001@J407/imported/subtracted.mrcs"
+    )
     # a missing text column has the same dtype as a present one
     no_micrographs = read_star(_real(shared_data, "aspire_rln_proj_65.star")).particles
     assert no_micrographs["micrograph_name"].isna().all()
@@ -185,8 +220,7 @@ def test_relion30_and_31_give_the_same_particles(shared_data: Path) -> None:
     new = read_star(_real(shared_data, "aspire_sample_particles_relion31.star"))
     a, b = old.particles, new.particles
     assert (old.version, new.version) == ("3.0", "3.1")
-    same = [c for c in CANONICAL_COLUMNS
-            if c not in ("origin_x_a", "origin_y_a", "pixel_size_a")]
+    same = [c for c in CANONICAL_COLUMNS if c not in ("origin_x_a", "origin_y_a", "pixel_size_a")]
     good = np.arange(len(a)) != 14  # row 15 (1-based) of the 3.1 file is a copy of row 14
     _canonical_equal(a.loc[good, same], b.loc[good, same])
     # the flaw itself, so that a corrected file shows up here
@@ -198,10 +232,8 @@ def test_relion30_and_31_give_the_same_particles(shared_data: Path) -> None:
     assert a["voltage_kv"].tolist() == [300.0] * 8 + [200.0] * 9
     # origins: the 3.0 file's pixels times its pixel size; the 3.1 file's numbers are equal
     pixel_30 = 5.0e4 / 37369.207031
-    np.testing.assert_allclose(a["origin_x_a"][good], b["origin_x_a"][good] * pixel_30,
-                               rtol=1e-12)
-    np.testing.assert_allclose(a["origin_y_a"][good], b["origin_y_a"][good] * pixel_30,
-                               rtol=1e-12)
+    np.testing.assert_allclose(a["origin_x_a"][good], b["origin_x_a"][good] * pixel_30, rtol=1e-12)
+    np.testing.assert_allclose(a["origin_y_a"][good], b["origin_y_a"][good] * pixel_30, rtol=1e-12)
 
 
 # ------------------------------------------------------------------------------ writing
@@ -224,8 +256,9 @@ def test_round_trip_keeps_everything(shared_data: Path, tmp_path: Path, name: st
         expected_columns.append("rlnOpticsGroup")
     assert list(written.columns) == expected_columns
     kept = [c for c in original.columns if c not in converted]
-    pd.testing.assert_frame_equal(original[kept].reset_index(drop=True), written[kept],
-                                  check_exact=True)
+    pd.testing.assert_frame_equal(
+        original[kept].reset_index(drop=True), written[kept], check_exact=True
+    )
     if star.optics is not None:
         pd.testing.assert_frame_equal(star.optics, again.optics, check_exact=True)
     # writing the read-back file again gives the same bytes
@@ -253,14 +286,14 @@ def test_relion30_to_31_conversion(shared_data: Path, tmp_path: Path) -> None:
     assert "rlnOriginX" not in parts and "rlnOriginY" not in parts
     columns = list(parts.columns)
     assert columns.index("rlnOriginXAngst") == 16  # where rlnOriginX was
-    np.testing.assert_allclose(parts["rlnOriginXAngst"],
-                               star.blocks["images"]["rlnOriginX"] * 1.035, rtol=1e-15)
+    np.testing.assert_allclose(
+        parts["rlnOriginXAngst"], star.blocks["images"]["rlnOriginX"] * 1.035, rtol=1e-15
+    )
     assert parts["rlnOpticsGroup"].tolist() == [1] * 5
     assert parts["rlnDefocusU"].tolist() == star.blocks["images"]["rlnDefocusU"].tolist()
 
 
-def test_relion30_conversion_makes_one_group_per_optics(shared_data: Path,
-                                                        tmp_path: Path) -> None:
+def test_relion30_conversion_makes_one_group_per_optics(shared_data: Path, tmp_path: Path) -> None:
     star = read_star(_real(shared_data, "aspire_sample_particles_relion30.star"))
     again = read_star(write_star(tmp_path / "converted.star", star))
     assert again.optics["rlnOpticsGroup"].tolist() == [1, 2]
@@ -308,7 +341,8 @@ def test_write_is_atomic(shared_data: Path, tmp_path: Path, monkeypatch) -> None
     monkeypatch.undo()
     write_star(target, star)
     assert read_star(target).particles["image_name"].tolist() == (
-        star.particles["image_name"].tolist())
+        star.particles["image_name"].tolist()
+    )
     assert [p.name for p in tmp_path.iterdir()] == ["particles.star"]
 
 
@@ -320,27 +354,43 @@ def test_write_into_missing_directory_leaves_nothing(shared_data: Path, tmp_path
 
 
 @pytest.mark.relion
-@pytest.mark.parametrize("name", ["aspire_sample_particles_relion30.star",
-                                  "cryodrgn_relion31.6opticsgroups.star",
-                                  "cryodrgn_relion5.star"])
-def test_relion_reads_what_we_write(shared_data: Path, relion_bin: Path, tmp_path: Path,
-                                    name: str) -> None:
+@pytest.mark.parametrize(
+    "name",
+    [
+        "aspire_sample_particles_relion30.star",
+        "cryodrgn_relion31.6opticsgroups.star",
+        "cryodrgn_relion5.star",
+    ],
+)
+def test_relion_reads_what_we_write(
+    shared_data: Path, relion_bin: Path, tmp_path: Path, name: str
+) -> None:
     """RELION's own parser reads the written file to the same particles (it rewrites values
     with about 6 significant digits: -2.063664 comes back as -2.06366)."""
     star = read_star(_real(shared_data, name))
     if star.version == "3.0":
         star.particles["image_size_px"] = 200  # the box of aspire_sample.mrcs
     ours = write_star(tmp_path / "ours.star", star)
-    subprocess.run([str(relion_bin / "relion_star_handler"), "--i", str(ours), "--o",
-                    str(tmp_path / "relion.star")], check=True, capture_output=True,
-                   timeout=60)
+    subprocess.run(
+        [
+            str(relion_bin / "relion_star_handler"),
+            "--i",
+            str(ours),
+            "--o",
+            str(tmp_path / "relion.star"),
+        ],
+        check=True,
+        capture_output=True,
+        timeout=60,
+    )
     theirs = read_star(tmp_path / "relion.star")
     assert theirs.version == "3.1" and len(theirs.optics) == len(read_star(ours).optics)
     a, b = read_star(ours).particles, theirs.particles
     for col in CANONICAL_COLUMNS:
         if pd.api.types.is_numeric_dtype(a[col]):
-            np.testing.assert_allclose(b[col].astype(float), a[col].astype(float),
-                                       rtol=1e-5, atol=1e-5, err_msg=col)
+            np.testing.assert_allclose(
+                b[col].astype(float), a[col].astype(float), rtol=1e-5, atol=1e-5, err_msg=col
+            )
         else:
             assert b[col].tolist() == a[col].tolist(), col
 
@@ -405,24 +455,38 @@ def test_same_particles_in_30_and_31_syntax(tmp_path: Path) -> None:
     new = read_star(_file(tmp_path, _OPTICS + _PARTICLES_31, "new.star"))
     old = read_star(_file(tmp_path, _PARTICLES_30, "old.star"))
     assert (old.version, new.version) == ("3.0", "3.1")
-    columns = ["image_name", "image_index", "stack_path", "rot_deg", "tilt_deg", "psi_deg",
-               "origin_x_a", "origin_y_a", "pixel_size_a", "optics_group", "voltage_kv"]
+    columns = [
+        "image_name",
+        "image_index",
+        "stack_path",
+        "rot_deg",
+        "tilt_deg",
+        "psi_deg",
+        "origin_x_a",
+        "origin_y_a",
+        "pixel_size_a",
+        "optics_group",
+        "voltage_kv",
+    ]
     _canonical_equal(old.particles[columns], new.particles[columns])
     assert old.particles["origin_x_a"].tolist() == [1.5, 0.0]  # 0.75 px at 2 A/px
     converted = read_star(write_star(tmp_path / "converted.star", old))
     _canonical_equal(converted.particles[columns], new.particles[columns])
 
 
-@pytest.mark.parametrize(("text", "version"), [
-    (_OPTICS + _PARTICLES_31, "3.1"),
-    (_PARTICLES_31, "3.1"),  # stamp and rlnOpticsGroup, no optics block
-    (_PARTICLES_31.replace("# version 30001", ""), "3.1"),  # Angstrom origins say 3.1
-    (_PARTICLES_30, "3.0"),
-    ("# RELION; version 3.0.6\n" + _PARTICLES_30, "3.0"),
-    ("# Created by the starfile Python package (version 0.5.13)\n" + _PARTICLES_30, "3.0"),
-    (_OPTICS.replace("30001", "50001") + _PARTICLES_31.replace("30001", "50001"), "5.0"),
-    ("# version 40001\n" + _PARTICLES_30, "3.1"),
-])
+@pytest.mark.parametrize(
+    ("text", "version"),
+    [
+        (_OPTICS + _PARTICLES_31, "3.1"),
+        (_PARTICLES_31, "3.1"),  # stamp and rlnOpticsGroup, no optics block
+        (_PARTICLES_31.replace("# version 30001", ""), "3.1"),  # Angstrom origins say 3.1
+        (_PARTICLES_30, "3.0"),
+        ("# RELION; version 3.0.6\n" + _PARTICLES_30, "3.0"),
+        ("# Created by the starfile Python package (version 0.5.13)\n" + _PARTICLES_30, "3.0"),
+        (_OPTICS.replace("30001", "50001") + _PARTICLES_31.replace("30001", "50001"), "5.0"),
+        ("# version 40001\n" + _PARTICLES_30, "3.1"),
+    ],
+)
 def test_version_detection(tmp_path: Path, text: str, version: str) -> None:
     assert read_star(_file(tmp_path, text)).version == version
 
@@ -435,28 +499,46 @@ def _invalid_cases() -> list[tuple[str, str, str]]:
         ("unknown stamp", "# version 60001\n" + _PARTICLES_30, "unknown STAR version"),
         ("unknown stamp text", "# version 3.1\n" + _PARTICLES_30, "unknown STAR version"),
         ("no image names", _OPTICS + no_names, "no block has an rlnImageName"),
-        ("malformed image name", _PARTICLES_31.replace("2@stack", "stack"),
-         "row 2: malformed rlnImageName"),
+        (
+            "malformed image name",
+            _PARTICLES_31.replace("2@stack", "stack"),
+            "row 2: malformed rlnImageName",
+        ),
         ("index zero", _PARTICLES_31.replace("2@stack", "0@stack"), "malformed rlnImageName"),
-        ("no optics row", _OPTICS + _PARTICLES_31.replace(" 4.0 1\n", " 4.0 2\n"),
-         "rlnOpticsGroup 2 .* has no row in data_optics"),
-        ("pixel origins, no pixel size",
-         _PARTICLES_30.replace(" 5.0 25000 300", " 5.0 0 300"), "no pixel size"),
-        ("text in a number column", _PARTICLES_31.replace("11.0 21.0", "eleven 21.0"),
-         "rlnAngleRot, row 2: not a number"),
+        (
+            "no optics row",
+            _OPTICS + _PARTICLES_31.replace(" 4.0 1\n", " 4.0 2\n"),
+            "rlnOpticsGroup 2 .* has no row in data_optics",
+        ),
+        (
+            "pixel origins, no pixel size",
+            _PARTICLES_30.replace(" 5.0 25000 300", " 5.0 0 300"),
+            "no pixel size",
+        ),
+        (
+            "text in a number column",
+            _PARTICLES_31.replace("11.0 21.0", "eleven 21.0"),
+            "rlnAngleRot, row 2: not a number",
+        ),
         ("truncated last row", _PARTICLES_31.rstrip("\n")[:-6], "truncated file"),
         ("too many values", _PARTICLES_31.replace("4.0 1\n", "4.0 1 9 9\n"), "cannot parse"),
-        ("two optics groups, no group column",
-         _OPTICS + "2 1.0 64 200.0\n" + _PARTICLES_31.replace(
-             "_rlnOpticsGroup #7\n", "").replace(" 1\n", "\n"), "ambiguous layout"),
+        (
+            "two optics groups, no group column",
+            _OPTICS
+            + "2 1.0 64 200.0\n"
+            + _PARTICLES_31.replace("_rlnOpticsGroup #7\n", "").replace(" 1\n", "\n"),
+            "ambiguous layout",
+        ),
         ("block without values", "data_particles\n", "no loop_ and no values"),
     ]
 
 
-@pytest.mark.parametrize(("case", "text", "message"), _invalid_cases(),
-                         ids=[c[0] for c in _invalid_cases()])
-def test_bad_files_raise_star_error_naming_the_file(tmp_path: Path, case: str, text: str,
-                                                   message: str) -> None:
+@pytest.mark.parametrize(
+    ("case", "text", "message"), _invalid_cases(), ids=[c[0] for c in _invalid_cases()]
+)
+def test_bad_files_raise_star_error_naming_the_file(
+    tmp_path: Path, case: str, text: str, message: str
+) -> None:
     path = _file(tmp_path, text, "bad file.star")
     with pytest.raises(StarError, match=message) as info:
         read_star(path)
@@ -483,11 +565,13 @@ def test_binary_garbage_and_missing_file(tmp_path: Path) -> None:
 
 
 def test_key_value_blocks_survive_a_write(tmp_path: Path) -> None:
-    text = "data_general\n\n_rlnTomoSubTomosAre2DStacks 1\n_rlnTitle \"a title\"\n\n" + (
-        _OPTICS + _PARTICLES_31)
+    text = 'data_general\n\n_rlnTomoSubTomosAre2DStacks 1\n_rlnTitle "a title"\n\n' + (
+        _OPTICS + _PARTICLES_31
+    )
     star = read_star(_file(tmp_path, text))
     assert star.blocks["general"].to_dict("records") == [
-        {"rlnTomoSubTomosAre2DStacks": 1, "rlnTitle": "a title"}]
+        {"rlnTomoSubTomosAre2DStacks": 1, "rlnTitle": "a title"}
+    ]
     out = write_star(tmp_path / "out.star", star)
     raw = starfile.read(out, always_dict=True)
     assert raw["general"] == {"rlnTomoSubTomosAre2DStacks": 1, "rlnTitle": "a title"}
@@ -512,8 +596,15 @@ def test_split_image_name() -> None:
 
 
 def test_has_poses() -> None:
-    table = pd.DataFrame({"rot_deg": [1.0], "tilt_deg": [2.0], "psi_deg": [3.0],
-                          "origin_x_a": [0.0], "origin_y_a": [0.0]})
+    table = pd.DataFrame(
+        {
+            "rot_deg": [1.0],
+            "tilt_deg": [2.0],
+            "psi_deg": [3.0],
+            "origin_x_a": [0.0],
+            "origin_y_a": [0.0],
+        }
+    )
     assert has_poses(table)
     assert not has_poses(table.iloc[:0])
     assert not has_poses(table.drop(columns="psi_deg"))

@@ -14,9 +14,9 @@ import fsspec
 import numpy as np
 import pytest
 
-import particleseg_model.corpus as corpus_module
-import particleseg_model.registry as registry
-from particleseg_model.corpus import (
+import particleseg_model.corpus.store as corpus_module
+import particleseg_model.model.registry as registry
+from particleseg_model.corpus.store import (
     CorpusWriter,
     append_to_corpus,
     list_corpus,
@@ -24,7 +24,7 @@ from particleseg_model.corpus import (
     remove_corpus,
     write_corpus,
 )
-from particleseg_model.registry import (
+from particleseg_model.model.registry import (
     get_model,
     latest_model,
     list_models,
@@ -55,8 +55,10 @@ def particles(n: int, seed: int = 0, prefix: str = "p"):
     rng = np.random.default_rng(seed)
     images = rng.normal(0, 1, (n, BOX, BOX)).astype(np.float32)
     labels = rng.integers(0, 3, (n, BOX, BOX)).astype(np.uint8)
-    table = {"image_name": [f"{i + 1:06d}@{prefix}.mrcs" for i in range(n)],
-             "rot_deg": rng.uniform(0, 360, n)}
+    table = {
+        "image_name": [f"{i + 1:06d}@{prefix}.mrcs" for i in range(n)],
+        "rot_deg": rng.uniform(0, 360, n),
+    }
     return images, labels, table
 
 
@@ -80,15 +82,17 @@ def test_storage_helpers() -> None:
 
 
 def test_remote_corpus_commits_by_pointer_and_survives_a_killed_writer(
-        memory_root: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    memory_root: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
     root = join(memory_root, "corpus")
     images, labels, table = particles(20)
     first = write_corpus(root, "10028", images, labels, table, attrs=ATTRS, chunk_particles=8)
     assert first.n_particles == 20 and first.n_chunks == 3
     np.testing.assert_array_equal(first.labels[:], labels)
     # the same values as a local corpus of the same particles
-    on_disk = write_corpus(tmp_path / "same", "10028", images, labels, table, attrs=ATTRS,
-                           chunk_particles=8)
+    on_disk = write_corpus(
+        tmp_path / "same", "10028", images, labels, table, attrs=ATTRS, chunk_particles=8
+    )
     np.testing.assert_array_equal(first.images[:], on_disk.images[:])
     np.testing.assert_allclose(first.images[:], _normalised(images), atol=1e-3)
     assert first.table["image_name"].tolist() == table["image_name"]
@@ -107,8 +111,10 @@ def test_remote_corpus_commits_by_pointer_and_survives_a_killed_writer(
     # a rewrite that fails inside the writer: chunks were written, nothing is visible, and
     # the new version is deleted
     new_images, new_labels, new_table = particles(30, seed=1, prefix="n")
-    with pytest.raises(RuntimeError, match="labelling failed"), \
-            CorpusWriter(root, "10028", BOX, attrs=ATTRS, chunk_particles=8) as writer:
+    with (
+        pytest.raises(RuntimeError, match="labelling failed"),
+        CorpusWriter(root, "10028", BOX, attrs=ATTRS, chunk_particles=8) as writer,
+    ):
         writer.append(new_images, new_labels, new_table)
         assert entries(root) == ["10028.zarr.current", version, writer._tmp]
         old_version_is_what_readers_see()  # mid-write
@@ -138,8 +144,9 @@ def test_remote_corpus_commits_by_pointer_and_survives_a_killed_writer(
     second = write_corpus(root, "10028", new_images, new_labels, new_table, attrs=ATTRS)
     assert second.n_particles == 30 and second.location != first.location
     np.testing.assert_array_equal(second.labels[:], new_labels)
-    assert entries(root) == sorted(["10028.zarr.current", leftover,
-                                    second.location.rsplit("/", 1)[-1]])
+    assert entries(root) == sorted(
+        ["10028.zarr.current", leftover, second.location.rsplit("/", 1)[-1]]
+    )
     # ... and a writer that counts it stale deletes it; an append copies, then commits
     more = particles(5, seed=2, prefix="m")
     grown = append_to_corpus(root, "10028", *more, stale_after_s=0)
@@ -149,8 +156,7 @@ def test_remote_corpus_commits_by_pointer_and_survives_a_killed_writer(
     assert grown.stored_bytes() > 35 * BOX * BOX  # float16 noise barely compresses
 
     # a plain group synced from a local corpus is read as committed, then replaced
-    local = write_corpus(tmp_path / "local-corpus", "10030", images, labels, table,
-                         attrs=ATTRS)
+    local = write_corpus(tmp_path / "local-corpus", "10030", images, labels, table, attrs=ATTRS)
     fsspec.filesystem("memory").put(local.location, f"{root}/10030.zarr", recursive=True)
     assert list_corpus(root) == ["10028", "10030"]
     synced = open_corpus(root, "10030")
@@ -173,8 +179,12 @@ def _tiny_model(size: int = 16, seed: int = 0):
     import keras
 
     keras.utils.set_random_seed(seed)
-    return keras.Sequential([keras.Input((size, size, 1)),
-                             keras.layers.Conv2D(3, 3, padding="same", activation="softmax")])
+    return keras.Sequential(
+        [
+            keras.Input((size, size, 1)),
+            keras.layers.Conv2D(3, 3, padding="same", activation="softmax"),
+        ]
+    )
 
 
 def _stage(root: str, seed: int) -> Path:
@@ -185,14 +195,16 @@ def _stage(root: str, seed: int) -> Path:
 
 
 def test_remote_registry_versions_latest_and_a_killed_upload(
-        memory_root: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    memory_root: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
     root = join(memory_root, "models")
     fs = fsspec.filesystem("memory")
     assert latest_model(root) is None and list_models(root) == []
     staged = _stage(root, seed=1)
     assert staged.is_dir() and staged.is_relative_to(tmp_path / "work")  # Keras needs files
-    first = register_model(root, staged, {"input_size": 16, "partitions": {"40001": 10},
-                                          "parent": None})
+    first = register_model(
+        root, staged, {"input_size": 16, "partitions": {"40001": 10}, "parent": None}
+    )
     assert first.version == "v0001" and first.location == f"{root}/v0001"
     assert sorted(entries(f"{root}/v0001")) == ["history.csv", "manifest.json", "model.keras"]
 
@@ -201,15 +213,18 @@ def test_remote_registry_versions_latest_and_a_killed_upload(
     put_file = fs.put_file
 
     def spying_put(local, remote, *args, **kwargs):
-        seen_during_upload.append((latest_model(root).version,
-                                   [v.version for v in list_models(root)]))
+        seen_during_upload.append(
+            (latest_model(root).version, [v.version for v in list_models(root)])
+        )
         return put_file(local, remote, *args, **kwargs)
 
     with monkeypatch.context() as patch:
         patch.setattr(fs, "put_file", spying_put)
-        second = register_model(root, _stage(root, seed=2),
-                                {"input_size": 16, "partitions": {"40001": 10, "40002": 5},
-                                 "parent": "v0001"})
+        second = register_model(
+            root,
+            _stage(root, seed=2),
+            {"input_size": 16, "partitions": {"40001": 10, "40002": 5}, "parent": "v0001"},
+        )
     assert second.version == "v0002"
     assert seen_during_upload == [("v0001", ["v0001"])] * 2  # model.keras, history.csv
     assert fs.cat_file(f"{root}/LATEST") == b"v0002\n"
@@ -227,8 +242,10 @@ def test_remote_registry_versions_latest_and_a_killed_upload(
     for got, want in zip(network.get_weights(), expected.get_weights(), strict=True):
         np.testing.assert_array_equal(got, want)
     by_url = load_model(f"{root}/v0001")
-    assert any(not np.array_equal(a, b) for a, b in
-               zip(by_url.get_weights(), network.get_weights(), strict=True))
+    assert any(
+        not np.array_equal(a, b)
+        for a, b in zip(by_url.get_weights(), network.get_weights(), strict=True)
+    )
     assert parent.model_path.is_file() and parent.model_path.is_relative_to(tmp_path / "work")
     assert parent.model_location == f"{root}/v0001/model.keras"
 
@@ -253,8 +270,9 @@ def test_remote_registry_versions_latest_and_a_killed_upload(
 
 
 @pytest.mark.slow
-def test_corpus_and_model_assets_on_a_memory_root(memory_root: str, tmp_path: Path,
-                                                  monkeypatch: pytest.MonkeyPatch) -> None:
+def test_corpus_and_model_assets_on_a_memory_root(
+    memory_root: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
     """particle_stacks -> ... -> particle_masks -> segmentation_model -> iou_reports with the
     storage root in memory: the corpus and the registry land there, the local work (downloads,
     manifests, reports) in PARTICLESEG_WORK, and training reads the corpus back."""
@@ -268,45 +286,79 @@ def test_corpus_and_model_assets_on_a_memory_root(memory_root: str, tmp_path: Pa
     )
     from particleseg_assets.assets.model import iou_reports, segmentation_model
     from particleseg_assets.resources import EmpiarResource, RelionResource, StorageResource
-    from particleseg_model.demo_archive import write_demo_archive
-    from particleseg_model.empiar import partition_key
-    from particleseg_model.server import serve
+    from particleseg_model.access.empiar import partition_key
+    from particleseg_model.access.server import serve
+    from particleseg_model.simulation.demo_archive import write_demo_archive
 
     archive = tmp_path / "archive"
-    (entry,) = write_demo_archive(archive, maps=["generated:globular"], n_particles=N_ASSET,
-                                  box=64, micrograph_entries=0, particles_per_stack=64, seed=5,
-                                  snr=2.0, progress=False)
+    (entry,) = write_demo_archive(
+        archive,
+        maps=["generated:globular"],
+        n_particles=N_ASSET,
+        box=64,
+        micrograph_entries=0,
+        particles_per_stack=64,
+        seed=5,
+        snr=2.0,
+        progress=False,
+    )
     key = partition_key(entry)
     storage = StorageResource(root=memory_root)
     work = tmp_path / "work"
     assert storage.remote() and storage.path("downloads") == work / "downloads"
     assert storage.corpus_root() == f"{memory_root}/corpus"
-    assets = [particle_stacks, refined_particles, mask_volume, particle_masks,
-              segmentation_model, iou_reports]
-    small = {"size": 32, "base_filters": 8, "epochs": 2, "patience": 2, "batch_size": 16,
-             "optimizer": "adam", "learning_rate": 3e-3}
+    assets = [
+        particle_stacks,
+        refined_particles,
+        mask_volume,
+        particle_masks,
+        segmentation_model,
+        iou_reports,
+    ]
+    small = {
+        "size": 32,
+        "base_filters": 8,
+        "epochs": 2,
+        "patience": 2,
+        "batch_size": 16,
+        "optimizer": "adam",
+        "learning_rate": 3e-3,
+    }
     with serve(archive) as server:
         for name, value in server.env().items():
             monkeypatch.setenv(name, value)
         instance = DagsterInstance.ephemeral()
         instance.add_dynamic_partitions("empiar_id", [key])
         resources = {"empiar": EmpiarResource(), "storage": storage, "relion": RelionResource()}
-        corpus_run = materialize(assets[:4], partition_key=key, instance=instance,
-                                 resources=resources)
-        model_run = materialize(assets, selection=[segmentation_model], instance=instance,
-                                resources=resources,
-                                run_config={"ops": {"segmentation_model": {"config": small}}})
-        report_run = materialize(assets, selection=[iou_reports], partition_key=key,
-                                 instance=instance, resources=resources)
+        corpus_run = materialize(
+            assets[:4], partition_key=key, instance=instance, resources=resources
+        )
+        model_run = materialize(
+            assets,
+            selection=[segmentation_model],
+            instance=instance,
+            resources=resources,
+            run_config={"ops": {"segmentation_model": {"config": small}}},
+        )
+        report_run = materialize(
+            assets,
+            selection=[iou_reports],
+            partition_key=key,
+            instance=instance,
+            resources=resources,
+        )
     assert corpus_run.success and model_run.success and report_run.success
 
     # the corpus: in memory, read back equal to what the asset reported
     corpus = open_corpus(storage.corpus_root(), key)
     assert corpus.location.startswith(f"{memory_root}/corpus/{key}.zarr.v-")
-    masks = {k: v.value for k, v in
-             corpus_run.asset_materializations_for_node("particle_masks")[0].metadata.items()}
-    assert masks["particles"] == corpus.n_particles == N_ASSET and masks["corpus"] == \
-        corpus.location
+    masks = {
+        k: v.value
+        for k, v in corpus_run.asset_materializations_for_node("particle_masks")[0].metadata.items()
+    }
+    assert (
+        masks["particles"] == corpus.n_particles == N_ASSET and masks["corpus"] == corpus.location
+    )
     assert masks["bytes_per_particle"] == round(corpus.stored_bytes() / N_ASSET)
     assert not (work / "corpus").exists() and not (work / "models").exists()
     manifest = json.loads((work / "particle_masks" / key / "manifest.json").read_text())
@@ -316,9 +368,12 @@ def test_corpus_and_model_assets_on_a_memory_root(memory_root: str, tmp_path: Pa
     version = latest_model(storage.models_root())
     assert version.version == "v0001" and version.location == f"{memory_root}/models/v0001"
     assert version.partitions == {key: len(corpus.split_indices("train"))}
-    model_md = {k: v.value for k, v in
-                model_run.asset_materializations_for_node("segmentation_model")[0]
-                .metadata.items()}
+    model_md = {
+        k: v.value
+        for k, v in model_run.asset_materializations_for_node("segmentation_model")[
+            0
+        ].metadata.items()
+    }
     assert model_md["model"] == f"{memory_root}/models/v0001/model.keras"
     report = json.loads((work / "iou_reports" / key / "report.json").read_text())
     row = version.manifest["metrics"]["per_partition"][0]

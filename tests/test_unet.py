@@ -10,8 +10,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from particleseg_model.metrics import confusion_matrix, iou_scores
-from particleseg_model.unet import (
+from particleseg_model.model.metrics import confusion_matrix, iou_scores
+from particleseg_model.model.unet import (
     ARCHITECTURES,
     SKIP_LAYERS,
     build_unet,
@@ -23,14 +23,14 @@ keras = pytest.importorskip("keras")
 
 # Keras 3.15 saving TensorFlow variables under NumPy 2 (keras/src/backend/tensorflow/core.py)
 pytestmark = pytest.mark.filterwarnings(
-    "ignore:__array__ implementation doesn't accept a copy keyword:DeprecationWarning")
+    "ignore:__array__ implementation doesn't accept a copy keyword:DeprecationWarning"
+)
 
 ENCODERS = [arch for arch in ARCHITECTURES if arch != "custom"]
 
 
 def _images(n: int, size: int, channels: int = 1, seed: int = 0) -> np.ndarray:
-    return np.random.default_rng(seed).standard_normal((n, size, size, channels)).astype(
-        np.float32)
+    return np.random.default_rng(seed).standard_normal((n, size, size, channels)).astype(np.float32)
 
 
 def _weights(model) -> list[np.ndarray]:
@@ -38,10 +38,17 @@ def _weights(model) -> list[np.ndarray]:
 
 
 def test_importing_the_module_loads_no_backend() -> None:
-    code = ("import sys, particleseg_model.unet, particleseg_model.metrics; "
-            "print('tensorflow' in sys.modules, 'keras' in sys.modules)")
-    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
-                         check=True, cwd=Path(__file__).resolve().parents[1])
+    code = (
+        "import sys, particleseg_model.model.unet, particleseg_model.model.metrics; "
+        "print('tensorflow' in sys.modules, 'keras' in sys.modules)"
+    )
+    out = subprocess.run(
+        [sys.executable, "-c", code],
+        capture_output=True,
+        text=True,
+        check=True,
+        cwd=Path(__file__).resolve().parents[1],
+    )
     assert out.stdout.split() == ["False", "False"]
 
 
@@ -61,8 +68,7 @@ def test_custom_at_256_base_32_is_the_papers_network() -> None:
     assert model.get_layer("entry_conv").filters == 32
     assert model.get_layer("entry_conv").strides == (2, 2)
     assert [model.get_layer(f"down{i}_sepconv2").filters for i in (1, 2, 3)] == [64, 128, 256]
-    assert [model.get_layer(f"up{i}_deconv2").filters for i in (1, 2, 3, 4)] == [256, 128, 64,
-                                                                                 32]
+    assert [model.get_layer(f"up{i}_deconv2").filters for i in (1, 2, 3, 4)] == [256, 128, 64, 32]
     assert model.get_layer("output").filters == 3
     # features at size / 16 between the down and the up path
     assert model.get_layer("down3_add").output.shape == (None, 16, 16, 256)
@@ -97,8 +103,13 @@ def test_encoder_unet_takes_one_channel_and_returns_a_softmax(arch: str) -> None
     assert model_input_size(model) == (64, 1)
     encoder = model.get_layer("encoder")
     # skips at size / 2, / 4, / 8, / 16 and the bottleneck at size / 32
-    assert [tuple(t.shape[1:3]) for t in encoder.outputs] == [(32, 32), (16, 16), (8, 8), (4, 4),
-                                                             (2, 2)]
+    assert [tuple(t.shape[1:3]) for t in encoder.outputs] == [
+        (32, 32),
+        (16, 16),
+        (8, 8),
+        (4, 4),
+        (2, 2),
+    ]
     for tensor, name in zip(encoder.outputs, SKIP_LAYERS[arch], strict=False):
         assert tensor is encoder.get_layer(name).output
     assert [model.get_layer(f"up{i}_deconv").filters for i in (1, 2, 3, 4)] == [128, 64, 32, 16]
@@ -117,12 +128,14 @@ def test_three_channel_encoder_input_and_imagenet_scaling() -> None:
     scale = model.get_layer("imagenet_scale")
     out = np.asarray(scale(np.array([[[[0.0, 0.0, 0.0], [1.0, 1.0, 1.0]]]], np.float32)))
     np.testing.assert_allclose(out[0, 0, 0], [123.675, 116.28, 103.53], rtol=1e-6)
-    np.testing.assert_allclose(out[0, 0, 1] - out[0, 0, 0], 255 * np.sqrt([0.229, 0.224, 0.225]),
-                               rtol=1e-5)
+    np.testing.assert_allclose(
+        out[0, 0, 1] - out[0, 0, 0], 255 * np.sqrt([0.229, 0.224, 0.225]), rtol=1e-5
+    )
 
 
-@pytest.mark.parametrize(("arch", "size"), [("densenet121", 48), ("resnet101", 100),
-                                            ("custom", 40), ("custom", 8)])
+@pytest.mark.parametrize(
+    ("arch", "size"), [("densenet121", 48), ("resnet101", 100), ("custom", 40), ("custom", 8)]
+)
 def test_a_size_the_network_cannot_halve_is_refused(arch: str, size: int) -> None:
     multiple = 16 if arch == "custom" else 32
     with pytest.raises(ValueError, match=f"size {size} .*multiple of {multiple}"):
@@ -137,13 +150,16 @@ def test_custom_takes_any_multiple_of_16_and_bad_arguments_are_refused() -> None
         build_unet("densenet121", size=64, channels=2)
 
 
-@pytest.mark.parametrize(("arch", "application"), [("densenet121", "DenseNet121"),
-                                                   ("efficientnetb0", "EfficientNetB0")])
-def test_encoder_weights_load_from_a_local_file(tmp_path: Path, arch: str,
-                                                application: str) -> None:
+@pytest.mark.parametrize(
+    ("arch", "application"), [("densenet121", "DenseNet121"), ("efficientnetb0", "EfficientNetB0")]
+)
+def test_encoder_weights_load_from_a_local_file(
+    tmp_path: Path, arch: str, application: str
+) -> None:
     keras.utils.set_random_seed(123)
-    reference = getattr(keras.applications, application)(include_top=False, weights=None,
-                                                          input_shape=(64, 64, 3))
+    reference = getattr(keras.applications, application)(
+        include_top=False, weights=None, input_shape=(64, 64, 3)
+    )
     for layer in reference.layers:  # EfficientNet's ImageNet statistics, as its .h5 holds them
         if isinstance(layer, keras.layers.Normalization):
             layer.adapt_mean.assign([0.485, 0.456, 0.406])
@@ -158,12 +174,17 @@ def test_encoder_weights_load_from_a_local_file(tmp_path: Path, arch: str,
     assert len(want) == len(got) > 50
     for a, b in zip(want, got, strict=True):
         assert type(a) is type(b)
-        assert all(np.array_equal(u, v) for u, v in zip(a.get_weights(), b.get_weights(),
-                                                        strict=True)), a.name
+        assert all(
+            np.array_equal(u, v) for u, v in zip(a.get_weights(), b.get_weights(), strict=True)
+        ), a.name
     # the loaded encoder computes what the saved network computes (Normalization included)
     x = np.repeat(_images(1, 64), 3, axis=-1)
-    np.testing.assert_allclose(np.asarray(loaded(x, training=False)[-1]),
-                               np.asarray(reference(x, training=False)), rtol=1e-4, atol=1e-5)
+    np.testing.assert_allclose(
+        np.asarray(loaded(x, training=False)[-1]),
+        np.asarray(reference(x, training=False)),
+        rtol=1e-4,
+        atol=1e-5,
+    )
     # (without the file the encoder's weights are its own)
     first_conv = next(i for i, layer in enumerate(want) if isinstance(layer, keras.layers.Conv2D))
     kernel = [layer for layer in fresh.layers if layer.weights][first_conv].get_weights()[0]
@@ -176,8 +197,9 @@ def test_custom_weights_load_the_whole_model(tmp_path: Path) -> None:
     path = tmp_path / "custom.weights.h5"
     source.save_weights(path)
     loaded = build_unet("custom", size=32, base_filters=4, seed=2, weights=path)
-    assert all(np.array_equal(a, b) for a, b in zip(_weights(source), _weights(loaded),
-                                                    strict=True))
+    assert all(
+        np.array_equal(a, b) for a, b in zip(_weights(source), _weights(loaded), strict=True)
+    )
     with warnings.catch_warnings():  # Keras warns about every variable it could not load
         warnings.simplefilter("ignore")
         with pytest.raises(ValueError, match=r"custom\.weights\.h5 does not fit"):
@@ -198,8 +220,9 @@ def test_models_survive_a_keras_save_and_load(tmp_path: Path) -> None:
         model.save(tmp_path / f"{arch}.keras")
         again = keras.models.load_model(tmp_path / f"{arch}.keras", compile=False)
         assert again.name == model.name and model_input_size(again) == (32, 1)
-        np.testing.assert_allclose(np.asarray(again(x, training=False)),
-                                   np.asarray(model(x, training=False)), atol=1e-6)
+        np.testing.assert_allclose(
+            np.asarray(again(x, training=False)), np.asarray(model(x, training=False)), atol=1e-6
+        )
 
 
 def test_model_input_size_needs_one_square_input() -> None:
@@ -227,13 +250,22 @@ def test_a_small_custom_unet_learns_synthetic_discs() -> None:
     x, y = _discs(8, 32)
     assert (y == 0).mean() > 0.8  # all-background would score > 0.8: the bar is 0.93
     model = build_unet("custom", size=32, base_filters=8, seed=0)
-    model.compile(optimizer=keras.optimizers.Adam(1e-2), loss="sparse_categorical_crossentropy",
-                  jit_compile=False)
+    model.compile(
+        optimizer=keras.optimizers.Adam(1e-2),
+        loss="sparse_categorical_crossentropy",
+        jit_compile=False,
+    )
     # 600 steps of one batch: the weights fit within ~100, but inference uses BatchNorm's moving
     # statistics (momentum 0.99), which need the rest to catch up
     steps = 600
-    model.fit(np.tile(x, (steps, 1, 1, 1)), np.tile(y, (steps, 1, 1)), batch_size=8, epochs=1,
-              shuffle=False, verbose=0)
+    model.fit(
+        np.tile(x, (steps, 1, 1, 1)),
+        np.tile(y, (steps, 1, 1)),
+        batch_size=8,
+        epochs=1,
+        shuffle=False,
+        verbose=0,
+    )
     pred = np.asarray(model.predict(x, verbose=0)).argmax(axis=-1)
     scores = iou_scores(confusion_matrix(y, pred))
     assert scores["pixel_accuracy"] > 0.93

@@ -1,0 +1,265 @@
+"""Fetch what one EMPIAR entry needs for the corpus, and nothing more.
+
+An entry ships either extracted particles (a ``picked particles`` imageset: a particle STAR file
+and the stacks its ``rlnImageName`` column names) or micrographs with particle coordinates
+(``micrographs_file_pattern`` / ``picked_particles_file_pattern``, RELION STAR or EMAN
+``.box``). :func:`fetch_entry_files` downloads exactly those files into ``dest`` with the
+archive's relative paths kept (``dest/data/...``), plus the small side files an entry may carry:
+deposited maps and masks (``Map/``), a ``ground_truth.csv`` and ``simulation.json`` (simulated
+entries). Stacks that the STAR file does not reference are never downloaded.
+
+Downloads are resumable, size-checked and atomic (:mod:`particleseg_model.access.archive`), so
+running it again after a cut fetches only what is missing.
+"""
+
+from __future__ import annotations
+
+import fnmatch
+import os
+import posixpath
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Literal
+
+from particleseg_model.access.archive import RemoteFile, download, list_directory
+from particleseg_model.access.empiar import Entry, Imageset, partition_key
+from particleseg_model.access.http import HttpClient
+from particleseg_model.em.star import StarError, read_star
+
+__all__ = ["EntryFiles", "NothingToFetch", "fetch_entry_files", "entry_url"]
+
+SIDE_FILES = ("ground_truth.csv", "simulation.json", "micrographs_ctf.star")
+MAP_SUFFIXES = (".map", ".mrc", ".map.gz")
+
+
+class NothingToFetch(ValueError):
+    """The entry ships neither particles nor micrographs with coordinates we can read."""
+
+
+@dataclass
+class EntryFiles:
+    """The local copy of what an entry needs. Paths are absolute, under ``root``."""
+
+    empiar_id: str
+    kind: Literal["particles", "micrographs"]
+    root: Path
+    particles_star: Path | None = None
+    stacks: list[Path] = field(default_factory=list)
+    micrographs: list[Path] = field(default_factory=list)
+    coordinates: list[Path] = field(default_factory=list)
+    maps: list[Path] = field(default_factory=list)
+    side_files: dict[str, Path] = field(default_factory=dict)
+    pixel_size_a: float | None = None
+
+    @property
+    def nbytes(self) -> int:
+        files = [
+            *self.stacks,
+            *self.micrographs,
+            *self.coordinates,
+            *self.maps,
+            *self.side_files.values(),
+        ]
+        if self.particles_star:
+            files.append(self.particles_star)
+        return sum(p.stat().st_size for p in files if p.exists())
+
+
+def entry_url(archive_base: str, empiar_id: str | int) -> str:
+    """``.../world_availability/10028/``."""
+    return f"{archive_base.rstrip('/')}/{partition_key(empiar_id)}/"
+
+
+def _clean(directory: str) -> str:
+    """Imageset directories are not always exact: drop a leading slash and the entry number."""
+    parts = [p for p in directory.strip().strip("/").split("/") if p and p != "."]
+    if parts and parts[0].isdigit():
+        parts = parts[1:]
+    return "/".join(parts)
+
+
+def _list(url: str, http: HttpClient | None) -> list[RemoteFile]:
+    try:
+        return list_directory(url, http)
+    except Exception:  # noqa: BLE001 - a missing optional folder is not an error
+        return []
+
+
+def _relative(entry: str, remote: RemoteFile) -> str:
+    return remote.url[len(entry) :] if remote.url.startswith(entry) else remote.name
+
+
+def _glob(entry: str, folder: str, pattern: str, http: HttpClient | None) -> list[RemoteFile]:
+    """Files of ``entry + folder`` whose entry-relative path matches ``pattern``."""
+    listing = _list(entry + (folder.rstrip("/") + "/" if folder else ""), http)
+    return sorted(
+        (f for f in listing if not f.is_dir and fnmatch.fnmatch(_relative(entry, f), pattern)),
+        key=lambda f: f.url,
+    )
+
+
+def _fetch(
+    entry: str, remote: RemoteFile, dest: Path, http: HttpClient | None, progress: bool
+) -> Path:
+    relative = _relative(entry, remote)
+    target = dest.joinpath(*relative.split("/"))
+    target.parent.mkdir(parents=True, exist_ok=True)
+    # listing sizes are rounded ("5.7K"): the download checks Content-Length instead
+    return download(remote.url, target, http=http, progress=progress)
+
+
+def _side_files(
+    entry: str,
+    data_dir: str,
+    dest: Path,
+    files: EntryFiles,
+    http: HttpClient | None,
+    progress: bool,
+) -> None:
+    for remote in _list(entry + data_dir + "/", http):
+        if not remote.is_dir and remote.name in SIDE_FILES:
+            files.side_files[remote.name] = _fetch(entry, remote, dest, http, progress)
+    for remote in _list(entry + data_dir + "/Map/", http):
+        if not remote.is_dir and remote.name.endswith(MAP_SUFFIXES):
+            files.maps.append(_fetch(entry, remote, dest, http, progress))
+
+
+def _particle_star(
+    entry: str, folders: list[str], dest: Path, http: HttpClient | None, progress: bool
+) -> Path:
+    """The particle STAR file: among the STAR files in the imageset folder and its parents,
+    the one with ``rlnImageName`` and the most rows."""
+    best: tuple[int, Path] | None = None
+    problems: list[str] = []
+    seen: set[str] = set()
+    for folder in folders:
+        for remote in _list(entry + (folder + "/" if folder else ""), http):
+            if remote.is_dir or not remote.name.endswith(".star") or remote.url in seen:
+                continue
+            seen.add(remote.url)
+            local = _fetch(entry, remote, dest, http, progress)
+            try:
+                rows = len(read_star(local).particles)
+            except StarError as exc:
+                problems.append(str(exc))
+                continue
+            if best is None or rows > best[0]:
+                best = (rows, local)
+    if best is None:
+        detail = "; ".join(problems[:3]) or "none found"
+        raise NothingToFetch(f"no particle STAR file in {entry} ({', '.join(folders)}): {detail}")
+    return best[1]
+
+
+def _stack_url(entry: str, star_relative: str, stack_path: str) -> list[str]:
+    """Where a stack named in a STAR file may be: relative to the STAR's folder, or to the
+    entry's ``data/`` folder (RELION paths are relative to the project directory)."""
+    clean = stack_path.lstrip("/")
+    star_dir = posixpath.dirname(star_relative)
+    candidates = [
+        posixpath.normpath(posixpath.join(star_dir, clean)),
+        posixpath.normpath(posixpath.join("data", clean)),
+        posixpath.normpath(clean),
+    ]
+    return [entry + c for c in dict.fromkeys(candidates) if not c.startswith("..")]
+
+
+def _fetch_particles(
+    entry: str,
+    imageset: Imageset,
+    dest: Path,
+    files: EntryFiles,
+    http: HttpClient | None,
+    progress: bool,
+) -> None:
+    directory = _clean(imageset.directory)
+    parent = posixpath.dirname(directory)
+    folders = list(dict.fromkeys([directory, parent] + ([] if parent == "" else [""])))
+    star_path = _particle_star(entry, folders, dest, http, progress)
+    files.particles_star = star_path
+    star = read_star(star_path)
+    star_relative = star_path.relative_to(dest).as_posix()
+    for stack in sorted(star.particles["stack_path"].unique()):
+        target = star_path.parent / stack
+        if target.exists() and target.stat().st_size > 0:
+            files.stacks.append(target)
+            continue
+        errors = []
+        for url in _stack_url(entry, star_relative, stack):
+            try:
+                files.stacks.append(download(url, target, http=http, progress=progress))
+                break
+            except Exception as exc:  # noqa: BLE001 - try the next candidate location
+                errors.append(f"{url}: {exc}")
+        else:
+            raise NothingToFetch(
+                f"{star_path.name} names stack {stack!r}, which is not in the "
+                f"archive ({'; '.join(errors[:2])})"
+            )
+    pixel = star.particles["pixel_size_a"].dropna()
+    files.pixel_size_a = float(pixel.iloc[0]) if len(pixel) else imageset.pixel_width_a
+
+
+def _fetch_micrographs(
+    entry: str,
+    imageset: Imageset,
+    dest: Path,
+    files: EntryFiles,
+    http: HttpClient | None,
+    progress: bool,
+) -> None:
+    pattern = _clean(imageset.micrographs_file_pattern) or (_clean(imageset.directory) + "/*")
+    micrographs = _glob(entry, posixpath.dirname(pattern), pattern, http)
+    micrographs = [m for m in micrographs if m.name.endswith((".mrc", ".mrcs", ".tif", ".tiff"))]
+    coord_pattern = _clean(imageset.picked_particles_file_pattern)
+    coord_dir = _clean(imageset.picked_particles_directory) or posixpath.dirname(coord_pattern)
+    coordinates = _glob(entry, coord_dir, coord_pattern or coord_dir + "/*.star", http)
+    if not coordinates:  # the STAR pattern found nothing: EMAN .box files in the same folder
+        coordinates = _glob(entry, coord_dir, coord_dir + "/*.box", http)
+    if not micrographs or not coordinates:
+        raise NothingToFetch(
+            f"{files.empiar_id}: {len(micrographs)} micrographs matching "
+            f"{pattern!r} and {len(coordinates)} coordinate files in "
+            f"{coord_dir!r}: need both"
+        )
+    files.micrographs = [_fetch(entry, m, dest, http, progress) for m in micrographs]
+    files.coordinates = [_fetch(entry, c, dest, http, progress) for c in coordinates]
+    files.pixel_size_a = imageset.pixel_width_a
+
+
+def fetch_entry_files(
+    entry: Entry,
+    archive_base: str,
+    dest: str | os.PathLike[str],
+    *,
+    http: HttpClient | None = None,
+    progress: bool = True,
+) -> EntryFiles:
+    """Download what ``entry`` needs for the corpus into ``dest`` (archive-relative paths).
+
+    Particles are preferred over micrographs when an entry ships both (no extraction needed).
+    Raises :class:`NothingToFetch` naming the entry when neither can be found.
+    """
+    dest = Path(dest)
+    dest.mkdir(parents=True, exist_ok=True)
+    if "://" not in archive_base:  # a plain mirror path: listings name files by file:// URI
+        archive_base = Path(archive_base).absolute().as_uri()
+    base = entry_url(archive_base, entry.empiar_id)
+    particles = [s for s in entry.imagesets if s.is_particles]
+    micrographs = [s for s in entry.imagesets if s.is_micrographs and s.has_coordinates]
+    if particles:
+        files = EntryFiles(entry.empiar_id, "particles", dest)
+        _fetch_particles(base, particles[0], dest, files, http, progress)
+        data_dir = (
+            files.particles_star.relative_to(dest).parts[0] if files.particles_star else "data"
+        )
+    elif micrographs:
+        files = EntryFiles(entry.empiar_id, "micrographs", dest)
+        _fetch_micrographs(base, micrographs[0], dest, files, http, progress)
+        data_dir = "data"
+    else:
+        raise NothingToFetch(
+            f"{entry.empiar_id} ships neither particles nor micrographs with coordinates"
+        )
+    _side_files(base, data_dir, dest, files, http, progress)
+    return files

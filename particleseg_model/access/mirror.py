@@ -1,0 +1,251 @@
+"""A local EMPIAR/EMDB mirror directory: what the loopback server serves and ``file://`` reads.
+
+Layout (all JSON exactly as the public APIs return it)::
+
+    ROOT/empiar/EMPIAR-10028.json  {"EMPIAR-10028": {...}}  GET /empiar/api/entry/10028
+    ROOT/emdb/EMD-2660.json        {...EMDB entry...}       GET /emdb/api/entry/EMD-2660
+    ROOT/archive/10028/data/...    the entry's files        /empiar/world_availability/10028/...
+
+The search (``/emdb/api/empiar/search/<solr query>``) is answered from the entry files; the query
+language understood is the part the platform uses: terms joined by ``AND`` among
+``database:EMPIAR``, ``*`` / ``*:*``, ``empiar_id:10028`` (or ``EMPIAR-10028``) and date ranges
+``update_date:[FROM TO UNTIL]`` / ``release_date:[...]`` with ``*`` for an open end.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import re
+import tempfile
+import threading
+from pathlib import Path
+from typing import Any
+
+__all__ = ["Mirror", "parse_id_list", "parse_query"]
+
+log = logging.getLogger("particleseg.mirror")
+
+_RANGE = re.compile(r"^(update_date|release_date):\[\s*(\S+)\s+TO\s+(\S+)\s*\]$", re.I)
+_ID_TERM = re.compile(r"^(?:empiar_id:)?(?:EMPIAR-)?(\d+)$", re.I)
+_ENTRY_FILE = re.compile(r"^EMPIAR-(\d+)\.json$")
+
+
+def _entry_key(empiar_id: str | int) -> str:
+    text = str(empiar_id).strip().upper()
+    if text.startswith("EMPIAR-"):
+        text = text[7:]
+    if not text.isdigit():
+        raise KeyError(f"not an EMPIAR id: {empiar_id!r}")
+    return f"EMPIAR-{int(text):05d}"
+
+
+def _emd_key(emd_id: str | int) -> str:
+    text = str(emd_id).strip().upper().replace("EMD_", "EMD-")
+    if text.startswith("EMD-"):
+        text = text[4:]
+    if not text.isdigit():
+        raise KeyError(f"not an EMDB id: {emd_id!r}")
+    return f"EMD-{int(text):04d}"
+
+
+def parse_id_list(spec: str) -> list[str]:
+    """``"10050, 10054, 10060-10072"`` -> EMPIAR ids (the POST endpoint's id list)."""
+    ids: list[str] = []
+    for part in spec.replace(" ", "").split(","):
+        if not part:
+            continue
+        low, sep, high = part.partition("-")
+        if sep and low.upper() != "EMPIAR":
+            if not (low.isdigit() and high.isdigit()) or int(high) < int(low):
+                raise ValueError(f"bad id range {part!r}")
+            if int(high) - int(low) > 100_000:
+                raise ValueError(f"id range {part!r} is too wide")
+            ids.extend(f"EMPIAR-{n:05d}" for n in range(int(low), int(high) + 1))
+        else:
+            try:
+                ids.append(_entry_key(part))
+            except KeyError as exc:
+                raise ValueError(f"bad id {part!r}") from exc
+    return ids
+
+
+def parse_query(query: str) -> list[tuple[str, str, str]]:
+    """The query's conditions as ``(field, low, high)``; ``("id", n, n)`` for an id term."""
+    conditions: list[tuple[str, str, str]] = []
+    text = query.strip()
+    if not text:
+        raise ValueError("empty search query")
+    for term in re.split(r"\s+AND\s+", text, flags=re.I):
+        term = term.strip().strip("()")
+        if term in ("*", "*:*") or term.lower() == "database:empiar":
+            continue
+        if match := _RANGE.match(term):
+            conditions.append((match.group(1).lower(), match.group(2), match.group(3)))
+        elif match := _ID_TERM.match(term):
+            key = _entry_key(match.group(1))
+            conditions.append(("id", key, key))
+        else:
+            raise ValueError(f"unsupported search term {term!r} in {query!r}")
+    return conditions
+
+
+def _date(value: Any) -> str:
+    return str(value or "")[:10]
+
+
+def _matches(key: str, record: Any, conditions: list[tuple[str, str, str]]) -> bool:
+    for field_name, low, high in conditions:
+        if field_name == "id":
+            if key != low:
+                return False
+            continue
+        value = _date(record.get(field_name) if isinstance(record, dict) else None)
+        if not value:
+            return False
+        if low != "*" and value < _date(low):
+            return False
+        if high != "*" and value > _date(high):
+            return False
+    return True
+
+
+def _write_atomic(path: Path, text: str) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        with os.fdopen(fd, "w", encoding="utf-8") as handle:
+            handle.write(text)
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+class Mirror:
+    """Read and write a mirror directory (see the module docstring for the layout)."""
+
+    def __init__(self, root: str | os.PathLike):
+        self.root = Path(root)
+        self._index: dict[str, tuple[int, int, Any]] = {}  # key -> (mtime_ns, size, record)
+        self._lock = threading.Lock()
+
+    # -- paths ------------------------------------------------------------------------------
+    def entry_path(self, empiar_id: str | int) -> Path:
+        return self.root / "empiar" / f"{_entry_key(empiar_id)}.json"
+
+    def emdb_path(self, emd_id: str | int) -> Path:
+        return self.root / "emdb" / f"{_emd_key(emd_id)}.json"
+
+    def archive_path(self, relative: str) -> Path:
+        """A file or directory under ``ROOT/archive``; refuses paths that climb out of it."""
+        base = (self.root / "archive").resolve()
+        parts = [p for p in relative.replace("\\", "/").split("/") if p not in ("", ".")]
+        if any(p == ".." for p in parts):
+            raise KeyError(f"path climbs out of the archive: {relative!r}")
+        return base.joinpath(*parts)
+
+    # -- EMPIAR entries ---------------------------------------------------------------------
+    def entry_ids(self) -> list[str]:
+        folder = self.root / "empiar"
+        if not folder.is_dir():
+            return []
+        return sorted(
+            f"EMPIAR-{m.group(1)}" for name in os.listdir(folder) if (m := _ENTRY_FILE.match(name))
+        )
+
+    def entry_bytes(self, empiar_id: str | int) -> bytes:
+        """The entry file as stored (KeyError when absent)."""
+        path = self.entry_path(empiar_id)
+        try:
+            return path.read_bytes()
+        except FileNotFoundError as exc:
+            raise KeyError(_entry_key(empiar_id)) from exc
+
+    def entry(self, empiar_id: str | int) -> dict[str, Any]:
+        """``{"EMPIAR-x": record}`` (KeyError when absent, ValueError naming the file if broken)."""
+        path = self.entry_path(empiar_id)
+        raw = self.entry_bytes(empiar_id)
+        try:
+            return json.loads(raw)
+        except ValueError as exc:
+            raise ValueError(f"{path}: invalid JSON ({exc})") from exc
+
+    def _record(self, key: str) -> Any:
+        """The inner record of an entry, re-read only when its file changed."""
+        path = self.entry_path(key)
+        stat = path.stat()
+        with self._lock:
+            cached = self._index.get(key)
+            if cached and cached[0] == stat.st_mtime_ns and cached[1] == stat.st_size:
+                return cached[2]
+        wrapped = self.entry(key)
+        record = (
+            wrapped.get(key, next(iter(wrapped.values()), None))
+            if isinstance(wrapped, dict)
+            else wrapped
+        )
+        with self._lock:
+            self._index[key] = (stat.st_mtime_ns, stat.st_size, record)
+        return record
+
+    def entries(self, spec: str) -> dict[str, Any]:
+        """Records of the ids in ``spec`` (``"10050,10054,10060-10072"``); absent ids skipped."""
+        found: dict[str, Any] = {}
+        for key in parse_id_list(spec):
+            try:
+                found[key] = self._record(key)
+            except (FileNotFoundError, KeyError):
+                continue
+            except ValueError as exc:
+                log.warning("skipping %s", exc)
+        return found
+
+    def search(self, query: str, rows: int = 100, page: int = 1) -> dict[str, Any]:
+        """One page of matching entries, keyed by id in ascending order; ``{}`` past the end."""
+        if rows < 1 or page < 1:
+            raise ValueError(f"rows and page must be positive (rows={rows}, page={page})")
+        conditions = parse_query(query)
+        matched: list[tuple[str, Any]] = []
+        for key in self.entry_ids():
+            try:
+                record = self._record(key)
+            except FileNotFoundError:
+                continue
+            except ValueError as exc:
+                log.warning("search skips %s", exc)
+                continue
+            if _matches(key, record, conditions):
+                matched.append((key, record))
+        start = (page - 1) * rows
+        return dict(matched[start : start + rows])
+
+    def put_entry(self, empiar_id: str | int, record: Any) -> Path:
+        key = _entry_key(empiar_id)
+        path = self.entry_path(key)
+        _write_atomic(path, json.dumps({key: record}, ensure_ascii=False, indent=1))
+        return path
+
+    def put_entry_text(self, empiar_id: str | int, text: str) -> Path:
+        """Store an entry file verbatim (malformed fixtures)."""
+        path = self.entry_path(empiar_id)
+        _write_atomic(path, text)
+        return path
+
+    # -- EMDB ---------------------------------------------------------------------------------
+    def emdb_entry(self, emd_id: str | int) -> dict[str, Any]:
+        path = self.emdb_path(emd_id)
+        try:
+            raw = path.read_bytes()
+        except FileNotFoundError as exc:
+            raise KeyError(_emd_key(emd_id)) from exc
+        try:
+            return json.loads(raw)
+        except ValueError as exc:
+            raise ValueError(f"{path}: invalid JSON ({exc})") from exc
+
+    def put_emdb(self, emd_id: str | int, record: Any) -> Path:
+        path = self.emdb_path(emd_id)
+        _write_atomic(path, json.dumps(record, ensure_ascii=False, indent=1))
+        return path

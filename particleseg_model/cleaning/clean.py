@@ -1,0 +1,611 @@
+"""Clean a user's RELION particle set: score every particle from its predicted mask, drop the worst.
+
+:func:`clean_star` streams the particles of a STAR file (RELION 3.0/3.1/5.0; stacks found
+relative to the STAR file or to ``particles_dir``) in batches through a registered model, scores
+each particle from its predicted mask (0 background, 1 signal, 2 edge) and writes
+
+- the cleaned STAR file in the *input's* RELION flavour (every block, column and value as read,
+  only the kept particle rows, in their original order);
+- the score table of every particle (Parquet, or CSV for a ``.csv`` name);
+- optionally a report folder: ``score_histogram.png``, ``gallery.png``, ``report.json``.
+
+Scores (higher = better particle, for both):
+
+- ``ets``: the paper's edge-to-signal ratio (edge pixels / signal pixels, 0 without signal); the
+  paper drops the particles with the *lowest* ETS (30 % of EMPIAR-10406).
+- ``calibrated``: how typical a particle's (ETS, signal area) pair is for this data set (see
+  :func:`calibrated_scores`); it also drops fragments (ETS too high), aggregates (area too
+  large) and empty or ice particles (no signal), which the ETS rule keeps or misses.
+
+Memory stays at one batch of images whatever the number of particles; outputs are written under
+temporary names and renamed into place only when everything succeeded.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import time
+import uuid
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pandas as pd
+
+from particleseg_model.corpus.labels import EDGE, SIGNAL
+from particleseg_model.em.mrc import MrcError, read_particles, read_particles_table
+from particleseg_model.em.star import ParticleStar, read_star, write_star_as_read
+from particleseg_model.model.calibration import calibrated_scores
+
+__all__ = [
+    "DEFAULT_DROP",
+    "SCORES",
+    "CleanResult",
+    "clean_star",
+    "score_particles",
+    "select_particles",
+]
+
+DEFAULT_DROP = 0.3  # the paper's share of particles dropped (EMPIAR-10406)
+SCORES = ("ets", "calibrated")
+ON_BAD = ("skip", "stop")
+GALLERY_PER_GROUP = 6  # particles shown for each of the lowest, median and highest scores
+
+Log = Callable[[str], None]
+
+# chi-square quantiles with 2 degrees of freedom, closed form: -2 ln(1 - p)
+
+
+@dataclass
+class CleanResult:
+    """What :func:`clean_star` did. Counts are particles (STAR rows)."""
+
+    source: Path
+    out: Path
+    scores_path: Path
+    score: str
+    total: int
+    kept: int
+    dropped: int  # readable particles dropped by the score
+    skipped: int  # unreadable particles (missing or broken images), always dropped
+    cut: float  # keep_above, or the lowest kept score (NaN when nothing is kept)
+    version: str  # RELION flavour of the input, and so of the output
+    model_version: str
+    model_input_size: int
+    box: int
+    seconds: float
+    report: dict[str, Path] = field(default_factory=dict)
+
+    @property
+    def particles_per_s(self) -> float:
+        return self.total / max(self.seconds, 1e-9)
+
+
+# ------------------------------------------------------------------------------------ scoring
+
+
+@dataclass
+class _Scored:
+    star: ParticleStar
+    scores: pd.DataFrame
+    network: Any
+    version: Any  # registry.ModelVersion
+    base_dir: Path
+    box: int
+
+
+def _read_batch(
+    rows: pd.DataFrame, base_dir: Path, box: int | None
+) -> tuple[np.ndarray, np.ndarray, list[str]]:
+    """(images of the readable rows, readable mask, error per row ("" if readable)).
+
+    One read per batch; only a batch that fails is read again image by image, to find which
+    rows are bad. Images of another size than ``box`` (the first readable particle's) are bad.
+    """
+    n = len(rows)
+    try:
+        images = read_particles_table(rows, base_dir=base_dir)
+    except MrcError:
+        images = None
+    if images is not None and (box is None or images.shape[1:] == (box, box)):
+        if images.shape[1] != images.shape[2]:
+            # a property of the data set, not of one row: no skipping it
+            raise MrcError(
+                f"{rows['image_name'].iloc[0]}: particle images are "
+                f"{images.shape[2]} x {images.shape[1]} pixels, not square"
+            )
+        return images, np.ones(n, bool), [""] * n
+    names = rows["image_name"].tolist()
+    ok, errors, kept = np.zeros(n, bool), [""] * n, []
+    for i, name in enumerate(names):
+        try:
+            image = read_particles([name], base_dir=base_dir)
+        except MrcError as exc:
+            errors[i] = str(exc)
+            continue
+        if box is None:
+            box_y, box_x = image.shape[1:]
+            if box_y != box_x:
+                raise MrcError(f"{name}: particle images are {box_x} x {box_y} pixels, not square")
+            box = int(box_x)
+        if image.shape[1:] != (box, box):
+            errors[i] = (
+                f"{name}: image is {image.shape[2]} x {image.shape[1]} px, the first "
+                f"readable particle {box} x {box}"
+            )
+            continue
+        ok[i] = True
+        kept.append(image[0])
+    stacked = np.stack(kept) if kept else np.zeros((0, box or 0, box or 0), np.float32)
+    return stacked, ok, errors
+
+
+def _score(
+    star: str | os.PathLike | ParticleStar,
+    *,
+    model: str | os.PathLike | None,
+    models_root: str | os.PathLike | None,
+    particles_dir: str | os.PathLike | None,
+    batch: int,
+    on_bad: str,
+    progress: bool | None,
+    log: Log | None,
+) -> _Scored:
+    from particleseg_model.model.predict import predict_labels
+    from particleseg_model.model.registry import load_model, resolve_model
+    from particleseg_model.progress import progress as bar
+
+    say = log or (lambda line: None)
+    _check_options(batch=batch, on_bad=on_bad)
+    parsed = star if isinstance(star, ParticleStar) else read_star(star)
+    star_path = parsed.source
+    particles = parsed.particles
+    if particles.empty:
+        raise ValueError(f"{star_path}: no particles")
+    version = resolve_model(model, models_root)
+    network = load_model(version)
+    size = version.input_size
+    base_dir = Path(particles_dir) if particles_dir else star_path.parent
+
+    n = len(particles)
+    readable = np.zeros(n, bool)
+    signal_px = np.zeros(n, np.int64)
+    edge_px = np.zeros(n, np.int64)
+    errors = [""] * n
+    box: int | None = None
+    with bar(total=n, desc="score", unit="particle", disable=progress) as shown:
+        for start in range(0, n, batch):
+            rows = particles.iloc[start : start + batch]
+            images, ok, batch_errors = _read_batch(rows, base_dir, box)
+            bad = np.flatnonzero(~ok)
+            if len(bad) and on_bad == "stop":
+                row = start + int(bad[0])
+                raise MrcError(
+                    f"{star_path}: particle row {row + 1} of {n} (0-based {row}), "
+                    f"image {particles['image_name'].iloc[row]!r} cannot be read: "
+                    f"{batch_errors[bad[0]]}"
+                )
+            for i in bad:
+                errors[start + i] = batch_errors[i]
+            if len(images):
+                if box is None:
+                    box = int(images.shape[1])
+                    if box != size:
+                        say(
+                            f"particles are {box} px, the model takes {size} px: resizing "
+                            f"each particle to {size} and the masks back to {box}"
+                        )
+                labels = predict_labels(network, images)
+                where = start + np.flatnonzero(ok)
+                readable[where] = True
+                signal_px[where] = np.count_nonzero(labels == SIGNAL, axis=(1, 2))
+                edge_px[where] = np.count_nonzero(labels == EDGE, axis=(1, 2))
+            shown.update(len(rows))
+    skipped = int((~readable).sum())
+    if skipped:
+        first = [f"row {r} ({errors[r]})" for r in np.flatnonzero(~readable)[:3]]
+        say(
+            f"{skipped} of {n} particles cannot be read and are skipped (dropped): "
+            + "; ".join(first)
+            + (" ..." if skipped > 3 else "")
+        )
+    if box is None:
+        raise MrcError(
+            f"{star_path}: none of the {n} particle images can be read (first: {errors[0]})"
+        )
+
+    signal = signal_px.astype(np.float64)
+    ets = np.divide(edge_px, signal, out=np.zeros(n), where=signal > 0)
+    scores = pd.DataFrame(
+        {
+            "row": np.arange(n, dtype=np.int64),
+            "image_name": particles["image_name"].astype(str).to_numpy(),
+            "readable": readable,
+            "error": errors,
+            "signal_px": signal_px,
+            "edge_px": edge_px,
+            "ets": ets,
+            "signal_fraction": signal / (box * box),
+        }
+    )
+    reference = version.manifest.get("calibration")
+    scores["calibrated"] = calibrated_scores(ets, signal_px, readable, box=box, reference=reference)
+    say(
+        f"calibrated score: {'the model manifest' if reference else 'this data set'}'s "
+        "distribution of mask ETS and signal area"
+        + (f" ({reference['particles']} good training particles)" if reference else "")
+    )
+    # unreadable particles have no scores, not zero ones
+    for col in ("signal_px", "edge_px"):
+        scores[col] = scores[col].astype("Int64").mask(~readable)
+    scores.loc[~readable, ["ets", "signal_fraction"]] = np.nan
+    return _Scored(parsed, scores, network, version, base_dir, box)
+
+
+def score_particles(
+    star: str | os.PathLike | ParticleStar,
+    *,
+    model: str | os.PathLike | None = None,
+    models_root: str | os.PathLike | None = None,
+    particles_dir: str | os.PathLike | None = None,
+    batch: int = 256,
+    on_bad: str = "skip",
+    progress: bool | None = None,
+    log: Log | None = None,
+) -> tuple[ParticleStar, pd.DataFrame]:
+    """Score every particle of ``star`` from the mask ``model`` predicts: (the STAR, scores).
+
+    ``model``: a registered version folder or its ``model.keras``; None: the latest under
+    ``models_root`` (default ``$PARTICLESEG_DATA/models``, else ``./data/models``). Particles
+    are read ``batch`` at a time (one batch in memory); a box other than the model's input is
+    resized by :func:`particleseg_model.model.predict.predict_labels` (logged once).
+
+    The score table has one row per STAR row, in order: ``row`` (0-based), ``image_name``,
+    ``readable`` (False for a missing or broken image), ``error`` (why not, else ""),
+    ``signal_px`` and ``edge_px`` (predicted pixels at the particle's box), ``ets`` (edge /
+    signal, 0 without signal), ``signal_fraction`` (signal pixels / box pixels) and
+    ``calibrated`` (:func:`calibrated_scores`). Unreadable rows have NaN/NA values.
+
+    ``on_bad``: "skip" counts unreadable rows (logged); "stop" raises :class:`MrcError`
+    naming the STAR file, the row and the image.
+    """
+    scored = _score(
+        star,
+        model=model,
+        models_root=models_root,
+        particles_dir=particles_dir,
+        batch=batch,
+        on_bad=on_bad,
+        progress=progress,
+        log=log,
+    )
+    return scored.star, scored.scores
+
+
+# ---------------------------------------------------------------------------------- selecting
+
+
+def _check_options(
+    *,
+    batch: int | None = None,
+    on_bad: str | None = None,
+    score: str | None = None,
+    drop: float | None = None,
+    keep_above: float | None = None,
+    selecting: bool = False,
+) -> None:
+    if batch is not None and (not isinstance(batch, int | np.integer) or batch < 1):
+        raise ValueError(f"batch must be a positive number of particles, got {batch!r}")
+    if on_bad is not None and on_bad not in ON_BAD:
+        raise ValueError(f"on_bad must be one of {', '.join(ON_BAD)}, got {on_bad!r}")
+    if score is not None and score not in SCORES:
+        raise ValueError(f"unknown score {score!r} (known: {', '.join(SCORES)})")
+    if selecting:
+        if drop is not None and keep_above is not None:
+            raise ValueError(f"give either drop ({drop}) or keep_above ({keep_above}), not both")
+        if drop is not None and not 0 <= drop < 1:
+            raise ValueError(f"drop must be a fraction in [0, 1), got {drop}")
+        if keep_above is not None and math.isnan(keep_above):
+            raise ValueError("keep_above must be a number, got nan")
+
+
+def select_particles(
+    scores: pd.DataFrame,
+    *,
+    score: str = "ets",
+    drop: float | None = None,
+    keep_above: float | None = None,
+) -> np.ndarray:
+    """Boolean keep mask over the rows of ``scores`` (a :func:`score_particles` table).
+
+    ``drop``: drop the ``floor(drop * n)`` lowest-scored of the ``n`` readable particles (the
+    paper: 339,043 -> 237,331 kept with 0.3), ties broken by row: the earlier row goes first.
+    ``keep_above``: keep the readable particles whose score is > ``keep_above``. At most one of
+    the two; neither means ``drop`` = :data:`DEFAULT_DROP`. Unreadable particles are always
+    dropped. Raises ValueError for a drop outside [0, 1) or an unknown score.
+    """
+    _check_options(score=score, drop=drop, keep_above=keep_above, selecting=True)
+    if score not in scores:
+        raise ValueError(f"the score table has no column {score!r}")
+    readable = scores["readable"].to_numpy(dtype=bool)
+    values = scores[score].to_numpy(dtype=np.float64, na_value=np.nan)
+    values = np.where(np.isnan(values), -np.inf, values)
+    keep = np.zeros(len(scores), bool)
+    if keep_above is not None:
+        keep[readable] = values[readable] > keep_above
+        return keep
+    fraction = DEFAULT_DROP if drop is None else float(drop)
+    candidates = np.flatnonzero(readable)
+    # the 1e-9 keeps 0.3 * 10 (2.9999...) from dropping one particle too few
+    n_drop = int(math.floor(fraction * len(candidates) + 1e-9))
+    # lexsort: last key first; the earlier row ranks lower among equal scores
+    order = candidates[np.lexsort((candidates, values[candidates]))]
+    keep[order[n_drop:]] = True
+    return keep
+
+
+def _cut(scores: pd.DataFrame, keep: np.ndarray, score: str, keep_above: float | None) -> float:
+    if keep_above is not None:
+        return float(keep_above)
+    kept = scores[score].to_numpy(dtype=np.float64, na_value=np.nan)[keep]
+    return float(kept.min()) if len(kept) else float("nan")
+
+
+# ----------------------------------------------------------------------------------- cleaning
+
+
+def _same_file(a: Path, b: Path) -> bool:
+    if a.resolve() == b.resolve():
+        return True
+    try:
+        return a.exists() and b.exists() and os.path.samefile(a, b)
+    except OSError:
+        return False
+
+
+def default_scores_path(out: str | os.PathLike) -> Path:
+    """``<out stem>_scores.parquet`` beside ``out``."""
+    out = Path(out)
+    return out.with_name(f"{out.stem}_scores.parquet")
+
+
+def _write_scores(path: Path, scores: pd.DataFrame, as_csv: bool) -> None:
+    if as_csv:
+        scores.to_csv(path, index=False)
+    else:
+        scores.to_parquet(path, index=False)
+
+
+def clean_star(
+    star: str | os.PathLike,
+    out: str | os.PathLike,
+    *,
+    model: str | os.PathLike | None = None,
+    models_root: str | os.PathLike | None = None,
+    drop: float | None = None,
+    keep_above: float | None = None,
+    score: str = "ets",
+    particles_dir: str | os.PathLike | None = None,
+    report_dir: str | os.PathLike | None = None,
+    scores_out: str | os.PathLike | None = None,
+    on_bad: str = "skip",
+    batch: int = 256,
+    overwrite: bool = False,
+    progress: bool | None = None,
+    log: Log | None = None,
+) -> CleanResult:
+    """Write ``out``: the particles of ``star`` that ``score`` keeps, in the input's flavour.
+
+    Selection as :func:`select_particles` (``drop`` fraction of the lowest, default
+    :data:`DEFAULT_DROP`, or ``keep_above``); scoring as :func:`score_particles`. The cleaned
+    STAR keeps every block, column and value of the input and the kept rows in their order
+    (RELION 3.0 stays 3.0, 3.1 stays 3.1, 5.0 keeps its 50001 stamp). The scores of all
+    particles, with a ``keep`` column, go to ``scores_out`` (default
+    :func:`default_scores_path`; CSV for a ``.csv`` name, else Parquet). ``report_dir`` gets
+    ``score_histogram.png``, ``gallery.png`` and ``report.json`` (replacing those files).
+
+    Refused before any work: ``out`` (or ``scores_out``) being the input STAR, whatever
+    ``overwrite`` says; an existing ``out`` or ``scores_out`` unless ``overwrite``. Every output
+    is written under a temporary name and renamed only once all are written, the STAR last:
+    a failure leaves no partial output.
+    """
+    started = time.perf_counter()
+    star_path, out_path = Path(star), Path(out)
+    scores_path = Path(scores_out) if scores_out is not None else default_scores_path(out_path)
+    _check_options(
+        batch=batch, on_bad=on_bad, score=score, drop=drop, keep_above=keep_above, selecting=True
+    )
+    for what, path in (("--out", out_path), ("--scores", scores_path)):
+        if _same_file(path, star_path):
+            raise ValueError(
+                f"{path}: {what} is the input STAR file; never overwriting it: choose another name"
+            )
+    if _same_file(scores_path, out_path):
+        raise ValueError(f"{scores_path}: the scores and the cleaned STAR need different names")
+    if not overwrite:
+        for what, path in (("--out", out_path), ("--scores", scores_path)):
+            if path.exists():
+                raise FileExistsError(f"{path} exists: choose another {what} or remove it")
+    for path in (out_path, scores_path):
+        if not path.parent.is_dir():
+            raise FileNotFoundError(f"{path.parent}: no such folder for {path.name}")
+
+    scored = _score(
+        star_path,
+        model=model,
+        models_root=models_root,
+        particles_dir=particles_dir,
+        batch=batch,
+        on_bad=on_bad,
+        progress=progress,
+        log=log,
+    )
+    scores = scored.scores
+    keep = select_particles(scores, score=score, drop=drop, keep_above=keep_above)
+    cut = _cut(scores, keep, score, keep_above)
+    scores["keep"] = keep
+    total = len(scores)
+    readable = scores["readable"].to_numpy(dtype=bool)
+    kept, skipped = int(keep.sum()), int((~readable).sum())
+
+    staged: list[tuple[Path, Path]] = []  # (temporary, final), renamed in this order
+
+    def stage(final: Path) -> Path:
+        tmp = final.with_name(f".{final.name}.{uuid.uuid4().hex[:12]}.tmp")
+        staged.append((tmp, final))
+        return tmp
+
+    report: dict[str, Path] = {}
+    try:
+        _write_scores(stage(scores_path), scores, scores_path.suffix.lower() == ".csv")
+        if report_dir is not None:
+            folder = Path(report_dir)
+            folder.mkdir(parents=True, exist_ok=True)
+            report = {
+                name: folder / name
+                for name in ("score_histogram.png", "gallery.png", "report.json")
+            }
+            _histogram_png(stage(report["score_histogram.png"]), scores, score, keep, cut)
+            _gallery_png(stage(report["gallery.png"]), scored, score)
+        star_tmp = stage(out_path)
+        write_star_as_read(star_tmp, scored.star, keep)
+        seconds = time.perf_counter() - started
+        result = CleanResult(
+            source=scored.star.source,
+            out=out_path,
+            scores_path=scores_path,
+            score=score,
+            total=total,
+            kept=kept,
+            dropped=total - kept - skipped,
+            skipped=skipped,
+            cut=cut,
+            version=scored.star.version,
+            model_version=scored.version.version,
+            model_input_size=scored.version.input_size,
+            box=scored.box,
+            seconds=seconds,
+            report=report,
+        )
+        if report_dir is not None:
+            stage(report["report.json"]).write_text(
+                json.dumps(_report_json(result, drop, keep_above), indent=2, default=str)
+            )
+        # the STAR last: it appears only when everything else is in place
+        for tmp, final in sorted(staged, key=lambda pair: pair[1] == out_path):
+            os.replace(tmp, final)
+    except BaseException:
+        for tmp, _ in staged:
+            tmp.unlink(missing_ok=True)
+        raise
+    return result
+
+
+def _report_json(result: CleanResult, drop: float | None, keep_above: float | None) -> dict:
+    return {
+        "source_star": str(result.source.resolve()),
+        "relion_version": result.version,
+        "cleaned_star": str(result.out.resolve()),
+        "scores": str(result.scores_path.resolve()),
+        "score": result.score,
+        "rule": (
+            {"keep_above": keep_above}
+            if keep_above is not None
+            else {"drop": DEFAULT_DROP if drop is None else drop}
+        ),
+        # JSON has no infinities: -inf (a kept particle without signal) or nan as text
+        "cut": result.cut if math.isfinite(result.cut) else str(result.cut),
+        "particles": result.total,
+        "kept": result.kept,
+        "dropped": result.dropped,
+        "skipped_unreadable": result.skipped,
+        "model_version": result.model_version,
+        "model_input_size": result.model_input_size,
+        "box": result.box,
+        "seconds": round(result.seconds, 3),
+        "particles_per_s": round(result.particles_per_s, 1),
+        "figures": {k: str(v.resolve()) for k, v in result.report.items() if k != "report.json"},
+    }
+
+
+# ------------------------------------------------------------------------------------- report
+
+
+def _histogram_png(
+    path: Path, scores: pd.DataFrame, score: str, keep: np.ndarray, cut: float
+) -> None:
+    """Histogram of the finite scores of the readable particles, the cut as a vertical line."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    from matplotlib.figure import Figure
+
+    values = scores[score].to_numpy(dtype=np.float64, na_value=np.nan)
+    readable = scores["readable"].to_numpy(dtype=bool)
+    finite = readable & np.isfinite(values)
+    figure = Figure(figsize=(6, 4), dpi=100)
+    axes = figure.subplots()
+    shown = values[finite]
+    outside = 0
+    if len(shown):
+        # far outliers (log-likelihoods of -1000, ETS of 100) would squash the bulk into one
+        # bin: show the range around it, the outliers piled at its edges
+        q1, q3 = np.percentile(shown, [25, 75])
+        spread = max(q3 - q1, 1e-9)
+        low, high = q1 - 4 * spread, q3 + 4 * spread
+        if shown.min() >= 0:  # ETS: the axis starts at 0, where particles without signal are
+            low = 0.0
+        if np.isfinite(cut):
+            low, high = min(low, cut), max(high, cut)
+        outside = int(((shown < low) | (shown > high)).sum())
+        shown = np.clip(shown, low, high)
+    bins = np.histogram_bin_edges(shown, bins=40) if len(shown) else 10
+    axes.hist(shown[keep[finite]], bins=bins, color="tab:blue", label="kept")
+    axes.hist(shown[~keep[finite]], bins=bins, color="tab:red", alpha=0.7, label="dropped")
+    if np.isfinite(cut):
+        axes.axvline(cut, color="black", linestyle="--", label=f"cut {cut:.3g}")
+    title = f"{score}: {int(keep.sum())} kept, {int((readable & ~keep).sum())} dropped"
+    hidden = int((readable & ~np.isfinite(values)).sum())
+    if hidden:
+        title += f"; {hidden} without signal not shown"
+    if outside:
+        title += f"; {outside} far outliers at the edges"
+    if (~readable).any():
+        title += f", {int((~readable).sum())} unreadable"
+    axes.set_title(title, fontsize=9)
+    axes.set_xlabel(f"{score} score (higher = better particle)")
+    axes.set_ylabel("particles")
+    axes.legend(fontsize=8)
+    figure.tight_layout()
+    with open(path, "xb") as fh:
+        figure.savefig(fh, format="png")
+
+
+def _gallery_png(path: Path, scored: _Scored, score: str) -> None:
+    """Lowest-, median- and highest-scored readable particles (one band each, in that order),
+    each above its predicted mask; the few images are read and segmented again."""
+    from particleseg_model.figures import particles_with_masks, write_png
+    from particleseg_model.model.predict import predict_labels
+
+    scores = scored.scores
+    readable = np.flatnonzero(scores["readable"].to_numpy(dtype=bool))
+    values = scores[score].to_numpy(dtype=np.float64, na_value=np.nan)[readable]
+    ranked = readable[np.lexsort((readable, np.where(np.isnan(values), -np.inf, values)))]
+    k = min(GALLERY_PER_GROUP, max(1, len(ranked) // 3))
+    middle = max(0, len(ranked) // 2 - k // 2)
+    groups = [ranked[:k], ranked[middle : middle + k], ranked[len(ranked) - k :]]
+    rows = np.concatenate(groups)
+    images = read_particles_table(scored.star.particles.iloc[rows], base_dir=scored.base_dir)
+    labels = predict_labels(scored.network, images)
+    grid = particles_with_masks(images, labels, columns=k)
+    zoom = max(1, 64 // scored.box)  # small boxes are enlarged to be seen (nearest)
+    grid = np.repeat(np.repeat(grid, zoom, axis=0), zoom, axis=1)
+    text = {
+        "Title": f"particleSeg clean: {score} lowest, median, highest (one band each)",
+        "Rows": " | ".join(",".join(str(int(r)) for r in g) for g in groups),
+    }
+    write_png(path, grid, text)

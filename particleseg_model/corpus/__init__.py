@@ -1,0 +1,78 @@
+"""The labelled training corpus: label masks from projected mask volumes, the per-partition build
+steps, deterministic splits and the Zarr + Parquet store."""
+
+from __future__ import annotations
+
+from particleseg_model.corpus.labels import (
+    BACKGROUND,
+    EDGE,
+    LABEL_NAMES,
+    SIGNAL,
+    label_fractions,
+    labels_from_projection,
+    resize_images,
+    resize_labels,
+)
+from particleseg_model.corpus.projection import (
+    BAND_CANDIDATES,
+    MaskProjector,
+    Poses,
+    ProjectionError,
+    particle_poses,
+    project_masks,
+    project_with_relion,
+    project_with_relion_per_particle,
+    relion_mask_projections,
+    write_pose_star,
+)
+from particleseg_model.corpus.store import (
+    DEFAULT_FRACTIONS,
+    FORMAT,
+    LABEL_CODES,
+    SPLITS,
+    CorpusDataset,
+    CorpusWriter,
+    append_to_corpus,
+    assign_split,
+    assign_splits,
+    chunk_particles_for,
+    list_corpus,
+    normalise_id,
+    open_corpus,
+    write_corpus,
+)
+
+__all__ = [
+    "BACKGROUND",
+    "BAND_CANDIDATES",
+    "CorpusDataset",
+    "CorpusWriter",
+    "DEFAULT_FRACTIONS",
+    "EDGE",
+    "FORMAT",
+    "LABEL_CODES",
+    "LABEL_NAMES",
+    "MaskProjector",
+    "Poses",
+    "ProjectionError",
+    "SIGNAL",
+    "SPLITS",
+    "append_to_corpus",
+    "assign_split",
+    "assign_splits",
+    "chunk_particles_for",
+    "label_fractions",
+    "labels_from_projection",
+    "list_corpus",
+    "normalise_id",
+    "open_corpus",
+    "particle_poses",
+    "project_masks",
+    "project_with_relion",
+    "project_with_relion_per_particle",
+    "relion_mask_projections",
+    "resize_images",
+    "resize_labels",
+    "write_corpus",
+    "write_pose_star",
+]
