@@ -133,5 +133,5 @@ def atomic_write_text(
 
 
 def atomic_write_json(target: str | os.PathLike[str], obj: Any, *, indent: int | None = 2) -> Path:
-    """Write ``obj`` as JSON (``default=str`` for paths and dates) atomically; returns ``target``."""
+    """Write ``obj`` as JSON (``default=str`` for paths, dates) atomically; returns ``target``."""
     return atomic_write_text(target, json.dumps(obj, indent=indent, default=str))
