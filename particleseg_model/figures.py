@@ -14,6 +14,8 @@ from pathlib import Path
 
 import numpy as np
 
+from particleseg_model.atomic import atomic_write_bytes
+
 __all__ = [
     "LABEL_GRAY",
     "markdown_image",
@@ -45,9 +47,7 @@ def write_png(path: Path, image: np.ndarray, text: dict[str, str] | None = None)
     for key, value in (text or {}).items():
         body += chunk(b"tEXt", key.encode("latin-1") + b"\x00" + value.encode("latin-1"))
     body += chunk(b"IDAT", zlib.compress(raw, 9)) + chunk(b"IEND", b"")
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_bytes(b"\x89PNG\r\n\x1a\n" + body)
-    return path
+    return atomic_write_bytes(path, b"\x89PNG\r\n\x1a\n" + body)
 
 
 def _to_uint8(image: np.ndarray) -> np.ndarray:

@@ -37,6 +37,7 @@ import requests
 import urllib3
 
 from particleseg_model.access.http import HttpClient, HttpError, NotFoundError
+from particleseg_model.atomic import fsync_dir
 from particleseg_model.progress import Bar
 from particleseg_model.progress import progress as progress_bar
 from particleseg_model.storage import is_remote, local_path
@@ -273,9 +274,12 @@ def _sleep_backoff(client: Any, attempt: int) -> None:
 
 
 def _finish(part: Path, dest: Path) -> Path:
+    # not atomic.atomic_path: the ``.part`` name is the resume protocol, kept across runs; the
+    # publication follows the same policy (fsync the data, rename, fsync the folder)
     with open(part, "ab") as handle:  # "a": an empty file may have no .part yet
         os.fsync(handle.fileno())
     os.replace(part, dest)
+    fsync_dir(dest.parent)
     return dest
 
 

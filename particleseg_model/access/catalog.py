@@ -9,8 +9,6 @@ from __future__ import annotations
 
 import json
 import logging
-import os
-import tempfile
 import time
 from collections.abc import Callable, Iterable
 from concurrent.futures import ThreadPoolExecutor
@@ -30,6 +28,7 @@ from particleseg_model.access.empiar import (
     partition_key,
 )
 from particleseg_model.access.http import HttpError, NotFoundError
+from particleseg_model.atomic import atomic_path
 
 log = logging.getLogger("particleseg.catalog")
 
@@ -251,17 +250,10 @@ def select_eligible(
 
 
 def write_parquet(frame: pd.DataFrame, path: str | Path) -> Path:
-    """Write atomically: a temporary file beside ``path``, then rename."""
+    """Write atomically (:func:`particleseg_model.atomic.atomic_path`)."""
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    os.close(fd)
-    try:
+    with atomic_path(path) as tmp:
         frame.to_parquet(tmp, index=False)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
     return path
 
 

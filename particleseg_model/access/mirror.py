@@ -18,10 +18,11 @@ import json
 import logging
 import os
 import re
-import tempfile
 import threading
 from pathlib import Path
 from typing import Any
+
+from particleseg_model.atomic import atomic_write_text
 
 __all__ = ["Mirror", "parse_id_list", "parse_query"]
 
@@ -109,18 +110,6 @@ def _matches(key: str, record: Any, conditions: list[tuple[str, str, str]]) -> b
         if high != "*" and value > _date(high):
             return False
     return True
-
-
-def _write_atomic(path: Path, text: str) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as handle:
-            handle.write(text)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
 
 
 class Mirror:
@@ -224,13 +213,13 @@ class Mirror:
     def put_entry(self, empiar_id: str | int, record: Any) -> Path:
         key = _entry_key(empiar_id)
         path = self.entry_path(key)
-        _write_atomic(path, json.dumps({key: record}, ensure_ascii=False, indent=1))
+        atomic_write_text(path, json.dumps({key: record}, ensure_ascii=False, indent=1))
         return path
 
     def put_entry_text(self, empiar_id: str | int, text: str) -> Path:
         """Store an entry file verbatim (malformed fixtures)."""
         path = self.entry_path(empiar_id)
-        _write_atomic(path, text)
+        atomic_write_text(path, text)
         return path
 
     # -- EMDB ---------------------------------------------------------------------------------
@@ -247,5 +236,5 @@ class Mirror:
 
     def put_emdb(self, emd_id: str | int, record: Any) -> Path:
         path = self.emdb_path(emd_id)
-        _write_atomic(path, json.dumps(record, ensure_ascii=False, indent=1))
+        atomic_write_text(path, json.dumps(record, ensure_ascii=False, indent=1))
         return path

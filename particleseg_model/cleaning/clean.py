@@ -23,11 +23,11 @@ temporary names and renamed into place only when everything succeeded.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 import os
 import time
-import uuid
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -36,6 +36,7 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
+from particleseg_model.atomic import atomic_path
 from particleseg_model.corpus.labels import EDGE, SIGNAL
 from particleseg_model.em.mrc import MrcError, read_particles, read_particles_table
 from particleseg_model.em.star import ParticleStar, read_star, write_star_as_read
@@ -83,6 +84,21 @@ class CleanResult:
     @property
     def particles_per_s(self) -> float:
         return self.total / max(self.seconds, 1e-9)
+
+    def summary(self) -> dict[str, Any]:
+        """The version, counts, cut and speed in plain values (what the platform shows as the
+        cleaning's metadata; particles per second to 1 decimal)."""
+        return {
+            "model_version": self.model_version,
+            "score": self.score,
+            "relion_version": self.version,
+            "particles_before": self.total,
+            "particles_after": self.kept,
+            "dropped": self.dropped,
+            "unreadable": self.skipped,
+            "cut": float(self.cut),
+            "particles_per_s": round(self.particles_per_s, 1),
+        }
 
 
 # ------------------------------------------------------------------------------------ scoring
@@ -452,15 +468,16 @@ def clean_star(
     readable = scores["readable"].to_numpy(dtype=bool)
     kept, skipped = int(keep.sum()), int((~readable).sum())
 
-    staged: list[tuple[Path, Path]] = []  # (temporary, final), renamed in this order
-
-    def stage(final: Path) -> Path:
-        tmp = final.with_name(f".{final.name}.{uuid.uuid4().hex[:12]}.tmp")
-        staged.append((tmp, final))
-        return tmp
-
     report: dict[str, Path] = {}
-    try:
+    # every output through the one atomic write; the ExitStack renames them all only once all
+    # are written (in reverse order of staging) and removes every temporary file on a failure
+    with contextlib.ExitStack() as staging:
+
+        def stage(final: Path) -> Path:
+            return staging.enter_context(atomic_path(final, mkdir=False))
+
+        # staged first, so renamed last: the STAR appears only when everything else is in place
+        star_tmp = stage(out_path)
         _write_scores(stage(scores_path), scores, scores_path.suffix.lower() == ".csv")
         if report_dir is not None:
             folder = Path(report_dir)
@@ -471,7 +488,6 @@ def clean_star(
             }
             _histogram_png(stage(report["score_histogram.png"]), scores, score, keep, cut)
             _gallery_png(stage(report["gallery.png"]), scored, score)
-        star_tmp = stage(out_path)
         write_star_as_read(star_tmp, scored.star, keep)
         seconds = time.perf_counter() - started
         result = CleanResult(
@@ -495,13 +511,6 @@ def clean_star(
             stage(report["report.json"]).write_text(
                 json.dumps(_report_json(result, drop, keep_above), indent=2, default=str)
             )
-        # the STAR last: it appears only when everything else is in place
-        for tmp, final in sorted(staged, key=lambda pair: pair[1] == out_path):
-            os.replace(tmp, final)
-    except BaseException:
-        for tmp, _ in staged:
-            tmp.unlink(missing_ok=True)
-        raise
     return result
 
 
@@ -609,3 +618,104 @@ def _gallery_png(path: Path, scored: _Scored, score: str) -> None:
         "Rows": " | ".join(",".join(str(int(r)) for r in g) for g in groups),
     }
     write_png(path, grid, text)
+
+
+def clean_to_folder(
+    star: str | os.PathLike,
+    out_dir: str | os.PathLike,
+    *,
+    model_version: str | None = None,
+    models_root: str | os.PathLike | None = None,
+    drop: float = DEFAULT_DROP,
+    keep_above: float | None = None,
+    score: str = "ets",
+    particles_dir: str | os.PathLike | None = None,
+    on_bad: str = "skip",
+    run_id: str | None = None,
+    log: Log | None = None,
+) -> CleanResult:
+    """Clean ``star`` into a folder of its own (the platform's ``cleaned/<name>``), replacing
+    what an earlier run left there.
+
+    Writes, in ``out_dir`` (created): ``<star stem>_cleaned.star``, ``scores.parquet``, the
+    ``report/`` folder of :func:`clean_star` and ``manifest.json`` (the source and cleaned
+    STAR, the score table, ``model_version``, ``score``, ``kept``, ``total``, ``cut``,
+    ``dagster_run_id``), each written atomically.
+
+    Parameters
+    ----------
+    star
+        The particle STAR file (never modified; ``~`` expanded).
+    out_dir
+        The output folder.
+    model_version
+        A version registered under ``models_root`` (``"v0002"`` or ``"2"``; it needs
+        ``models_root``); None: the latest.
+    models_root
+        The model registry (a local path or a URL); None: :func:`resolve_model`'s default.
+    drop, keep_above
+        Drop this fraction of the readable particles, the lowest scores first; or, when
+        ``keep_above`` is given, keep the particles scoring above it (``drop`` ignored).
+    score, particles_dir, on_bad, log
+        As :func:`clean_star`.
+    run_id
+        Recorded as the manifest's ``dagster_run_id``.
+
+    Returns
+    -------
+    CleanResult
+
+    Raises
+    ------
+    ModelError
+        ``model_version`` is not registered (or given without ``models_root``).
+    ValueError, MrcError, StarError
+        As :func:`clean_star`.
+    """
+    from particleseg_model.atomic import atomic_write_json
+    from particleseg_model.model.registry import ModelError, get_model
+
+    star, out = Path(star).expanduser(), Path(out_dir)
+    if model_version and models_root is None:
+        raise ModelError(f"model {model_version!r}: give the models_root it is registered in")
+    out.mkdir(parents=True, exist_ok=True)
+    model = get_model(models_root, model_version).address if model_version else None
+    # our own folder: outputs are replaced (each written to a temporary name, then renamed)
+    result = clean_star(
+        star,
+        out / f"{star.stem}_cleaned.star",
+        model=model,
+        models_root=models_root,
+        drop=None if keep_above is not None else drop,
+        keep_above=keep_above,
+        score=score,
+        particles_dir=particles_dir,
+        report_dir=out / "report",
+        scores_out=out / "scores.parquet",
+        on_bad=on_bad,
+        overwrite=True,
+        progress=False,
+        log=log,
+    )
+    if log is not None:
+        log(
+            f"{star}: kept {result.kept} of {result.total} particles "
+            f"({result.dropped} dropped by {result.score}, {result.skipped} unreadable) "
+            f"with model {result.model_version} at {result.particles_per_s:.0f} "
+            f"particles/s: {result.out}"
+        )
+    atomic_write_json(
+        out / "manifest.json",
+        {
+            "source_star": str(star.resolve()),
+            "cleaned_star": str(result.out),
+            "scores": str(result.scores_path),
+            "model_version": result.model_version,
+            "score": result.score,
+            "kept": result.kept,
+            "total": result.total,
+            "cut": result.cut,
+            "dagster_run_id": run_id,
+        },
+    )
+    return result

@@ -86,6 +86,7 @@ def segment_star(
             f"{size} and the masks back to {box}"
         )
     n = len(particles)
+    # a Zarr folder, built under a temporary name and renamed: a folder swap, not a file write
     tmp = out_path.with_name(f"{out_path.name}.tmp-{uuid.uuid4().hex[:8]}")
     chunk = max(1, min(n, (4 << 20) // (box * box)))
     started = time.perf_counter()

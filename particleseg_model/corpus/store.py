@@ -44,7 +44,9 @@ Atomic writes (local roots)
     back to it meanwhile. An exception inside the ``with`` block deletes the temporary
     directory; a killed process leaves it behind, and the next writer of that partition (which
     holds the partition's ``flock``, so no live writer can own a temporary directory it sees)
-    deletes it. Crash safety against process death, not power loss: nothing is fsync'ed.
+    deletes it. Crash safety against process death, not power loss: the Zarr chunks and the
+    directory renames are not fsync'ed (the table and un-shared files go through
+    :mod:`particleseg_model.atomic`).
 
 Appending (copy-on-write by hard links, measured)
     ``mode="a"`` (:func:`append_to_corpus`) builds the temporary version by hard-linking every
@@ -131,6 +133,7 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
+from particleseg_model.atomic import atomic_path
 from particleseg_model.storage import is_remote, local_path
 from particleseg_model.version import code_version
 
@@ -305,10 +308,9 @@ class _Place:
 
     def write_table(self, name: str, table: pd.DataFrame) -> None:
         if self.local is not None:
-            final = self.local / name / TABLE_NAME
-            part = final.with_name(f"{TABLE_NAME}.{uuid.uuid4().hex}.partial")
-            table.to_parquet(part, index=False)
-            os.replace(part, final)  # a new file: never writes into a hard-linked one
+            # a new file renamed in: never writes into a hard-linked one
+            with atomic_path(self.local / name / TABLE_NAME, mkdir=False) as part:
+                table.to_parquet(part, index=False)
         else:
             with self.fs.open(f"{self.fs_path(name)}/{TABLE_NAME}", "wb") as handle:
                 table.to_parquet(handle, index=False)
@@ -536,6 +538,7 @@ def _exchange(a: Path, b: Path) -> bool:
 
 
 def _swap_in(tmp: Path, live: Path) -> None:
+    # a folder swap: a version is a directory, so atomic.atomic_path (one file) does not apply
     if not live.exists():
         os.rename(tmp, live)
         return
@@ -602,9 +605,8 @@ def _hardlink_tree(src: Path, dst: Path) -> None:
 def _unshare(path: Path) -> None:
     """Give a hard-linked file its own copy, so writing it cannot touch the old version."""
     if path.exists() and path.stat().st_nlink > 1:
-        part = path.with_name(f"{path.name}.{uuid.uuid4().hex}.cow")
-        shutil.copy2(path, part)
-        os.replace(part, path)
+        with atomic_path(path, mkdir=False) as part:
+            shutil.copy2(path, part)
 
 
 class _Lock:

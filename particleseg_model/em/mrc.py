@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import functools
 import os
-import uuid
 import warnings
 from collections.abc import Sequence
 from pathlib import Path
@@ -28,6 +27,7 @@ import numpy as np
 import numpy.typing as npt
 import pandas as pd
 
+from particleseg_model.atomic import atomic_path
 from particleseg_model.em.star import split_image_name
 
 __all__ = [
@@ -250,31 +250,21 @@ def _atomic_write(path: Path, data: np.ndarray, pixel_size_a: float, stack: bool
         raise MrcError(
             f"{path}: pixel size must be a positive number of Angstrom, got {pixel_size_a!r}"
         )
-    tmp = path.with_name(f".{path.name}.{uuid.uuid4().hex[:12]}.tmp")
-    try:
-        with mrcfile.new(tmp, overwrite=False) as mrc:
-            mrc.set_data(data)
-            if stack:
-                mrc.set_image_stack()
-            else:
-                mrc.set_volume()
-                # RELION and EMDB put the origin of a map in its centre
-                mrc.header.nxstart, mrc.header.nystart, mrc.header.nzstart = (
-                    -(n // 2) for n in (data.shape[2], data.shape[1], data.shape[0])
-                )
-            mrc.voxel_size = (pixel_size_a, pixel_size_a, pixel_size_a)
-            mrc.header.label[:] = b""  # mrcfile's default label holds the creation time
-            mrc.header.label[0] = _LABEL
-            mrc.header.nlabl = 1
-        fd = os.open(tmp, os.O_RDONLY)
-        try:
-            os.fsync(fd)  # data on disk before the rename makes it visible
-        finally:
-            os.close(fd)
-        os.replace(tmp, path)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
+    # the folder must exist (mkdir=False): as before, a missing folder is the caller's error
+    with atomic_path(path, mkdir=False) as tmp, mrcfile.new(tmp, overwrite=False) as mrc:
+        mrc.set_data(data)
+        if stack:
+            mrc.set_image_stack()
+        else:
+            mrc.set_volume()
+            # RELION and EMDB put the origin of a map in its centre
+            mrc.header.nxstart, mrc.header.nystart, mrc.header.nzstart = (
+                -(n // 2) for n in (data.shape[2], data.shape[1], data.shape[0])
+            )
+        mrc.voxel_size = (pixel_size_a, pixel_size_a, pixel_size_a)
+        mrc.header.label[:] = b""  # mrcfile's default label holds the creation time
+        mrc.header.label[0] = _LABEL
+        mrc.header.nlabl = 1
     return path
 
 

@@ -24,13 +24,14 @@ import linecache
 import os
 import re
 import shlex
-import uuid
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
 import pandas as pd
 import starfile
+
+from particleseg_model.atomic import atomic_path, atomic_write_text
 
 __all__ = [
     "CANONICAL_COLUMNS",
@@ -544,17 +545,10 @@ def write_star(
 
 
 def _write_atomic(path: Path, text: str) -> Path:
-    """``text`` into ``path`` through a temporary name beside it, then one rename."""
-    tmp = path.with_name(f".{path.name}.{uuid.uuid4().hex[:12]}.tmp")
-    try:
-        with open(tmp, "x", encoding="utf-8", newline="\n") as fh:
-            fh.write(text)
-            fh.flush()
-            os.fsync(fh.fileno())  # data on disk before the rename makes it visible
-        os.replace(tmp, path)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
+    """``text`` into ``path`` by the project's atomic write (:mod:`particleseg_model.atomic`);
+    the folder must exist (a STAR file's folder is the caller's to make)."""
+    with atomic_path(path, mkdir=False) as tmp:
+        tmp.write_bytes(text.encode("utf-8"))
     return path
 
 
@@ -593,10 +587,7 @@ def write_loop_blocks(
             for r in range(len(table))
         ]
         lines.append("")
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text("\n".join(lines) + "\n", encoding="utf-8")
-    return path
+    return atomic_write_text(path, "\n".join(lines) + "\n")
 
 
 def _quote(values: pd.Series) -> pd.Series:

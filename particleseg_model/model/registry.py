@@ -37,7 +37,6 @@ import re
 import shutil
 import tempfile
 import time
-import uuid
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -45,6 +44,7 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
+from particleseg_model.atomic import atomic_write_bytes, atomic_write_json, atomic_write_text
 from particleseg_model.storage import is_remote, join, local_path, work_dir
 
 FORMAT = "particleseg-model/1"
@@ -107,7 +107,7 @@ class ModelVersion:
                 target = part / relative
                 target.parent.mkdir(parents=True, exist_ok=True)
                 fs.get_file(source, str(target))
-            try:
+            try:  # a folder swap: the version is a directory
                 os.rename(part, self.path)
             except OSError:  # another process fetched it first: the same immutable files
                 if not (self.path / MANIFEST_FILE).is_file():
@@ -217,7 +217,7 @@ def _register_remote(
     with contextlib.suppress(Exception):  # committed already; a stamp left over is harmless
         fs.rm_file(f"{target}/{STARTED_FILE}")
     # the staged folder becomes the cached copy (the same bytes as uploaded)
-    (staged / MANIFEST_FILE).write_bytes(body)
+    atomic_write_bytes(staged / MANIFEST_FILE, body)
     cached = _cache_path(url, name, body)
     cached.parent.mkdir(parents=True, exist_ok=True)
     try:
@@ -337,11 +337,9 @@ def register_model(
         numbers = [int(m.group(1)) for p in base.iterdir() if (m := _VERSION.fullmatch(p.name))]
         name = f"v{max(numbers, default=0) + 1:04d}"
         full = _full_manifest(manifest, name)
-        (staged / MANIFEST_FILE).write_text(json.dumps(full, indent=2, default=str))
-        os.rename(staged, base / name)
-        pointer = base / f".{LATEST_FILE}.{uuid.uuid4().hex}"
-        pointer.write_text(name + "\n")
-        os.replace(pointer, base / LATEST_FILE)
+        atomic_write_json(staged / MANIFEST_FILE, full)
+        os.rename(staged, base / name)  # a folder swap: the version is a directory
+        atomic_write_text(base / LATEST_FILE, name + "\n")
     return ModelVersion(name, base / name, full)
 
 

@@ -30,6 +30,7 @@ from typing import Any
 
 import numpy as np
 
+from particleseg_model.atomic import atomic_path
 from particleseg_model.corpus.store import CorpusDataset, open_corpus
 from particleseg_model.model.loader import CorpusBatches, known_good
 from particleseg_model.model.metrics import ConfusionAccumulator
@@ -479,7 +480,8 @@ def training_curve_png(
     fig.suptitle(title)
     fig.tight_layout()
     out = Path(path)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(out)
+    # the temporary name ends in .tmp: the format comes from the target's name
+    with atomic_path(out) as tmp:
+        fig.savefig(tmp, format=out.suffix.lstrip(".").lower() or "png")
     plt.close(fig)
     return out

@@ -290,6 +290,7 @@ def extract_particles(
     )
     files = _coordinate_index(coordinates)
     out.parent.mkdir(parents=True, exist_ok=True)
+    # a folder swap (built under a temporary name, then one rename), not a file write
     tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", suffix=".tmp", dir=out.parent))
     try:
         names, keep, skipped, seen = [], [], [], set()

@@ -532,6 +532,7 @@ def write_demo_archive(
     from particleseg_model.progress import progress as progress_bar
 
     out.parent.mkdir(parents=True, exist_ok=True)
+    # a folder swap (built under a temporary name, then one rename), not a file write
     tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", suffix=".tmp", dir=out.parent))
     ids: list[str] = []
     try:
