@@ -97,8 +97,10 @@ import numpy as np
 import pandas as pd
 from scipy import fft as sfft
 
+from particleseg_model.atomic import atomic_write_text
 from particleseg_model.corpus.labels import labels_from_projection
 from particleseg_model.em.maps import write_mrc
+from particleseg_model.em.star import format_loop_blocks
 from particleseg_model.relion.runner import RelionError, run_relion
 from particleseg_model.simulation.simulate import euler_matrices
 
@@ -758,52 +760,34 @@ def write_pose_star(
         if poses.names is not None
         else np.array([f"{i + 1}@poses.mrcs" for i in range(len(poses))])
     )
-    lines = [
-        "",
-        "# version 30001",
-        "",
-        "data_optics",
-        "",
-        "loop_",
-        "_rlnOpticsGroup #1",
-        "_rlnOpticsGroupName #2",
-        "_rlnVoltage #3",
-        "_rlnSphericalAberration #4",
-        "_rlnAmplitudeContrast #5",
-        "_rlnImagePixelSize #6",
-        "_rlnImageSize #7",
-        "_rlnImageDimensionality #8",
-        f"1 opticsGroup1 300.0 2.7 0.1 {float(pixel_size_a)!r} {int(box)} 2",
-        "",
-        "",
-        "# version 30001",
-        "",
-        "data_particles",
-        "",
-        "loop_",
-        "_rlnImageName #1",
-        "_rlnAngleRot #2",
-        "_rlnAngleTilt #3",
-        "_rlnAnglePsi #4",
-        "_rlnOriginXAngst #5",
-        "_rlnOriginYAngst #6",
-        "_rlnOpticsGroup #7",
-    ]
-    table = np.stack(
-        [
-            poses.rot,
-            poses.tilt,
-            poses.psi,
-            poses.origin_x_px * pixel_size_a,
-            poses.origin_y_px * pixel_size_a,
-        ],
-        axis=1,
+    optics = {
+        "rlnOpticsGroup": 1,
+        "rlnOpticsGroupName": "opticsGroup1",
+        "rlnVoltage": 300.0,
+        "rlnSphericalAberration": 2.7,
+        "rlnAmplitudeContrast": 0.1,
+        "rlnImagePixelSize": float(pixel_size_a),
+        "rlnImageSize": int(box),
+        "rlnImageDimensionality": 2,
+    }
+    # the pose values as text: six places here, full precision in the optics table
+    values = {
+        "rlnAngleRot": poses.rot,
+        "rlnAngleTilt": poses.tilt,
+        "rlnAnglePsi": poses.psi,
+        "rlnOriginXAngst": poses.origin_x_px * pixel_size_a,
+        "rlnOriginYAngst": poses.origin_y_px * pixel_size_a,
+    }
+    particles = pd.DataFrame(
+        {
+            "rlnImageName": names,
+            **{label: [f"{v:.6f}" for v in column] for label, column in values.items()},
+            "rlnOpticsGroup": 1,
+        }
     )
-    body = [
-        f"{name} " + " ".join(f"{v:.6f}" for v in row) + " 1"
-        for name, row in zip(names, table, strict=True)
-    ]
-    path.write_text("\n".join(lines + body) + "\n", encoding="utf-8")
+    text = format_loop_blocks({"optics": optics, "particles": particles})
+    # the bytes this function always wrote: no blank line after the last particle
+    atomic_write_text(path, text.removesuffix("\n"))
     return path
 
 

@@ -37,6 +37,7 @@ __all__ = [
     "CANONICAL_COLUMNS",
     "ParticleStar",
     "StarError",
+    "format_loop_blocks",
     "has_poses",
     "read_star",
     "split_image_name",
@@ -565,17 +566,35 @@ def _loop_value(value: object, decimals: int | None, strict_text: bool) -> str:
     return text
 
 
-def write_loop_blocks(
-    path: str | os.PathLike,
+def format_loop_blocks(
     blocks: dict[str, pd.DataFrame | dict],
     *,
     decimals: int | None = None,
     strict_text: bool = False,
-) -> Path:
-    """Write plain tables as RELION 3.1 loop blocks (``# version 30001``); a dict block becomes
-    a one-row loop. Floats get ``decimals`` places (None: full precision); empty or
-    white-space text is quoted, or refused with ``strict_text``. No time stamp, so equal
-    tables give equal bytes. For particle files with optics use :func:`write_star`."""
+) -> str:
+    """The text :func:`write_loop_blocks` writes (see there), for a caller that stores it.
+
+    Parameters
+    ----------
+    blocks
+        Block name (without ``data_``) to a table, or to a dict written as a one-row loop.
+    decimals
+        Places of every float (None: the shortest text that reads back to the same value).
+        Values already formatted as text are written as they are.
+    strict_text
+        Refuse empty or white-space text instead of quoting it.
+
+    Returns
+    -------
+    str
+        Each block as ``\n# version 30001\n\ndata_<name>\n\nloop_\n``, its labels
+        ``_<label> #<k>``, one line per row (values separated by one space) and a blank line.
+
+    Raises
+    ------
+    ValueError
+        Empty or white-space text with ``strict_text``.
+    """
     lines: list[str] = []
     for name, block in blocks.items():
         table = pd.DataFrame([block]) if isinstance(block, dict) else block
@@ -587,7 +606,24 @@ def write_loop_blocks(
             for r in range(len(table))
         ]
         lines.append("")
-    return atomic_write_text(path, "\n".join(lines) + "\n")
+    return "\n".join(lines) + "\n"
+
+
+def write_loop_blocks(
+    path: str | os.PathLike,
+    blocks: dict[str, pd.DataFrame | dict],
+    *,
+    decimals: int | None = None,
+    strict_text: bool = False,
+) -> Path:
+    """Write plain tables as RELION 3.1 loop blocks (``# version 30001``); a dict block becomes
+    a one-row loop. Floats get ``decimals`` places (None: full precision); empty or
+    white-space text is quoted, or refused with ``strict_text``. No time stamp, so equal
+    tables give equal bytes. For particle files with optics use :func:`write_star`. The
+    text is :func:`format_loop_blocks`'s, written atomically (the folder is made)."""
+    return atomic_write_text(
+        path, format_loop_blocks(blocks, decimals=decimals, strict_text=strict_text)
+    )
 
 
 def _quote(values: pd.Series) -> pd.Series:
