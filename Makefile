@@ -13,7 +13,8 @@ DEMO_PORT ?= 8765
 DEMO_ARCHIVE := $(PARTICLESEG_DATA)/demo/archive
 DEMO_URL := http://127.0.0.1:$(DEMO_PORT)
 
-.PHONY: setup relion postgres venv test lint demo dev serve env bench bench-refine bench-model clean
+.PHONY: setup relion postgres venv test test-fast lint demo dev serve env bench bench-refine bench-model \
+	clean
 
 setup: relion postgres venv
 
@@ -55,12 +56,19 @@ $(STAMP): pyproject.toml
 	@mkdir -p $(DAGSTER_HOME)
 	@touch $(STAMP)
 
+# ruff; the import layers of pyproject's [tool.importlinter] (function-level imports count)
 lint: venv
 	$(VENV)/bin/ruff check particleseg_model particleseg_assets tests benchmarks scripts
+	$(VENV)/bin/lint-imports
 
 # pytest exits 5 when it collects no test; make fails on any non-zero status, so that cannot pass.
 test: setup lint
 	$(PY) -m pytest
+
+# The fast lane while working: no RELION, no PostgreSQL server, no end-to-end runs (`make test`,
+# which CI runs, runs them all)
+test-fast: venv
+	$(PY) -m pytest -m "not relion and not postgres and not slow"
 
 demo: setup
 	$(PY) -m particleseg_assets.demo
@@ -110,7 +118,7 @@ bench-refine: setup
 	$(PY) benchmarks/refine_accuracy.py
 
 clean:
-	rm -rf $(VENV) data .pytest_cache .ruff_cache
+	rm -rf $(VENV) data .pytest_cache .ruff_cache .import_linter_cache .grimp_cache
 	find dagster_home -mindepth 1 -maxdepth 1 ! -name dagster.yaml ! -name README.md ! -name postgres \
 		-exec rm -rf {} +
 	find dagster_home/postgres -mindepth 1 ! -name dagster.yaml -exec rm -rf {} +

@@ -47,6 +47,28 @@ def server_env(archive_server, monkeypatch, tmp_path: Path):
     return archive_server
 
 
+@pytest.fixture(scope="module")
+def particle_archive(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A two-entry demo archive (30001 globular, 30002 ring) of :data:`helpers.N_PARTICLES`
+    particles each at box 48, for the runs of a whole deployment (test_dagster_e2e,
+    test_faults)."""
+    from helpers import N_PARTICLES
+
+    from particleseg_model.simulation.demo_archive import write_demo_archive
+
+    out = tmp_path_factory.mktemp("e2e") / "archive"
+    write_demo_archive(
+        out,
+        maps=["generated:globular", "generated:ring"],
+        n_particles=N_PARTICLES,
+        box=48,
+        micrograph_entries=0,
+        seed=11,
+        progress=False,
+    )
+    return out
+
+
 @pytest.fixture(scope="session")
 def relion_bin() -> Path:
     found = shutil.which("relion_project")
@@ -64,6 +86,23 @@ def dagster_home(tmp_path: Path, monkeypatch) -> Path:
     shutil.copy(repo_yaml, home / "dagster.yaml")
     monkeypatch.setenv("DAGSTER_HOME", str(home))
     return home
+
+
+# Tests that need RELION or a PostgreSQL server get the mark from the fixture they take, so that
+# `make test-fast` (-m "not relion and not postgres and not slow") leaves them out without each
+# test having to repeat the mark.
+_MARK_OF_FIXTURE = {
+    "relion_bin": "relion",
+    "postgres_server": "postgres",
+    "postgres_home": "postgres",
+}
+
+
+def pytest_collection_modifyitems(config, items) -> None:
+    for item in items:
+        for fixture, mark in _MARK_OF_FIXTURE.items():
+            if fixture in getattr(item, "fixturenames", ()):
+                item.add_marker(mark)
 
 
 def pytest_report_header(config) -> list[str]:

@@ -6,7 +6,6 @@ import json
 import os
 import subprocess
 import sys
-from pathlib import Path
 
 import pandas as pd
 import pytest
@@ -15,47 +14,16 @@ from dagster import (
     RunRequest,
     SensorResult,
     SkipReason,
-    build_sensor_context,
-    materialize,
 )
+from helpers import N_ELIGIBLE, REPO, run_catalog, sensor_tick
 
-from particleseg_assets.assets.catalog import eligible_entries, empiar_entries
-from particleseg_assets.checks import eligible_rule_holds, entry_ids_unique, few_catalog_errors
-from particleseg_assets.definitions import defs
 from particleseg_assets.partitions import EMPIAR_PARTITIONS_NAME
-from particleseg_assets.resources import EmpiarResource, StorageResource
 from particleseg_assets.sensors import eligible_partitions_sensor, empiar_updates_sensor
 from particleseg_model.access.fixtures import (
     ORIGINAL_IDS_AT_3_5_A,
-    SYNTHETIC_ELIGIBLE,
     fixture_records,
 )
 from particleseg_model.access.server import Fault
-
-REPO = Path(__file__).resolve().parents[1]
-N_ELIGIBLE = 56 - len(ORIGINAL_IDS_AT_3_5_A) + len(SYNTHETIC_ELIGIBLE)
-
-
-def resources(tmp_path: Path, **empiar_options) -> dict:
-    return {
-        "empiar": EmpiarResource(retries=1, polite_delay_s=0.0, timeout_s=5, **empiar_options),
-        "storage": StorageResource(root=str(tmp_path / "data")),
-    }
-
-
-def run_catalog(instance, tmp_path, **config):
-    return materialize(
-        [
-            empiar_entries,
-            eligible_entries,
-            entry_ids_unique,
-            few_catalog_errors,
-            eligible_rule_holds,
-        ],
-        instance=instance,
-        resources=resources(tmp_path),
-        run_config={"ops": {"eligible_entries": {"config": config}}} if config else None,
-    )
 
 
 def test_catalog_assets_materialize_with_metadata(server_env, dagster_home, tmp_path):
@@ -84,16 +52,6 @@ def test_catalog_assets_materialize_with_metadata(server_env, dagster_home, tmp_
     refreshed = inclusive.asset_materializations_for_node("empiar_entries")[0].metadata
     assert refreshed["new_entries"].value == 0
     assert refreshed["since_update_date"].value == "2022-02-07"
-
-
-def sensor_tick(sensor, instance, tmp_path, cursor=None, **empiar_options):
-    with build_sensor_context(
-        instance=instance,
-        cursor=cursor,
-        definitions=defs,
-        resources=resources(tmp_path, **empiar_options),
-    ) as context:
-        return sensor(context), context.cursor
 
 
 def test_updates_sensor_requests_a_refresh_then_nothing(server_env, dagster_home, tmp_path):

@@ -9,7 +9,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 import pytest
-from test_model import BOX, TINY, disc_particles, write_partition, write_star_project
+from helpers import BOX, TINY, disc_particles, write_partition, write_star_project
 
 from particleseg_model.cleaning.clean import (
     clean_star,

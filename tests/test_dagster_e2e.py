@@ -5,10 +5,8 @@ from __future__ import annotations
 
 import json
 import os
-import signal
 import socket
 import subprocess
-import sys
 import time
 import urllib.request
 from collections.abc import Iterator
@@ -16,31 +14,12 @@ from pathlib import Path
 
 import pytest
 from dagster import AssetKey, DagsterInstance, DagsterRunStatus
+from helpers import BIN, N_PARTICLES, start_process, stop_process
 
 from particleseg_model.access.server import serve
 from particleseg_model.corpus.store import open_corpus
-from particleseg_model.simulation.demo_archive import write_demo_archive
-
-REPO = Path(__file__).resolve().parents[1]
-BIN = Path(sys.executable).parent
-N_PARTICLES = 64
 
 pytestmark = pytest.mark.slow
-
-
-@pytest.fixture(scope="module")
-def particle_archive(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    out = tmp_path_factory.mktemp("e2e") / "archive"
-    write_demo_archive(
-        out,
-        maps=["generated:globular", "generated:ring"],
-        n_particles=N_PARTICLES,
-        box=48,
-        micrograph_entries=0,
-        seed=11,
-        progress=False,
-    )
-    return out
 
 
 @pytest.fixture
@@ -62,23 +41,6 @@ def _free_port() -> int:
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
         return sock.getsockname()[1]
-
-
-def _start(args: list[str], env: dict[str, str], log: Path) -> subprocess.Popen:
-    handle = open(log, "wb")  # noqa: SIM115 - closed with the process
-    return subprocess.Popen(
-        args, cwd=REPO, env=env, stdout=handle, stderr=subprocess.STDOUT, start_new_session=True
-    )
-
-
-def _stop(proc: subprocess.Popen) -> None:
-    if proc.poll() is None:
-        os.killpg(proc.pid, signal.SIGTERM)
-        try:
-            proc.wait(timeout=20)
-        except subprocess.TimeoutExpired:
-            os.killpg(proc.pid, signal.SIGKILL)
-            proc.wait(timeout=10)
 
 
 def _wait_http(url: str, proc: subprocess.Popen, log: Path, timeout_s: float = 120) -> None:
@@ -114,12 +76,12 @@ def test_webserver_and_daemon_run_dataset_job_from_graphql(platform_env, tmp_pat
     port = _free_port()
     target = ["-m", "particleseg_assets.definitions"]
     web_log, daemon_log = tmp_path / "webserver.log", tmp_path / "daemon.log"
-    web = _start(
+    web = start_process(
         [str(BIN / "dagster-webserver"), *target, "-h", "127.0.0.1", "-p", str(port)],
         platform_env,
         web_log,
     )
-    daemon = _start([str(BIN / "dagster-daemon"), "run", *target], platform_env, daemon_log)
+    daemon = start_process([str(BIN / "dagster-daemon"), "run", *target], platform_env, daemon_log)
     try:
         _wait_http(f"http://127.0.0.1:{port}/server_info", web, web_log)
         client = DagsterGraphQLClient("127.0.0.1", port_number=port)
@@ -174,8 +136,8 @@ def test_webserver_and_daemon_run_dataset_job_from_graphql(platform_env, tmp_pat
         }
         assert found == {"masks_not_empty": "SUCCEEDED", "zarr_parquet_rows_agree": "SUCCEEDED"}
     finally:
-        _stop(daemon)
-        _stop(web)
+        stop_process(daemon)
+        stop_process(web)
     instance = DagsterInstance.get()
     assert instance.get_materialized_partitions(AssetKey("particle_masks")) == {"30001"}
     corpus = open_corpus(Path(platform_env["PARTICLESEG_DATA"]) / "corpus", "30001")

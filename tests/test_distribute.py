@@ -11,7 +11,7 @@ import sys
 from pathlib import Path
 
 import pytest
-from test_model import write_partition
+from helpers import write_partition
 
 from particleseg_model.model.train import TrainConfig, train_segmentation
 

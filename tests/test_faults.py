@@ -31,8 +31,7 @@ from dagster import (
     SensorResult,
     SkipReason,
 )
-from test_assets import run_catalog, sensor_tick
-from test_dagster_e2e import N_PARTICLES, REPO, particle_archive  # noqa: F401 - fixture
+from helpers import N_PARTICLES, REPO, run_catalog, sensor_tick
 
 from particleseg_assets.assets.corpus import read_manifest
 from particleseg_assets.sensors import empiar_updates_sensor
@@ -58,7 +57,7 @@ class Platform:
 
 @pytest.fixture(scope="module")
 def platform(
-    particle_archive: Path,  # noqa: F811
+    particle_archive: Path,
     tmp_path_factory: pytest.TempPathFactory,
 ) -> Iterator[Platform]:
     """One deployment for the kill tests: a DAGSTER_HOME, a storage root, the loopback

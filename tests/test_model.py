@@ -8,6 +8,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from helpers import BOX, TINY, disc_particles, write_partition, write_star_project
 
 from particleseg_model.corpus.store import CorpusWriter, open_corpus
 from particleseg_model.model.predict import predict_labels
@@ -26,41 +27,6 @@ from particleseg_model.model.train import (
     train_segmentation,
     training_curve_png,
 )
-
-BOX = 32
-TINY = dict(
-    size=32,
-    base_filters=12,
-    batch_size=16,
-    epochs=15,
-    patience=4,
-    optimizer="adam",
-    learning_rate=3e-3,
-)
-
-
-def disc_particles(n: int, box: int = BOX, seed: int = 0) -> tuple[np.ndarray, np.ndarray]:
-    """Bright discs of random radius and centre in noise; labels: disc signal, a 2 px ring
-    outside it edge, the rest background."""
-    rng = np.random.default_rng(seed)
-    yy, xx = np.mgrid[:box, :box]
-    images = np.empty((n, box, box), np.float32)
-    labels = np.zeros((n, box, box), np.uint8)
-    for i in range(n):
-        cy, cx = box / 2 + rng.uniform(-3, 3, 2)
-        radius = rng.uniform(5, 9)
-        distance = np.hypot(yy - cy, xx - cx)
-        labels[i][distance <= radius + 2] = 2
-        labels[i][distance <= radius] = 1
-        image = (distance <= radius) * 2.0 + rng.normal(0, 0.5, (box, box))
-        images[i] = (image - image.mean()) / image.std()
-    return images, labels
-
-
-def write_partition(root: Path, key: str, n: int, seed: int) -> None:
-    images, labels = disc_particles(n, seed=seed)
-    with CorpusWriter(root, key, BOX, attrs={"pixel_size_a": 2.0}) as writer:
-        writer.append(images, labels, {"image_name": [f"{i + 1}@{key}.mrcs" for i in range(n)]})
 
 
 @pytest.fixture(scope="module")
@@ -242,35 +208,6 @@ def registry(trained, tmp_path_factory: pytest.TempPathFactory) -> Path:
     (staged / "model.keras").write_bytes(trained.model_path.read_bytes())
     register_model(root, staged, {"input_size": 32, "arch": "custom", "partitions": {}})
     return root
-
-
-def write_star_project(folder: Path, n: int, box: int = BOX, seed: int = 4) -> Path:
-    import mrcfile
-    import pandas as pd
-
-    from particleseg_model.em.star import write_loop_blocks
-
-    images, _ = disc_particles(n, box=box, seed=seed)
-    (folder / "Particles").mkdir(parents=True)
-    with mrcfile.new(folder / "Particles" / "stack.mrcs") as mrc:
-        mrc.set_data(images)
-        mrc.voxel_size = 2.0
-    optics = pd.DataFrame(
-        {
-            "rlnOpticsGroup": [1],
-            "rlnImagePixelSize": [2.0],
-            "rlnImageSize": [box],
-            "rlnImageDimensionality": [2],
-        }
-    )
-    particles = pd.DataFrame(
-        {
-            "rlnImageName": [f"{i:06d}@Particles/stack.mrcs" for i in range(1, n + 1)],
-            "rlnOpticsGroup": [1] * n,
-        }
-    )
-    write_loop_blocks(folder / "particles.star", {"optics": optics, "particles": particles})
-    return folder / "particles.star"
 
 
 def test_segment_command_writes_labels_in_star_order(

@@ -37,7 +37,7 @@ SMALL = {
 
 @pytest.fixture
 def storage(tmp_path: Path) -> StorageResource:
-    from test_model import write_partition
+    from helpers import write_partition
 
     root = tmp_path / "data"
     write_partition(root / "corpus", "40001", 320, seed=1)
@@ -62,7 +62,7 @@ def _metadata(result, name: str) -> dict:
 
 
 def test_model_versions_incremental_reports_and_failures(dagster_home, storage, tmp_path):
-    from test_model import write_partition
+    from helpers import write_partition
 
     instance = DagsterInstance.get()
     first = _train(instance, storage, holdout=["40003"])
@@ -141,7 +141,7 @@ def test_report_sensor_requests_one_report_per_partition_and_version(dagster_hom
 def test_training_refuses_an_empty_corpus_and_a_partition_without_test_particles(
     dagster_home, tmp_path
 ):
-    from test_model import BOX, disc_particles
+    from helpers import BOX, disc_particles
 
     from particleseg_model.corpus.store import CorpusWriter, assign_split
 

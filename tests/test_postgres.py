@@ -9,7 +9,6 @@ import json
 import os
 import signal
 import subprocess
-import sys
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -17,14 +16,12 @@ from pathlib import Path
 import pytest
 import yaml
 from dagster import AssetKey, DagsterEventType, DagsterInstance, DagsterRunStatus, RunsFilter
-from test_dagster_e2e import _start, _stop
+from helpers import BIN, REPO, start_process, stop_process
 
 from particleseg_model.access.server import serve
 from particleseg_model.corpus.store import open_corpus
 from particleseg_model.simulation.demo_archive import write_demo_archive
 
-REPO = Path(__file__).resolve().parents[1]
-BIN = Path(sys.executable).parent
 TARGET = ["-m", "particleseg_assets.definitions"]
 PARTITIONS = ["30001", "30002", "30003"]
 N_PARTICLES = 48
@@ -160,7 +157,7 @@ def test_parallel_partitions_queue_and_relion_pool(
         assert len(queued) == 3, "launched runs wait in the queue until the daemon takes them"
 
     log = tmp_path / "daemon.log"
-    daemon = _start([str(BIN / "dagster-daemon"), "run", *TARGET], pg_platform, log)
+    daemon = start_process([str(BIN / "dagster-daemon"), "run", *TARGET], pg_platform, log)
     try:
         deadline = time.monotonic() + 420
         with DagsterInstance.get() as instance:
@@ -179,7 +176,7 @@ def test_parallel_partitions_queue_and_relion_pool(
                     break
                 time.sleep(1)
     finally:
-        _stop(daemon)
+        stop_process(daemon)
 
     with DagsterInstance.get() as instance:
         records = instance.get_run_records()
@@ -247,7 +244,7 @@ def test_a_killed_run_frees_its_pool_slot_once_cancelled(
         instance.report_run_canceled(killed, message="run worker killed")
 
     log = tmp_path / "daemon.log"
-    daemon = _start([str(BIN / "dagster-daemon"), "run", *TARGET], pg_platform, log)
+    daemon = start_process([str(BIN / "dagster-daemon"), "run", *TARGET], pg_platform, log)
     try:
         deadline = time.monotonic() + 90
         with DagsterInstance.get() as instance:
@@ -258,7 +255,7 @@ def test_a_killed_run_frees_its_pool_slot_once_cancelled(
                 )
                 time.sleep(0.5)
     finally:
-        _stop(daemon)
+        stop_process(daemon)
     _dagster(_dataset_job("execute", "30002", pg_platform), env=pg_platform)
     with DagsterInstance.get() as instance:
         assert instance.get_materialized_partitions(AssetKey("particle_masks")) == {"30002"}

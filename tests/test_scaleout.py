@@ -29,7 +29,7 @@ from dagster._config import process_config
 from dagster._core.execution.api import create_execution_plan
 from dagster._core.instance.config import dagster_instance_config
 from dagster._core.storage.dagster_run import DagsterRun
-from test_assets import N_ELIGIBLE
+from helpers import N_ELIGIBLE
 
 from particleseg_assets.executors import EXECUTOR_ENV, executor_for
 

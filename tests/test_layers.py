@@ -1,0 +1,49 @@
+"""The architecture as tests: the import contracts of pyproject's ``[tool.importlinter]`` hold
+(function-level imports count), and loading the Dagster definitions stays light."""
+
+from __future__ import annotations
+
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def test_import_contracts_hold() -> None:
+    """``lint-imports``: particleseg_model never imports Dagster or the assets, and its layers
+    (cli down to atomic) import only downwards."""
+    lint_imports = Path(sys.executable).parent / "lint-imports"
+    if not lint_imports.is_file():
+        found = shutil.which("lint-imports")
+        if found is None:
+            pytest.skip("import-linter is not installed (pip install -e '.[dev]')")
+        lint_imports = Path(found)
+    done = subprocess.run(
+        [str(lint_imports), "--no-cache"],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert done.returncode == 0, done.stdout[-4000:] + done.stderr[-2000:]
+    assert "0 broken" in done.stdout
+
+
+def test_definitions_do_not_import_tensorflow_or_keras() -> None:
+    """The code location loads without TensorFlow: the webserver, the daemon and every run
+    worker import the definitions, and TensorFlow's import alone takes seconds."""
+    probe = (
+        "import sys\n"
+        "import particleseg_assets.definitions\n"
+        "heavy = sorted(m for m in sys.modules if m.split('.')[0] in ('tensorflow', 'keras'))\n"
+        "print(' '.join(heavy[:20]))\n"
+    )
+    done = subprocess.run(
+        [sys.executable, "-c", probe], cwd=REPO, capture_output=True, text=True, timeout=240
+    )
+    assert done.returncode == 0, done.stderr[-4000:]
+    assert done.stdout.strip() == "", f"imported: {done.stdout.strip()}"
