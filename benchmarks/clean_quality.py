@@ -114,28 +114,13 @@ def template_fom(
 
 def registry_for(keras_file: Path, work: Path, corpus: Path | None) -> Path:
     """A temporary registry holding ``keras_file`` as v0001, calibrated on the validation
-    split of the corpus it was trained on (as the segmentation_model asset does)."""
-    import keras
+    split of the corpus it was trained on (``register_keras``: as ``train_and_register``)."""
+    from particleseg_model.model.versions import register_keras
 
-    from particleseg_model.corpus.store import list_corpus
-    from particleseg_model.model.calibration import mask_calibration
-    from particleseg_model.model.registry import register_model, staging_dir
-
-    model = keras.models.load_model(keras_file, compile=False)
-    manifest = {
-        "input_size": int(model.input_shape[1]),
-        "arch": "custom",
-        "partitions": {},
-        "source": str(keras_file),
-    }
-    if corpus is not None:
-        manifest["calibration"] = mask_calibration(model, corpus, list_corpus(corpus))
     root = work / "models"
     if root.exists():
         shutil.rmtree(root)
-    staged = staging_dir(root)
-    shutil.copy(keras_file, staged / "model.keras")
-    register_model(root, staged, manifest)
+    register_keras(root, keras_file, corpus_root=corpus)
     return root
 
 

@@ -1,23 +1,21 @@
-"""The segmentation model (trained on every ``particle_masks`` partition, versioned in the
-registry under ``$PARTICLESEG_DATA/models``) and its per-dataset IoU reports."""
+"""The segmentation model (trained on every ``particle_masks`` partition, versioned under
+``$PARTICLESEG_DATA/models``; see particleseg_model.model.versions) and its IoU reports."""
 
-import json
-import shutil
-import time
-from pathlib import Path
 from typing import Any
 
-from dagster import (
-    AssetExecutionContext,
-    Config,
-    MaterializeResult,
-    MetadataValue,
-    asset,
-)
+from dagster import AssetExecutionContext, Config, MaterializeResult, MetadataValue, asset
 
-from particleseg_assets.assets.corpus import particle_masks, write_manifest
+from particleseg_assets.assets.corpus import particle_masks
 from particleseg_assets.partitions import empiar_partitions
 from particleseg_assets.resources import StorageResource
+from particleseg_model.figures import markdown_image
+from particleseg_model.model.registry import latest_model
+from particleseg_model.model.versions import (
+    evaluate_report,
+    markdown_table,
+    train_and_register,
+    train_config,
+)
 
 
 class ModelConfig(Config):
@@ -51,54 +49,12 @@ class ModelConfig(Config):
 
 
 def _train_config(config: ModelConfig):
-    """The library's TrainConfig from the launchpad fields of the same names (the rest keep
-    the library's defaults); an empty ``weights`` means none."""
-    from dataclasses import fields
-
-    from particleseg_model.model.train import TrainConfig
-
-    shared = {
-        f.name: getattr(config, f.name)
-        for f in fields(TrainConfig)
-        if f.name in type(config).model_fields
-    }
-    return TrainConfig(**{**shared, "weights": config.weights or None})
+    """The library's TrainConfig from the launchpad fields of the same names."""
+    return train_config(config.model_dump())
 
 
-def _score_row(evaluation, seen: bool, before: float | None = None) -> dict[str, Any]:
-    scores = evaluation.scores
-    row = {
-        "empiar_id": evaluation.empiar_id,
-        "seen_in_training": seen,
-        "test_particles": evaluation.particles,
-        "mean_iou": round(100 * scores["mean_iou"], 2),
-        "iou_background": round(100 * scores["iou_background"], 2),
-        "iou_signal": round(100 * scores["iou_signal"], 2),
-        "iou_edge": round(100 * scores["iou_edge"], 2),
-        "pixel_accuracy": round(100 * scores["pixel_accuracy"], 2),
-    }
-    if evaluation.scores_good is not None:
-        row["good_test_particles"] = evaluation.good_particles
-        row["mean_iou_good"] = round(100 * evaluation.scores_good["mean_iou"], 2)
-    if before is not None:
-        row["mean_iou_parent"] = round(100 * before, 2)
-    return row
-
-
-def _markdown_table(rows: list[dict[str, Any]]) -> str:
-    if not rows:
-        return "(no partitions)"
-    columns = list(rows[0])
-    for row in rows[1:]:
-        columns += [c for c in row if c not in columns]
-    lines = ["| " + " | ".join(columns) + " |", "|" + "---|" * len(columns)]
-    lines += ["| " + " | ".join(str(r.get(c, "")) for c in columns) + " |" for r in rows]
-    return "\n".join(lines)
-
-
-# The training step's pod under the k8s_job_executor: one GPU (a run config's
-# per_step_k8s_config can raise the count for a MirroredStrategy run), and the toleration of the
-# taint GPU node pools usually carry. Other executors ignore the tag.
+# The training pod under the k8s_job_executor: one GPU (a run's per_step_k8s_config can raise it
+# for MirroredStrategy) and the toleration GPU node pools' taint needs. Other executors ignore it.
 TRAIN_K8S_CONFIG: dict[str, Any] = {
     "container_config": {"resources": {"limits": {"nvidia.com/gpu": 1}}},
     "pod_spec_config": {
@@ -122,173 +78,28 @@ def segmentation_model(
     Partitions added since the latest version are learnt incrementally (from the latest, with
     replay of the old partitions); the report says how the IoU on the old ones moved. A failed
     training never replaces the latest registered model."""
-    from particleseg_model.corpus.store import list_corpus
-    from particleseg_model.figures import segmentation_overlay, write_png
-    from particleseg_model.model.calibration import mask_calibration
-    from particleseg_model.model.registry import (
-        latest_model,
-        load_model,
-        register_model,
-        staging_dir,
+    done = train_and_register(
+        storage.corpus_root(),  # local paths or URLs (object storage)
+        storage.models_root(),
+        _train_config(config),
+        partitions=config.partitions,
+        holdout=config.holdout,
+        mode=config.mode,
+        settings=config.model_dump(),
+        run_id=context.run.run_id,
+        log=context.log.info,
     )
-    from particleseg_model.model.train import (
-        evaluate_partition,
-        train_segmentation,
-        training_curve_png,
-    )
-
-    # local paths or URLs (object storage); the staging folder is local either way
-    corpus_root, models_root = storage.corpus_root(), storage.models_root()
-    available = list_corpus(corpus_root)
-    holdout = [h for h in config.holdout if h in available]
-    ids = [p for p in (config.partitions or available) if p not in set(config.holdout)]
-    missing = [p for p in ids if p not in available]
-    if missing:
-        raise ValueError(
-            f"partitions {missing} have no corpus under {corpus_root}: "
-            "materialize particle_masks for them first"
-        )
-    if not ids:
-        raise ValueError(
-            f"no corpus partitions to train on under {corpus_root} "
-            f"(available: {available}, held out: {config.holdout})"
-        )
-    from particleseg_model.corpus.store import open_corpus
-
-    no_test = [
-        k for k in ids + holdout if not len(open_corpus(corpus_root, k).split_indices("test"))
-    ]
-    if no_test:
-        raise ValueError(
-            f"partitions {no_test} have no test particles: no IoU can be "
-            "reported for them (add particles or hold the partition out)"
-        )
-    train_config = _train_config(config)
-    latest = latest_model(models_root)
-    compatible = (
-        latest is not None
-        and latest.manifest.get("arch") == config.arch
-        and latest.input_size == config.size
-    )
-    new_ids = [i for i in ids if latest is None or i not in latest.partitions]
-    if config.mode not in ("auto", "incremental", "full"):
-        raise ValueError(f"mode must be auto, incremental or full, got {config.mode!r}")
-    incremental = config.mode == "incremental" or (
-        config.mode == "auto" and compatible and bool(new_ids) and len(new_ids) < len(ids)
-    )
-    if incremental and (latest is None or not compatible or not new_ids):
-        raise ValueError(
-            "incremental training needs a latest model of the same architecture "
-            "and size and at least one new partition "
-            f"(latest: {latest.version if latest else 'none'}, new: {new_ids})"
-        )
-    if config.mode == "auto" and latest is not None and compatible and not new_ids:
-        context.log.info(
-            f"no partition added since {latest.version}: retraining from scratch "
-            "on the current corpus (mode 'full' does the same)"
-        )
-    staged = staging_dir(models_root)
-    try:
-        result = train_segmentation(
-            corpus_root,
-            ids,
-            train_config,
-            staged,
-            parent=latest.model_path if incremental else None,
-            new_ids=new_ids if incremental else None,
-            log=context.log.info,
-        )
-        curve = training_curve_png(
-            result.history,
-            staged / "training_curve.png",
-            f"{result.mode} training on {', '.join(ids)}",
-        )
-        model = _load_keras(result.model_path)
-        parent_model = load_model(latest) if incremental else None
-        rows, overlays = [], None
-        for key in ids + holdout:
-            evaluation = evaluate_partition(model, corpus_root, key)
-            before = None
-            if parent_model is not None and key in latest.partitions:
-                before = evaluate_partition(parent_model, corpus_root, key, examples=0).mean_iou
-            rows.append(_score_row(evaluation, key in ids, before))
-            if overlays is None and evaluation.examples is not None:
-                overlays = write_png(
-                    staged / "test_overlay.png", segmentation_overlay(*evaluation.examples)
-                )
-            context.log.info(
-                f"EMPIAR-{key}: mean IoU {rows[-1]['mean_iou']} on "
-                f"{evaluation.particles} test particles" + (" (unseen)" if key not in ids else "")
-            )
-        seen = [r["mean_iou"] for r in rows if r["seen_in_training"]]
-        unseen = [r["mean_iou"] for r in rows if not r["seen_in_training"]]
-        metrics = {
-            "mean_iou_seen": round(sum(seen) / len(seen), 2) if seen else None,
-            "mean_iou_unseen": round(sum(unseen) / len(unseen), 2) if unseen else None,
-            "per_partition": rows,
-        }
-        calibration = mask_calibration(model, corpus_root, ids)
-        partitions = dict(latest.partitions) if incremental and latest else {}
-        partitions.update(result.train_particles)
-        manifest = {
-            "arch": config.arch,
-            "input_size": config.size,
-            "channels": 1,
-            "parent": latest.version if incremental and latest else None,
-            "mode": result.mode,
-            "partitions": partitions,
-            "new_partitions": result.new_partitions,
-            "holdout": holdout,
-            "config": config.model_dump(),
-            "epochs_run": result.epochs_run,
-            "best_epoch": result.best_epoch,
-            "seconds": round(result.seconds, 1),
-            "train_images_per_s": round(result.images_per_s, 1),
-            "distribute": result.strategy,
-            "replicas": result.replicas,
-            "history": result.history,
-            "metrics": metrics,
-            "calibration": calibration,
-            "dagster_run_id": context.run.run_id,
-        }
-        version = register_model(models_root, staged, manifest)
-    except BaseException:
-        shutil.rmtree(staged, ignore_errors=True)
-        raise
-    from particleseg_model.figures import markdown_image
-
-    context.log.info(f"registered {version.version} ({result.mode}) in {version.address}")
     metadata: dict[str, Any] = {
-        "version": version.version,
-        "parent": manifest["parent"] or "none",
-        "mode": result.mode,
-        "partitions": ", ".join(ids),
-        "new_partitions": ", ".join(result.new_partitions) or "all",
-        "held_out": ", ".join(holdout) or "none",
-        "epochs_run": result.epochs_run,
-        "best_epoch": result.best_epoch,
-        "train_seconds": round(result.seconds, 1),
-        "train_images_per_s": round(result.images_per_s, 1),
-        "replicas": result.replicas,
-        "mean_iou_seen": metrics["mean_iou_seen"] or 0.0,
-        "mean_iou_unseen": metrics["mean_iou_unseen"] or 0.0,
-        "iou_table": MetadataValue.md(_markdown_table(rows)),
-        "model": MetadataValue.path(version.model_location),
-        "training_curve": MetadataValue.md(
-            markdown_image(version.fetch() / curve.name, "training curve")
-        ),
+        **done.summary(),
+        "iou_table": MetadataValue.md(markdown_table(done.rows)),
+        "model": MetadataValue.path(done.version.model_location),
+        "training_curve": MetadataValue.md(markdown_image(done.curve_png, "training curve")),
     }
-    if overlays is not None:
+    if done.overlay_png is not None:
         metadata["test_overlay"] = MetadataValue.md(
-            markdown_image(version.fetch() / overlays.name, "particle / true mask / predicted mask")
+            markdown_image(done.overlay_png, "particle / true mask / predicted mask")
         )
     return MaterializeResult(metadata=metadata)
-
-
-def _load_keras(path: Path):
-    import keras
-
-    return keras.models.load_model(path, compile=False)
 
 
 @asset(
@@ -302,54 +113,18 @@ def iou_reports(context: AssetExecutionContext, storage: StorageResource) -> Mat
     matrix over every pixel, IoU per class, mean of the three), per-class IoU, pixel accuracy,
     whether the model saw the dataset in training, and particles beside their true and
     predicted masks."""
-    from particleseg_model.figures import markdown_image, segmentation_overlay, write_png
-    from particleseg_model.model.registry import latest_model, load_model
-    from particleseg_model.model.train import evaluate_partition
-
-    key = context.partition_key
-    version = latest_model(storage.models_root())
-    if version is None:
+    key, models_root = context.partition_key, storage.models_root()
+    if (version := latest_model(models_root)) is None:
         raise FileNotFoundError(
-            f"no model registered under {storage.models_root()}: "
-            "materialize segmentation_model first"
+            f"no model registered under {models_root}: materialize segmentation_model first"
         )
-    started = time.perf_counter()
-    evaluation = evaluate_partition(load_model(version), storage.corpus_root(), key)
-    row = _score_row(evaluation, key in version.partitions)
-    out = storage.path("iou_reports", key)
-    overlay = write_png(out / "overlay.png", segmentation_overlay(*evaluation.examples))
-    report = {
-        **row,
-        "model_version": version.version,
-        "split": "test",
-        "scores": evaluation.scores,
-        "scores_good": evaluation.scores_good,
-        "seconds": round(time.perf_counter() - started, 2),
-    }
-    tmp = out / ".report.json.tmp"
-    tmp.write_text(json.dumps(report, indent=2))
-    tmp.replace(out / "report.json")
-    write_manifest(
-        out,
-        {
-            "report": str(out / "report.json"),
-            "overlay": str(overlay),
-            "model_version": version.version,
-        },
-    )
+    done = evaluate_report(version, storage.corpus_root(), key, storage.path("iou_reports", key))
     return MaterializeResult(
         metadata={
-            "model_version": version.version,
-            "seen_in_training": row["seen_in_training"],
-            "test_particles": evaluation.particles,
-            "mean_iou": row["mean_iou"],
-            "iou_background": row["iou_background"],
-            "iou_signal": row["iou_signal"],
-            "iou_edge": row["iou_edge"],
-            "pixel_accuracy": row["pixel_accuracy"],
-            **({"mean_iou_good": row["mean_iou_good"]} if "mean_iou_good" in row else {}),
-            "particles_per_s": round(evaluation.particles / max(evaluation.seconds, 1e-9), 1),
-            "report": MetadataValue.path(str(out / "report.json")),
-            "overlay": MetadataValue.md(markdown_image(overlay, "particle / true / predicted")),
+            **done.summary(),
+            "report": MetadataValue.path(str(done.report_path)),
+            "overlay": MetadataValue.md(
+                markdown_image(done.overlay_path, "particle / true / predicted")
+            ),
         }
     )
