@@ -13,7 +13,10 @@ Builds (or opens, ``--root``/``--id``) a corpus of simulated box-``--box`` parti
 - the ratio loader / training (the loader must be at least 3x faster).
 
     .venv/bin/python benchmarks/loader_speed.py [--box 128] [--n 2000] [--size 256]
-        [--batch 8] [--steps 8] [--base 32] [--root DIR --id ID]
+        [--batch 8] [--steps 8] [--base 32] [--root DIR --id ID] [--json PATH]
+
+The figures also go to ``--json`` (default ``docs/results/loader_speed.json``), beside the
+table they feed in ``docs/loader.md``.
 """
 
 from __future__ import annotations
@@ -37,11 +40,14 @@ from corpus_build import (  # noqa: E402 - the benchmark next door
     mask_labels,
     simulated_input,
 )
+from results import REPO, RESULTS_DIR, write_results  # noqa: E402
 
 from particleseg_model.corpus.store import CorpusWriter, open_corpus  # noqa: E402
 from particleseg_model.em.maps import make_mask  # noqa: E402
 from particleseg_model.model.loader import CorpusBatches, corpus_pydataset  # noqa: E402
 from particleseg_model.simulation.simulate import FourierProjector  # noqa: E402
+
+RESULTS = RESULTS_DIR / "loader_speed.json"
 
 
 def build_corpus(root: Path, key: str, n: int, box: int) -> None:
@@ -134,6 +140,12 @@ def main() -> int:
     parser.add_argument("--base", type=int, default=32, help="U-Net filters at level 1")
     parser.add_argument("--root", type=Path, default=None)
     parser.add_argument("--id", default="sim-loader")
+    parser.add_argument(
+        "--json",
+        type=Path,
+        default=RESULTS,
+        help=f"write the figures here as JSON (default {RESULTS.relative_to(REPO)})",
+    )
     args = parser.parse_args()
     os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
     print(f"start: {load()}")
@@ -199,6 +211,20 @@ def main() -> int:
         f"{loader_rate / train_rate:.0f}x (PyDataset workers=1; must be >= 3x)"
     )
     print(f"end: {load()}")
+    figures = {
+        "train_particles": batches.n_samples,
+        "box": ds.box,
+        "image_dtype": str(ds.images.dtype),
+        "loader_samples_per_s": results,
+        "train_on_batch_samples_per_s": train_rate,
+        "fit_samples_per_s": args.steps * args.batch / fit_s,
+        "parameters": model.count_params(),
+        "keras": keras.__version__,
+        "backend": keras.backend.backend(),
+        "load_after": load(),
+    }
+    write_results(args.json, "loader_speed", vars(args), figures)
+    print(f"results: {args.json}")
     if args.root is None:
         shutil.rmtree(root)
     return 0 if loader_rate >= 3 * train_rate else 1

@@ -49,32 +49,9 @@ so the smallest band of :data:`BAND_CANDIDATES` whose low-passed axis views give
 labels (threshold, edge band) on all but ``tolerance`` (0.2%) of their labelled pixels is used;
 a sharper mask gets a larger band (a binary mask at box 64 gets the full band).
 
-Measured on the EMD-1832 mask at box 256 (1.37 A/px, soft edge 6 px; projection values up to 73)
-against ``relion_project --ang`` at the same 1,000 random poses with origins (CPU time of one
-worker thread, on a shared 2-core machine at load 5.8; correlation over the first 200)::
-
-    band  CPU ms/projection  set-up  correlation  max |diff|  labels identical  worst particle
-      16        0.27          0.13 s    0.99673      18.1         99.285 %         98.978 %
-      24        0.30          0.15 s    0.99922       9.9         99.691 %         99.522 %
-      32        0.34          0.17 s    0.99981       5.3         99.853 %         99.728 %
-      40        0.42          0.21 s    0.99995       3.5         99.925 %         99.847 %
-      48        0.64          0.25 s    0.99998       2.5         99.959 %         99.879 %
-      64        1.09          0.31 s    0.99999       1.3         99.976 %         99.927 %
-      96        1.46          1.29 s    1.00000       0.6         99.989 %         99.957 %
-     128        3.88          4.04 s    1.00000       0.0004     100.000 %         99.997 %  (full)
-
-(the full band reproduces RELION to float32 rounding; its few differing pixels sit exactly at
-the threshold). ``auto`` picks 48 there, and 48 for generated ring and elongated masks at box 256
-(99.97% and 99.98% of label pixels identical to RELION's); at box 64 it picks 24 of 32. The
-gridding pre-correction is kept: without it the labels differ from RELION's on 0.14% of pixels
-even at full band (0.16% at band 48), and it costs 0.05 s of set-up.
-``benchmarks/projection_speed.py`` (10,000 random poses with origins, box 256, this mask, two
-threads on 2 cores at load ~1.8): ours 3,790 projections/s set-up included (4,730/s after a
-0.5 s set-up; 3,230/s with the labels) against 248/s for one ``relion_project --ang`` process
-(15x) and 0.19/s for one process per particle; labels 99.96% identical to RELION's (worst
-particle 99.88%); peak RSS 416 MiB against RELION's 2.2 GB. At full band (``band=None``) the
-same code is only 1.1x RELION (237/s vs 209/s for 3,000 at load 4.4): the reduced band is the
-speed-up, and two threads scale (CPU/wall 1.93 on an idle machine).
+Measured (band against accuracy and cost on the EMD-1832 mask, throughput against
+``relion_project`` by ``benchmarks/projection_speed.py``): ``docs/projection.md``; ``auto``
+picks band 48 of 128 at box 256, 15x RELION's throughput, 99.96% of label pixels identical.
 """
 
 from __future__ import annotations

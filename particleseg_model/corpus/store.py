@@ -55,12 +55,9 @@ Appending (copy-on-write by hard links, measured)
     a new file and renames it over the old name, so a rewritten chunk gets a new inode; for
     other versions the files an append rewrites (the ``zarr.json`` metadata and the last,
     partial, chunk of each array) are un-shared (copied) before writing anyway, and the table
-    is written to a new file. Hard links fall back to copies across devices. Measured with
-    ``benchmarks/corpus_build.py`` (20,000 particles at box 128: 0.64 GB, 334 files; 2 cores
-    at load average 5): appending 1,000 particles took 0.53 s in all; making the temporary
-    version took 0.004 s by hard links against 0.24 s for a full copy with the page cache warm
-    -- a copy grows with the partition (and is disk-bound when cold), links with its file
-    count only. The chosen way: hard links.
+    is written to a new file. Hard links fall back to copies across devices. Measured (an
+    append of 1,000 to 20,000 particles: links 0.004 s, a copy 0.24 s):
+    ``docs/corpus_storage.md``. The chosen way: hard links.
 
 Remote roots (fsspec URLs, e.g. ``s3://bucket/corpus``, ``memory://corpus``)
     Object stores have no rename (``mv`` is a copy and a delete, object by object), but a
@@ -87,28 +84,13 @@ Splits
     on nothing else, so appending particles or adding datasets never moves an old particle.
     IDs like ``EMPIAR-10028`` are normalised to ``10028`` first.
 
-Stored dtype and box (measured; ``benchmarks/corpus_build.py``, ``loader_speed.py``)
-    Noisy particle images hardly compress: simulated particles (SNR 0.1, CTF, ice texture, 30%
-    junk; box 128) take 60.6 KB/particle as float32 + zstd (0.92 of raw; blosc with shuffle or
-    bitshuffle 0.89-0.93, lz4 0.93) and 30.1 KB/particle as float16 + zstd (0.92 of raw): the
-    noise is incompressible, so halving the bits halves the corpus (20,000 particles: 0.61 GB
-    instead of 1.2 GB). After the per-particle normalisation (mean 0, std 1 over the box)
-    float16 keeps 11 significant bits: the largest error over 1,000 particles was 0.0020 of
-    the particle's std (RMS 0.0002), 500x (RMS: 4,500x) below the particles' own noise (about
-    0.95 std at SNR 0.1); a z-scored box of S pixels cannot exceed S std, far inside float16's
-    range (the largest value seen was 6.5). Reading back is faster too: 27,700 against 15,000
-    particles/s decoded (images + labels, box 128). Images are therefore stored as float16
-    (``dtype="float32"`` keeps full precision; the loader hands float32 to the model either
-    way). This departs from DESIGN section 3 ("float32"), on these measurements. Labels are
-    uint8 and compress 56x (large flat regions): 293 bytes/particle at box 128; the table adds
-    about 90 bytes/particle.
-
-    The box is stored as extracted (the dataset's own box), not resized to the model size:
-    labels are made at the original box (DESIGN section 3) and stay exact, the corpus does not
-    depend on the model's input size, and a box-128 particle takes a quarter of the bytes it
-    would at 256 (30 KB against about 120 KB). Resizing on the fly costs nothing that shows:
-    the loader delivered 1,500-1,800 samples/s at 256x256 from box 128 (bilinear up-sampling
-    included) and 1,500 from box 256 (no resize), 500x or more the training step's rate.
+Stored dtype and box
+    Images are stored as float16 (``dtype="float32"`` keeps full precision; the loader hands
+    float32 to the model either way), labels as uint8, at the box as extracted (the
+    dataset's own box, not the model's size: labels stay exact and the corpus does not
+    depend on the model). This departs from DESIGN section 3 ("float32") on measurements
+    (float16 halves the corpus at an error 500x below the noise; resizing on the fly costs
+    nothing that shows): ``docs/corpus_storage.md``.
 """
 
 from __future__ import annotations

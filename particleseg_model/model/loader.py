@@ -31,22 +31,18 @@ Resizing (to the model size, default 256)
     shrinking (``image_resize``), labels nearest neighbour, so only the codes 0, 1, 2 occur.
     Datasets of different boxes mix freely in one batch. The image weights are applied as
     gathers and multiply-adds (2-3 taps a pixel) rather than ``resize_images``' matrix
-    products: the same numbers, no BLAS call, and so no OpenBLAS thread pool, which on 2
-    cores shared with training spun itself down to 40 samples/s (1,300 without it).
+    products: the same numbers, no BLAS call, and so no OpenBLAS thread pool (which spun
+    itself down on cores shared with training; ``docs/loader.md``).
 
 Augmentation (``flips``, ``rot90``)
     One of the 8 (flips and rot90), 4 (rot90) or 4 (flips) symmetries of the square per
     particle, the same for image and labels, drawn from ``(seed, epoch, batch index)``.
 
-Workers (measured by ``benchmarks/loader_speed.py``: 2 cores at load average 4-5)
-    One epoch of 1,577 train particles from a box-128 float16 corpus to 256x256, flips and
-    rot90 on, cold chunk cache: 1,520 samples/s read directly on one thread, 1,580 through
-    the ``PyDataset`` with ``workers=1``, 1,360-2,040 with 2 worker threads, 900-970 with 2
-    worker processes (a fork per epoch and a pickled copy of every batch). The seed-like
-    4-level U-Net (7.8 M parameters) trained at 2-3.5 samples/s on the same cores, so one
-    thread feeds it several hundred times over, and ``fit`` fed by the dataset kept the rate
-    of ``train_on_batch`` on batches in memory. Default: ``workers=1``, no multiprocessing;
-    raise ``workers`` for slow (remote) stores, where threads overlap the waiting.
+Workers
+    Default: ``workers=1``, no multiprocessing (one thread feeds the U-Net's training several
+    hundred times over; worker processes were slower); raise ``workers`` for slow (remote)
+    stores, where threads overlap the waiting. Measured by ``benchmarks/loader_speed.py``:
+    ``docs/loader.md``.
 """
 
 from __future__ import annotations
