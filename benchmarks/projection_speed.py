@@ -52,8 +52,8 @@ from particleseg_model.corpus.projection import (
     project_with_relion_per_particle,
     write_pose_star,
 )
+from particleseg_model.em.geometry import random_euler
 from particleseg_model.em.maps import generate_map, load_map, make_mask, prepare_map, write_mrc
-from particleseg_model.simulation.simulate import random_euler
 
 RESULTS = RESULTS_DIR / "projection_speed.json"
 DEFAULT_MAP = (

@@ -29,13 +29,13 @@ from pathlib import Path
 import mrcfile
 import numpy as np
 
+from particleseg_model.em.geometry import random_euler
 from particleseg_model.em.maps import generate_map, load_map, prepare_map
 from particleseg_model.simulation.demo_archive import write_star
 from particleseg_model.simulation.simulate import (
     FourierProjector,
     SimulationConfig,
     ctf_2d,
-    random_euler,
     simulate_particles,
 )
 

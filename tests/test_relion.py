@@ -17,6 +17,7 @@ import numpy as np
 import pandas as pd
 import pytest
 
+from particleseg_model.em.geometry import euler_matrices, random_euler
 from particleseg_model.em.maps import DensityMap, generate_map, load_map, lowpass, write_mrc
 from particleseg_model.em.mrc import open_stack, read_particles_table
 from particleseg_model.em.star import read_star
@@ -37,9 +38,7 @@ from particleseg_model.simulation.simulate import (
     FourierProjector,
     SimulationConfig,
     ctf_2d,
-    euler_matrices,
     normalise_images,
-    random_euler,
     simulate_particles,
 )
 

@@ -14,6 +14,7 @@ import pandas as pd
 import pytest
 import starfile
 
+from particleseg_model.em.geometry import euler_matrices, random_euler
 from particleseg_model.em.maps import DensityMap, generate_map, pad_or_crop, write_mrc
 from particleseg_model.simulation.demo_archive import write_star
 from particleseg_model.simulation.simulate import (
@@ -21,9 +22,7 @@ from particleseg_model.simulation.simulate import (
     FourierProjector,
     SimulationConfig,
     ctf_2d,
-    euler_matrices,
     normalise_images,
-    random_euler,
     simulate_micrographs,
     simulate_particles,
 )

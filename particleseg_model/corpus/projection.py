@@ -76,10 +76,10 @@ from scipy import fft as sfft
 
 from particleseg_model.atomic import atomic_write_text
 from particleseg_model.corpus.labels import labels_from_projection
+from particleseg_model.em.geometry import euler_matrices, relion_freq
 from particleseg_model.em.maps import write_mrc
 from particleseg_model.em.star import format_loop_blocks
 from particleseg_model.relion.runner import RelionError, run_relion
-from particleseg_model.simulation.simulate import euler_matrices
 
 __all__ = [
     "BAND_CANDIDATES",
@@ -294,12 +294,6 @@ def particle_poses(particles: pd.DataFrame, *, pixel_size_a: float | None = None
 # ------------------------------------------------------------------------------ projector
 
 
-def _signed_freq(n: int) -> np.ndarray:
-    """RELION's signed frequencies of a full FFT axis (index ``n // 2`` counts as positive)."""
-    index = np.arange(n)
-    return np.where(index <= n // 2, index, index - n)
-
-
 def _gridding_corrected(volume: np.ndarray, pad: int, slab: int = 16) -> np.ndarray:
     """RELION's gridding pre-correction: trilinear interpolation in Fourier space multiplies
     real space by ``sinc^2(r / (pad n))``; divide it out beforehand (float32, slab by slab)."""
@@ -355,7 +349,7 @@ def _lowpass_2d(images: np.ndarray, band: float) -> np.ndarray:
     """Keep the 2D frequencies ``|k| <= band`` (cycles per image) of ``(b, n, n)`` images."""
     n = images.shape[-1]
     spectrum = sfft.rfft2(images)
-    ky = _signed_freq(n)[:, None]
+    ky = relion_freq(n)[:, None]
     kx = np.arange(n // 2 + 1)[None, :]
     spectrum[..., ky**2 + kx**2 > band * band] = 0
     return sfft.irfft2(spectrum, s=(n, n)).astype(np.float32)
@@ -476,7 +470,7 @@ class MaskProjector:
         self._grid_bytes = grid.nbytes
         # the 2D half-plane frequencies kept: inside the circle of radius band
         N = self.box
-        ky = _signed_freq(N)
+        ky = relion_freq(N)
         kxs = np.arange(N // 2 + 1)
         rows, cols = np.nonzero(ky[:, None] ** 2 + kxs[None, :] ** 2 <= self.band**2)
         self._rows, self._cols = rows, cols

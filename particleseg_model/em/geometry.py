@@ -2,14 +2,25 @@
 
 Conventions: Euler angles are RELION's ZYZ ``(rot, tilt, psi)`` in degrees
 (``Euler_angles2matrix``); Fourier indices follow FFTW's half transform as RELION indexes
-them (index ``n // 2`` counts as positive); shifts are in pixels, an image moving by ``+d``.
+them (index ``n // 2`` counts as positive, :func:`relion_freq`), except
+:func:`half_transform_freqs`, which keeps numpy's ``fftfreq`` (index ``n // 2`` of an even
+axis negative) for the map filters and shifts that always used it; shifts are in pixels, an
+image moving by ``+d``.
 """
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+
 import numpy as np
 
-__all__ = ["centre_phase", "euler_matrices", "random_euler", "relion_freq"]
+__all__ = [
+    "centre_phase",
+    "euler_matrices",
+    "half_transform_freqs",
+    "random_euler",
+    "relion_freq",
+]
 
 
 def euler_matrices(rot: np.ndarray, tilt: np.ndarray, psi: np.ndarray) -> np.ndarray:
@@ -43,6 +54,32 @@ def relion_freq(n: int) -> np.ndarray:
     (index ``n // 2`` counts as positive)."""
     index = np.arange(n)
     return np.where(index <= n // 2, index, index - n).astype(np.float64)
+
+
+def half_transform_freqs(shape: Sequence[int]) -> tuple[np.ndarray, ...]:
+    """The frequencies of the real half transform (``rfftn``) of an array of ``shape``.
+
+    Parameters
+    ----------
+    shape
+        The real array's shape, e.g. ``(z, y, x)`` or ``(y, x)``.
+
+    Returns
+    -------
+    tuple of numpy.ndarray
+        One float64 array per axis, in cycles per pixel, shaped to broadcast against the
+        half transform (length 1 on every other axis): ``numpy.fft.fftfreq`` on every axis
+        but the last (index ``n // 2`` of an even axis is ``-0.5``), ``rfftfreq`` on the
+        last. Multiply by the axis length for Fourier indices.
+    """
+    ndim = len(shape)
+    freqs = []
+    for axis, n in enumerate(shape):
+        values = np.fft.rfftfreq(n) if axis == ndim - 1 else np.fft.fftfreq(n)
+        view = [1] * ndim
+        view[axis] = len(values)
+        freqs.append(values.reshape(view))
+    return tuple(freqs)
 
 
 def centre_phase(n: int, dx: np.ndarray, dy: np.ndarray) -> np.ndarray:

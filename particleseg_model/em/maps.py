@@ -27,6 +27,8 @@ import numpy as np
 from scipy import fft as sfft
 from scipy import ndimage
 
+from particleseg_model.em.geometry import half_transform_freqs
+
 __all__ = [
     "GENERATED_SHAPES",
     "DensityMap",
@@ -211,13 +213,8 @@ def fourier_shift(data: np.ndarray, shift_zyx: Sequence[float]) -> np.ndarray:
     spectrum = sfft.rfftn(data.astype(np.float32), workers=-1)
     n = data.shape
     # separable phase ramps, one axis at a time: no full-size phase array
-    for axis, (freq, shift) in enumerate(
-        zip((sfft.fftfreq(n[0]), sfft.fftfreq(n[1]), sfft.rfftfreq(n[2])), shift_zyx, strict=True)
-    ):
-        ramp = np.exp(-2j * np.pi * freq * shift).astype(np.complex64)
-        shape = [1, 1, 1]
-        shape[axis] = len(ramp)
-        spectrum *= ramp.reshape(shape)
+    for freq, shift in zip(half_transform_freqs(n), shift_zyx, strict=True):
+        spectrum *= np.exp(-2j * np.pi * freq * shift).astype(np.complex64)
     return sfft.irfftn(spectrum, s=n, workers=-1).astype(np.float32)
 
 
@@ -286,9 +283,7 @@ def lowpass(
     shells wide (RELION's ``lowPassFilterMap``)."""
     n = data.shape[0]
     spectrum = sfft.rfftn(data.astype(np.float64), workers=-1)
-    kz = sfft.fftfreq(n)[:, None, None] * n
-    ky = sfft.fftfreq(n)[None, :, None] * n
-    kx = sfft.rfftfreq(n)[None, None, :] * n
+    kz, ky, kx = (freq * n for freq in half_transform_freqs((n, n, n)))  # Fourier indices
     shell = np.sqrt(kz**2 + ky**2 + kx**2)
     cutoff = n * pixel_size_a / resolution_a
     low, high = cutoff - edge_shells / 2, cutoff + edge_shells / 2
@@ -531,9 +526,7 @@ def generate_map(
     grid = _splat(atoms / pixel + box // 2, box)
     # Gaussian atoms: blur the deposited point masses in Fourier space (exact, one FFT)
     spectrum = sfft.rfftn(grid, workers=-1)
-    kz = sfft.fftfreq(box)[:, None, None]
-    ky = sfft.fftfreq(box)[None, :, None]
-    kx = sfft.rfftfreq(box)[None, None, :]
+    kz, ky, kx = half_transform_freqs((box, box, box))
     sigma_px = sigma_a / pixel
     spectrum *= np.exp(-2 * np.pi**2 * sigma_px**2 * (kz**2 + ky**2 + kx**2))
     data = sfft.irfftn(spectrum, s=(box,) * 3, workers=-1).astype(np.float32)

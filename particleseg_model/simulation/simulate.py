@@ -41,7 +41,13 @@ import numpy as np
 import pandas as pd
 from scipy import fft as sfft
 
-from particleseg_model.em.geometry import centre_phase, euler_matrices, random_euler, relion_freq
+from particleseg_model.em.geometry import (
+    centre_phase,
+    euler_matrices,
+    half_transform_freqs,
+    random_euler,
+    relion_freq,
+)
 from particleseg_model.em.maps import DensityMap, map_threshold, particle_diameter_px
 
 __all__ = [
@@ -347,9 +353,8 @@ def _lowpass_noise(
     frequencies), which is much cheaper than filtering white noise of the full size.
     """
     ny, nx = shape[-2:]
-    fy = sfft.fftfreq(ny)
-    fx = sfft.rfftfreq(nx)
-    gain = np.exp(-2 * np.pi**2 * correlation_px**2 * (fx[None, :] ** 2 + fy[:, None] ** 2))
+    fy, fx = half_transform_freqs((ny, nx))
+    gain = np.exp(-2 * np.pi**2 * correlation_px**2 * (fx**2 + fy**2))
     rows = np.flatnonzero(gain.max(axis=1) > 1e-4)
     cols = np.flatnonzero(gain.max(axis=0) > 1e-4)
     lead = shape[:-2]
