@@ -237,6 +237,7 @@ def test_checks_fail_on_empty_masks_and_missing_poses(served, tmp_path: Path) ->
     assert checks["zarr_parquet_rows_agree"].passed is True
 
     from particleseg_assets.assets.corpus import _poses_check
+    from particleseg_model.corpus.build import poses_check
 
     table = pd.DataFrame(
         {
@@ -247,9 +248,11 @@ def test_checks_fail_on_empty_masks_and_missing_poses(served, tmp_path: Path) ->
             "origin_y_a": 0.0,
         }
     )
-    check = _poses_check(table, Path("run_data.star"))
+    check = _poses_check(poses_check(table), Path("run_data.star"))
     assert check.passed is False and check.metadata["first_rows"].value == "2-3"
-    no_origins = _poses_check(table.drop(columns=["origin_x_a"]), Path("run_data.star"))
+    no_origins = _poses_check(
+        poses_check(table.drop(columns=["origin_x_a"])), Path("run_data.star")
+    )
     assert no_origins.metadata["missing_columns"].value == "origin_x_a"
 
 

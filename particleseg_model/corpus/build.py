@@ -1,0 +1,1165 @@
+"""The corpus build of one EMPIAR entry (one partition), step by step, as plain Python calls.
+
+    particle stacks -> refined poses -> mask volume -> labelled partition (Zarr)
+
+Each step takes the manifests of the steps before it, an options dataclass (the Dagster
+launchpad config of the matching asset has exactly these fields and defaults), writes its output
+and its manifest (:mod:`particleseg_model.corpus.manifests`) into its own folder, and returns a
+result: the manifest plus the figures a caller may want to report (counts, seconds, the gallery
+PNG, the check values). Nothing here knows about Dagster; the assets of
+``particleseg_assets.assets.corpus`` read their config, call one of these functions and turn the
+result into asset metadata and check results::
+
+    from particleseg_model.corpus import build
+
+    entry = EmpiarClient(empiar_url(), emdb_url()).entry("10028")
+    stacks = build.fetch_stacks(entry, archive_url(), work / "downloads", work / "stacks")
+    refined = build.refine_poses(stacks.manifest, work / "refined")
+    mask = build.make_mask_volume(stacks.manifest, refined.manifest, work / "mask")
+    labels = build.label_partition(
+        stacks.manifest, refined.manifest, mask.manifest, work / "corpus", work / "labels"
+    )
+
+Conventions: pixel sizes and resolutions in Angstrom, boxes in pixels, STAR rows 1-based in
+messages. ``log`` callables receive one progress line at a time (no trailing newline).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import shutil
+import time
+import uuid
+from collections.abc import Callable, Iterable, Iterator
+from contextlib import AbstractContextManager
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Protocol
+
+import numpy as np
+import pandas as pd
+
+from particleseg_model.access.dataset import EntryFiles, fetch_entry_files
+from particleseg_model.access.empiar import EmdbClient, Entry, partition_key
+from particleseg_model.atomic import atomic_path
+from particleseg_model.corpus.labels import labels_from_projection
+from particleseg_model.corpus.manifests import (
+    LabelsManifest,
+    MaskManifest,
+    RefinedManifest,
+    StacksManifest,
+)
+from particleseg_model.corpus.projection import project_masks
+from particleseg_model.corpus.store import CorpusDataset, CorpusWriter, list_corpus, open_corpus
+from particleseg_model.em import maps
+from particleseg_model.em.mrc import MrcError, open_stack, read_particles_table
+from particleseg_model.em.star import has_poses, read_star, write_star
+from particleseg_model.figures import particles_with_masks, write_png
+from particleseg_model.relion import (
+    Refinement,
+    auto_refine,
+    extract_particles,
+    summarise_pose_errors,
+)
+from particleseg_model.relion import pose_errors as relion_pose_errors
+
+__all__ = [
+    "MAX_EMPTY_SHARE",
+    "POSE_COLUMNS",
+    "SIGNAL_FRACTION_RANGE",
+    "LabelOptions",
+    "LabelResult",
+    "LocalRelion",
+    "MaskOptions",
+    "MaskResult",
+    "MasksCheck",
+    "PosesCheck",
+    "RefineOptions",
+    "RefineResult",
+    "RelionHost",
+    "ResolutionCheck",
+    "RowsCheck",
+    "StacksOptions",
+    "StacksResult",
+    "best_map_resolution_a",
+    "check_rows",
+    "extracted_truth",
+    "fetch_stacks",
+    "label_partition",
+    "make_mask_volume",
+    "masks_check",
+    "poses_check",
+    "refine_poses",
+    "row_ranges",
+    "rows_check",
+]
+
+Log = Callable[[str], None]
+
+
+def _quiet(line: str) -> None:
+    """The default ``log``: progress lines go nowhere."""
+
+
+def _prefixed(log: Log, prefix: str) -> Log:
+    def write(line: str) -> None:
+        log(f"{prefix}: {line}")
+
+    return write
+
+
+class RelionHost(Protocol):
+    """Where and how RELION runs: MPI ranks and threads per rank for ``relion_refine_mpi``, and
+    a context entered around every RELION call (e.g. one that puts a RELION build first on
+    PATH). ``particleseg_assets.resources.RelionResource`` is one."""
+
+    def ranks(self) -> int: ...
+
+    def threads_per_rank(self) -> int: ...
+
+    def on_path(self) -> AbstractContextManager[Any]: ...
+
+
+@dataclass(frozen=True)
+class LocalRelion:
+    """RELION's programs as found on PATH, with ``mpi_ranks`` ranks (a leader and one rank per
+    half-set by default) of ``threads`` threads each."""
+
+    mpi_ranks: int = 3
+    threads: int = 1
+
+    def ranks(self) -> int:
+        return self.mpi_ranks
+
+    def threads_per_rank(self) -> int:
+        return self.threads
+
+    def on_path(self) -> AbstractContextManager[Any]:
+        return contextlib.nullcontext()
+
+
+# ------------------------------------------------------------------------------ particle stacks
+
+
+@dataclass(frozen=True)
+class StacksOptions:
+    """How :func:`fetch_stacks` gets the particle images (the ``particle_stacks`` config)."""
+
+    box_px: int = 0
+    """Extraction box (micrograph entries only); 0: the entry's own (simulation.json) or twice
+    the particle diameter of its map."""
+    rescale_px: int = 0
+    """Rescale extracted particles to this box; 0: keep the extraction box."""
+    invert_contrast: bool = True
+    """Deposited micrographs show particles dark; the corpus wants them bright."""
+
+
+@dataclass(frozen=True)
+class StacksResult:
+    """What :func:`fetch_stacks` made: the manifest (written), the gallery of the first
+    particles (PNG) and the wall time of the step in seconds."""
+
+    manifest: StacksManifest
+    gallery: Path
+    seconds: float
+
+    def summary(self) -> dict[str, Any]:
+        """The step's figures, flat and rounded as reported (the asset's metadata keys)."""
+        stacks = self.manifest
+        return {
+            "particles": stacks.n_particles,
+            "box_px": stacks.box_px,
+            "pixel_size_a": stacks.pixel_size_a,
+            "source": stacks.kind,
+            "poses_deposited": stacks.has_poses,
+            "particles_star": stacks.particles_star,
+            "downloaded_mb": round(stacks.downloaded_bytes / 1e6, 1),
+            "extraction": stacks.extraction or {},
+            "ground_truth": str(stacks.ground_truth) if stacks.ground_truth else "none",
+            "seconds": round(self.seconds, 1),
+            "particles_png": self.gallery,
+        }
+
+
+def extracted_truth(particles: pd.DataFrame, truth: pd.DataFrame) -> pd.DataFrame:
+    """Ground truth per coordinate (micrograph entries) keyed by the extracted image names.
+
+    Parameters
+    ----------
+    particles
+        The extracted particles (canonical table): ``image_name``, ``micrograph_name`` and the
+        pick coordinates in pixels.
+    truth
+        The simulator's truth, one row per pick (micrograph name and coordinates).
+
+    Returns
+    -------
+    pandas.DataFrame
+        The truth columns with ``image_name``, one row per extracted particle that matches a
+        pick (micrograph file name and rounded coordinates).
+    """
+    left = pd.DataFrame(
+        {
+            "image_name": particles["image_name"].to_numpy(),
+            "mic": particles["micrograph_name"].map(lambda s: Path(str(s)).name).to_numpy(),
+            "x": particles["coordinate_x_px"].round().astype("int64").to_numpy(),
+            "y": particles["coordinate_y_px"].round().astype("int64").to_numpy(),
+        }
+    )
+    right = truth.assign(
+        mic=truth["micrograph_name"].map(lambda s: Path(str(s)).name),
+        x=truth["coordinate_x_px"].round().astype("int64"),
+        y=truth["coordinate_y_px"].round().astype("int64"),
+    )
+    right = right.drop(columns=["micrograph_name", "coordinate_x_px", "coordinate_y_px"])
+    return left.merge(right, on=["mic", "x", "y"], how="inner").drop(columns=["mic", "x", "y"])
+
+
+def best_map_resolution_a(
+    entry: Entry, *, eligible_path: Path | None = None, emdb: EmdbClient | None = None
+) -> float | None:
+    """The entry's best EMDB map resolution in Angstrom.
+
+    Parameters
+    ----------
+    entry
+        The EMPIAR entry (its ``emdb_ids``).
+    eligible_path
+        The catalog's eligible-entries Parquet file: its ``best_resolution_a`` is used when it
+        has a row for the entry.
+    emdb
+        Asked for each linked map otherwise (a map that cannot be resolved is skipped: the
+        catalog reports those).
+
+    Returns
+    -------
+    float or None
+        None when no linked map states a resolution (or neither source is given).
+    """
+    if eligible_path is not None and eligible_path.exists():
+        eligible = pd.read_parquet(eligible_path, columns=["empiar_id", "best_resolution_a"])
+        row = eligible[eligible["empiar_id"] == entry.empiar_id]
+        if len(row) and not pd.isna(row["best_resolution_a"].iloc[0]):
+            return float(row["best_resolution_a"].iloc[0])
+    if emdb is None:
+        return None
+    from particleseg_model.access.http import HttpError
+
+    found = []
+    for emd_id in entry.emdb_ids:
+        try:
+            found.append(emdb.resolution_a(emd_id))
+        except (HttpError, ValueError):
+            continue  # an unresolvable map is reported by the catalog, not fatal here
+    found = [r for r in found if r is not None]
+    return min(found) if found else None
+
+
+def _extraction_box(files: EntryFiles, options: StacksOptions) -> int:
+    if options.box_px:
+        return options.box_px
+    simulation = files.side_files.get("simulation.json")
+    if simulation is not None:
+        return int(json.loads(Path(simulation).read_text())["box"])
+    density = [p for p in files.maps if "mask" not in p.name.lower()]
+    if not density:
+        raise ValueError(f"{files.empiar_id}: no box size known: set box_px in the config")
+    reference = maps.load_map(density[0])
+    mask, _ = maps.make_mask(reference)
+    diameter_a = maps.particle_diameter_px(mask) * reference.pixel_size_a
+    return int(np.ceil(2 * diameter_a / (files.pixel_size_a or 1.0) / 2) * 2)
+
+
+def fetch_stacks(
+    entry: Entry,
+    archive: str,
+    downloads: Path,
+    out_dir: Path,
+    options: StacksOptions = StacksOptions(),
+    *,
+    map_resolution_a: float | Callable[[], float | None] | None = None,
+    relion: RelionHost | None = None,
+    log: Log | None = None,
+) -> StacksResult:
+    """The entry's particle images and their STAR file (step 1 of the build).
+
+    The deposited stacks when the entry ships them, else particles extracted from its
+    micrographs and coordinate files with ``relion_preprocess`` (into ``out_dir/extract``).
+    Only what the entry needs is downloaded, resumably, into ``downloads``.
+
+    Parameters
+    ----------
+    entry
+        The EMPIAR entry (``EmpiarClient.entry``).
+    archive
+        The archive's base URL (``.../world_availability``) or a local mirror path.
+    downloads
+        Where the entry's files go (archive-relative paths).
+    out_dir
+        The step's folder: the manifest, the gallery, extracted particles, the extracted
+        ground truth.
+    options
+        See :class:`StacksOptions`.
+    map_resolution_a
+        The resolution of the entry's map (Angstrom) for the manifest, or a callable giving it
+        (called once the stacks are ready, so a failed download asks nobody); see
+        :func:`best_map_resolution_a`.
+    relion
+        How RELION runs (default: as found on PATH).
+    log
+        Receives progress lines (RELION's prefixed ``relion_preprocess: ``).
+
+    Returns
+    -------
+    StacksResult
+        The manifest, already written to ``out_dir/manifest.json``.
+
+    Raises
+    ------
+    particleseg_model.access.dataset.NothingToFetch
+        The entry has neither particle stacks nor micrographs with coordinates.
+    ValueError
+        No extraction box is known (see :attr:`StacksOptions.box_px`).
+    """
+    log = log or _quiet
+    relion = relion or LocalRelion()
+    started = time.perf_counter()
+    log(f"fetching what {entry.empiar_id} needs from {archive}")
+    files = fetch_entry_files(entry, archive, downloads, progress=False)
+    log(f"{files.kind}: {files.nbytes / 1e6:.1f} MB in {downloads}")
+    extraction: dict[str, Any] | None = None
+    truth_path = files.side_files.get("ground_truth.csv")
+    if files.kind == "particles":
+        assert files.particles_star is not None  # fetch_entry_files found the particles
+        star_path, base_dir = files.particles_star, files.particles_star.parent
+    else:
+        box = _extraction_box(files, options)
+        with relion.on_path():
+            result = extract_particles(
+                files.micrographs,
+                files.coordinates,
+                out_dir / "extract",
+                box_px=box,
+                rescale_px=options.rescale_px or None,
+                invert_contrast=options.invert_contrast,
+                pixel_size_a=files.pixel_size_a,
+                overwrite=True,
+                progress=False,
+                log=_prefixed(log, "relion_preprocess"),
+            )
+        star_path, base_dir = result.particles_star, result.project_dir
+        extraction = {
+            "box_px": result.box_px,
+            "rescale_px": result.rescale_px,
+            "image_size_px": result.image_size_px,
+            "normalise": result.normalise,
+            "invert_contrast": result.invert_contrast,
+            "bg_radius_px": result.bg_radius_px,
+            "micrographs": result.n_micrographs,
+            "skipped_micrographs": list(result.skipped_micrographs),
+            "command": " ".join(result.command),
+        }
+        if truth_path is not None:
+            truth = extracted_truth(read_star(star_path).particles, pd.read_csv(truth_path))
+            truth_path = out_dir / "ground_truth.csv"
+            with atomic_path(truth_path) as tmp:
+                truth.to_csv(tmp, index=False)
+    particles = read_star(star_path).particles
+    box = int(particles["image_size_px"].dropna().iloc[0])
+    images = read_particles_table(particles.head(8), base_dir=base_dir)
+    gallery = write_png(out_dir / "particles.png", particles_with_masks(images))
+    manifest = StacksManifest(
+        empiar_id=entry.empiar_id,
+        kind=files.kind,
+        particles_star=Path(star_path),
+        base_dir=Path(base_dir),
+        n_particles=len(particles),
+        box_px=box,
+        pixel_size_a=float(particles["pixel_size_a"].iloc[0]),
+        has_poses=bool(has_poses(particles)),
+        maps=tuple(files.maps),
+        ground_truth=Path(truth_path) if truth_path else None,
+        extraction=extraction,
+        map_resolution_a=map_resolution_a() if callable(map_resolution_a) else map_resolution_a,
+        downloaded_bytes=files.nbytes,
+    )
+    manifest.write(out_dir)
+    return StacksResult(manifest, gallery, time.perf_counter() - started)
+
+
+# ------------------------------------------------------------------------------ refined poses
+
+
+@dataclass(frozen=True)
+class RefineOptions:
+    """Where :func:`refine_poses` takes the poses from (the ``refined_particles`` config)."""
+
+    source: str = "auto"
+    """"auto": the depositors' poses when the STAR file has them, else RELION auto-refine;
+    "deposited" or "refine" to force one."""
+    max_particles: int = 0
+    """Refine at most this many particles (the first ones); 0: all."""
+    max_iterations: int = 0
+    """Stop auto-refine after this many iterations; 0: until it converges."""
+    ini_lowpass_a: float = 0.0
+    """Low-pass of the initial model in Angstrom; 0: the wrapper's default."""
+    mpi_ranks: int = 0
+    """MPI ranks of relion_refine_mpi; 0: the relion resource's (PARTICLESEG_RELION_MPI_RANKS,
+    default 3)."""
+
+
+POSE_COLUMNS = ("rot_deg", "tilt_deg", "psi_deg", "origin_x_a", "origin_y_a")
+"""The canonical columns a particle needs for its label: Euler angles (degrees) and origins
+(Angstrom)."""
+
+
+@dataclass(frozen=True)
+class PosesCheck:
+    """Whether every particle has a pose: ``missing_columns`` of :data:`POSE_COLUMNS` absent
+    from the table, else ``rows`` (1-based) with a value that is not a finite number."""
+
+    particles: int
+    missing_columns: tuple[str, ...] = ()
+    rows: tuple[int, ...] = ()
+
+    @property
+    def passed(self) -> bool:
+        return not self.missing_columns and not self.rows
+
+    @property
+    def first_rows(self) -> str:
+        """The rows without a pose as ranges (``"17-19, 25"``; empty when there are none)."""
+        return row_ranges(list(self.rows)) if self.rows else ""
+
+    def summary(self) -> dict[str, Any]:
+        """The missing columns (comma-separated), else the counts and :attr:`first_rows`."""
+        if self.missing_columns:
+            return {"missing_columns": ", ".join(self.missing_columns)}
+        return {
+            "particles": self.particles,
+            "without_pose": len(self.rows),
+            "first_rows": self.first_rows,
+        }
+
+
+def poses_check(particles: pd.DataFrame) -> PosesCheck:
+    """Check that every particle has rot, tilt, psi and origins as finite numbers.
+
+    Parameters
+    ----------
+    particles
+        Canonical particle table (``read_star(...).particles``).
+
+    Returns
+    -------
+    PosesCheck
+        The missing columns, or the 1-based rows without a full pose.
+    """
+    missing = tuple(c for c in POSE_COLUMNS if c not in particles.columns)
+    if missing:
+        return PosesCheck(len(particles), missing_columns=missing)
+    finite = np.isfinite(particles[list(POSE_COLUMNS)].to_numpy(dtype=np.float64)).all(axis=1)
+    rows = (np.flatnonzero(~finite) + 1).tolist()
+    return PosesCheck(len(particles), rows=tuple(rows))
+
+
+@dataclass(frozen=True)
+class ResolutionCheck:
+    """The resolution (Angstrom) of the map behind the poses, None when unknown, and where it
+    comes from (``"relion_refine"`` or ``"EMDB map of the entry"``)."""
+
+    resolution_a: float | None
+    source: str
+
+    @property
+    def passed(self) -> bool:
+        return self.resolution_a is not None
+
+    def summary(self) -> dict[str, Any]:
+        """``resolution_a`` (NaN when unknown) and ``from``."""
+        return {"resolution_a": float(self.resolution_a or float("nan")), "from": self.source}
+
+
+@dataclass(frozen=True)
+class RefineResult:
+    """What :func:`refine_poses` made: the manifest (written); the resolution of the map behind
+    the poses (RELION's final one, or the deposited EMDB map's; None when unknown); RELION's
+    :class:`~particleseg_model.relion.Refinement` when it refined; the pose errors against the
+    simulator's ground truth (``summarise_pose_errors``) when there is one; the poses check;
+    the wall time in seconds."""
+
+    manifest: RefinedManifest
+    resolution_a: float | None
+    refinement: Refinement | None
+    pose_errors: dict[str, float] | None
+    poses: PosesCheck
+    seconds: float
+
+    @property
+    def resolution(self) -> ResolutionCheck:
+        """Whether a resolution is known for the map behind the poses."""
+        source = "relion_refine" if self.manifest.source == "refine" else "EMDB map of the entry"
+        return ResolutionCheck(self.resolution_a, source)
+
+    def summary(self) -> dict[str, Any]:
+        """The step's figures, flat and rounded as reported (the asset's metadata keys):
+        RELION's resolution, iterations, settings and command when it refined, else the
+        deposited map's resolution (when known); the pose errors (``pose_<figure>``)."""
+        out: dict[str, Any] = {"source": self.manifest.source}
+        refinement = self.refinement
+        if refinement is not None:
+            out["resolution_a"] = round(refinement.resolution_a, 2)
+            out["iterations"] = refinement.iterations
+            out["refine_settings"] = refinement.settings
+            out["command"] = " ".join(refinement.command)
+        elif self.resolution_a is not None:
+            out["resolution_a"] = round(float(self.resolution_a), 2)
+        for name, value in (self.pose_errors or {}).items():
+            out[f"pose_{name}"] = round(float(value), 3)
+        out["particles"] = self.manifest.n_particles
+        out["particles_star"] = self.manifest.particles_star
+        out["seconds"] = round(self.seconds, 1)
+        return out
+
+
+def _remove_old_refinements(out: Path, keep: Path | None) -> None:
+    """After the manifest names the new version: the folders of earlier (or killed)
+    refinements, and the single ``refine/`` folder of the layout before per-run folders."""
+    for folder in out.glob("refine*"):
+        if folder.is_dir() and (keep is None or folder.resolve() != keep.resolve()):
+            shutil.rmtree(folder, ignore_errors=True)
+    (out / "input_particles.star").unlink(missing_ok=True)
+
+
+def refine_poses(
+    stacks: StacksManifest,
+    out_dir: Path,
+    options: RefineOptions = RefineOptions(),
+    *,
+    run_id: str | None = None,
+    relion: RelionHost | None = None,
+    log: Log | None = None,
+) -> RefineResult:
+    """Particle poses (step 2): the depositors' STAR file when it has poses, otherwise RELION
+    3D auto-refine (``relion_refine_mpi`` under ``mpirun``) from the entry's map, low-pass
+    filtered.
+
+    A refinement runs in a fresh folder ``out_dir/refine-<run_id[:8]>``: the manifest names the
+    one in use, so a killed or failed refinement never touches the files readers see; once the
+    new manifest is written, the other ``refine*`` folders are removed.
+
+    Parameters
+    ----------
+    stacks
+        The manifest of :func:`fetch_stacks`.
+    out_dir
+        The step's folder.
+    options
+        See :class:`RefineOptions`.
+    run_id
+        Names the refinement folder (default: a fresh random id).
+    relion
+        How RELION runs (default: as found on PATH, 3 ranks of 1 thread);
+        ``options.mpi_ranks`` overrides its ranks.
+    log
+        Receives progress lines (RELION's prefixed ``relion_refine: ``).
+
+    Returns
+    -------
+    RefineResult
+        The manifest, already written to ``out_dir/manifest.json``.
+
+    Raises
+    ------
+    ValueError
+        An unknown ``source``, or "deposited" for a STAR file without poses.
+    FileNotFoundError
+        A refinement without a deposited map to start from.
+    particleseg_model.relion.RelionError
+        RELION failed (its message names the program and the log).
+    """
+    log = log or _quiet
+    relion = relion or LocalRelion()
+    source = options.source
+    if source not in ("auto", "deposited", "refine"):
+        raise ValueError(f"source must be auto, deposited or refine, got {source!r}")
+    if source == "auto":
+        source = "deposited" if stacks.has_poses else "refine"
+    if source == "deposited" and not stacks.has_poses:
+        raise ValueError(
+            f"{stacks.particles_star} has no poses (rlnAngleRot/Tilt/Psi): use source 'refine'"
+        )
+    started = time.perf_counter()
+    refinement = None
+    if source == "deposited":
+        star_path = stacks.particles_star
+    else:
+        density, _ = stacks.deposited_maps()
+        if density is None:
+            raise FileNotFoundError(
+                f"{stacks.empiar_id}: no deposited map to start refinement from"
+            )
+        work = out_dir / f"refine-{(run_id or uuid.uuid4().hex)[:8]}"
+        shutil.rmtree(work, ignore_errors=True)
+        work.mkdir(parents=True)
+        star_in = stacks.particles_star
+        if options.max_particles:
+            star = read_star(star_in)
+            star_in = work / "input_particles.star"
+            write_star(star_in, star, particles=star.particles.head(options.max_particles))
+        settings: dict[str, Any] = {
+            "mpi_ranks": options.mpi_ranks or relion.ranks(),
+            "threads": relion.threads_per_rank(),
+        }
+        if options.ini_lowpass_a:
+            settings["ini_lowpass_a"] = options.ini_lowpass_a
+        if options.max_iterations:
+            settings["max_iterations"] = options.max_iterations
+        with relion.on_path():
+            refinement = auto_refine(
+                star_in,
+                density,
+                work,
+                project_dir=stacks.base_dir,
+                log=_prefixed(log, "relion_refine"),
+                **settings,
+            )
+        star_path = refinement.data_star
+    particles = read_star(star_path).particles
+    resolution_a = refinement.resolution_a if refinement else stacks.map_resolution_a
+    errors = None
+    if stacks.ground_truth:
+        truth = pd.read_csv(stacks.ground_truth)
+        truth = truth[truth["is_good"].astype(bool)]  # junk has no pose worth scoring
+        errors = summarise_pose_errors(relion_pose_errors(particles, truth))
+        log(f"poses against the ground truth: {errors}")
+    manifest = RefinedManifest(
+        empiar_id=stacks.empiar_id,
+        source=source,
+        particles_star=Path(star_path),
+        base_dir=stacks.base_dir,
+        refined_map=refinement.map_path if refinement else None,
+        n_particles=len(particles),
+        box_px=stacks.box_px,
+        pixel_size_a=stacks.pixel_size_a,
+    )
+    manifest.write(out_dir)
+    _remove_old_refinements(out_dir, keep=Path(star_path).parent if refinement else None)
+    return RefineResult(
+        manifest,
+        resolution_a,
+        refinement,
+        errors,
+        poses_check(particles),
+        time.perf_counter() - started,
+    )
+
+
+# ------------------------------------------------------------------------------ mask volume
+
+
+@dataclass(frozen=True)
+class MaskOptions:
+    """How :func:`make_mask_volume` makes the mask (the ``mask_volume`` config)."""
+
+    lowpass_a: float = 15.0
+    """Low-pass the map before thresholding (Angstrom; 0: none)."""
+    extend_px: float = 3.0
+    """Grow the binary mask by this many voxels (relion_mask_create --extend_inimask)."""
+    soft_edge_px: float = 6.0
+    """Cosine soft edge width in voxels (--width_soft_edge)."""
+    threshold: float = 0.0
+    """Initial binarisation threshold; 0: chosen from the map (see maps.map_threshold)."""
+    use_deposited_mask: bool = False
+    """Take a mask the entry deposited instead of making one."""
+
+
+@dataclass(frozen=True)
+class MaskResult:
+    """What :func:`make_mask_volume` made: the manifest (written) and the share of voxels at
+    or above 0.5 in the mask."""
+
+    manifest: MaskManifest
+    volume_fraction: float
+
+    def summary(self) -> dict[str, Any]:
+        """The step's figures, flat and rounded as reported (the asset's metadata keys)."""
+        mask = self.manifest
+        return {
+            "mask": mask.mask,
+            "map": mask.map,
+            "threshold": round(float(mask.threshold), 4),
+            "lowpass_a": mask.lowpass_a,
+            "extend_px": mask.extend_px,
+            "soft_edge_px": mask.soft_edge_px,
+            "volume_fraction": round(self.volume_fraction, 4),
+        }
+
+
+def make_mask_volume(
+    stacks: StacksManifest,
+    refined: RefinedManifest,
+    out_dir: Path,
+    options: MaskOptions = MaskOptions(),
+    *,
+    log: Log | None = None,
+) -> MaskResult:
+    """The MaskCreate-style mask (threshold, extend, soft edge) of the refined map (or of the
+    deposited map when the poses are the depositors'), at the particles' box and pixel size
+    (step 3), as ``out_dir/mask.mrc``.
+
+    Parameters
+    ----------
+    stacks, refined
+        The manifests of :func:`fetch_stacks` and :func:`refine_poses`.
+    out_dir
+        The step's folder.
+    options
+        See :class:`MaskOptions`.
+    log
+        Receives a line when the map is resampled to the particles' sampling.
+
+    Returns
+    -------
+    MaskResult
+        The manifest, already written to ``out_dir/manifest.json``.
+
+    Raises
+    ------
+    FileNotFoundError
+        Neither a refined nor a deposited map.
+    """
+    log = log or _quiet
+    density_path, deposited_mask = stacks.deposited_maps()
+    source = refined.refined_map or density_path
+    if options.use_deposited_mask and deposited_mask is not None:
+        source = deposited_mask
+    if source is None:
+        raise FileNotFoundError(f"{stacks.empiar_id}: no map to make a mask from")
+    density = maps.load_map(source)
+    box, pixel = stacks.box_px, stacks.pixel_size_a
+    # bring the map to the particles' sampling first: the mask is projected at their box
+    if abs(density.pixel_size_a - pixel) > 1e-3 * pixel or density.box != box:
+        size = int(round(density.box * density.pixel_size_a / pixel / 2) * 2)
+        data = maps.pad_or_crop(maps.fourier_resample(density.data, size), box)
+        log(
+            f"map resampled from {density.box} px at {density.pixel_size_a:.4f} A "
+            f"to {box} px at {pixel:.4f} A"
+        )
+        density = maps.DensityMap(data.astype(np.float32), pixel, density.source)
+    if options.use_deposited_mask and deposited_mask is not None:
+        mask, threshold = np.clip(density.data, 0, 1), float("nan")
+    elif options.threshold:
+        data = (
+            maps.lowpass(density.data, pixel, options.lowpass_a)
+            if options.lowpass_a
+            else density.data
+        )
+        threshold = options.threshold
+        mask = maps.create_mask(
+            data, threshold, extend_px=options.extend_px, soft_edge_px=options.soft_edge_px
+        )
+    else:
+        mask, threshold = maps.make_mask(
+            density,
+            lowpass_a=options.lowpass_a or None,
+            extend_px=options.extend_px,
+            soft_edge_px=options.soft_edge_px,
+        )
+    with atomic_path(out_dir / "mask.mrc") as tmp:
+        maps.write_mrc(tmp, mask.astype(np.float32), pixel)
+    manifest = MaskManifest(
+        map=str(source),
+        lowpass_a=options.lowpass_a,
+        extend_px=options.extend_px,
+        soft_edge_px=options.soft_edge_px,
+        threshold=threshold,
+        box_px=box,
+        pixel_size_a=pixel,
+        mask=out_dir / "mask.mrc",
+    )
+    manifest.write(out_dir)
+    return MaskResult(manifest, float((mask >= 0.5).mean()))
+
+
+# ------------------------------------------------------------------------------ labels
+
+
+@dataclass(frozen=True)
+class LabelOptions:
+    """How :func:`label_partition` labels the particles (the ``particle_masks`` config)."""
+
+    threshold: float = 10.0
+    """Projected-mask value above which a pixel is signal (the original rule)."""
+    edge_px: int = 11
+    """Square structuring element of the edge band (11: a 5 px band outside the signal)."""
+    batch: int = 256
+    """Particles projected, labelled and written at a time."""
+    skip_bad_rows: bool = False
+    """Drop particles whose stack is missing or index out of range (counted), instead of
+    failing on them."""
+    append: bool = False
+    """Add particles not yet in the corpus instead of writing a new version."""
+
+
+SIGNAL_FRACTION_RANGE = (0.01, 0.8)
+"""Plausible share of signal pixels over a dataset: below, the mask or the poses are off (a
+particle of ~half the box covers ~0.2); above, the threshold is below the solvent."""
+MAX_EMPTY_SHARE = 0.05
+"""At most this share of particles may have no signal pixel at all."""
+
+_TABLE_COLUMNS = (
+    "image_name",
+    "rot_deg",
+    "tilt_deg",
+    "psi_deg",
+    "origin_x_a",
+    "origin_y_a",
+    "defocus_u_a",
+    "defocus_v_a",
+    "defocus_angle_deg",
+    "micrograph_name",
+    "pixel_size_a",
+)
+"""The canonical columns copied into the corpus's particle table (those the STAR file has)."""
+
+
+def row_ranges(rows: list[int]) -> str:
+    """``[17, 18, 19, 25]`` -> ``"17-19, 25"`` (1-based STAR rows; the first 8 ranges, then
+    ``", ..."``). ``rows`` must not be empty."""
+    spans: list[str] = []
+    start = prev = rows[0]
+    for row in [*rows[1:], None]:
+        if row is not None and row == prev + 1:
+            prev = row
+            continue
+        spans.append(str(start) if start == prev else f"{start}-{prev}")
+        if row is not None:
+            start = prev = row
+    return ", ".join(spans[:8]) + (", ..." if len(spans) > 8 else "")
+
+
+def check_rows(particles: pd.DataFrame, base_dir: Path) -> tuple[np.ndarray, list[str]]:
+    """Which particles can be read: their stack exists and holds their index.
+
+    Parameters
+    ----------
+    particles
+        Canonical particle table (``image_index`` 1-based, ``stack_path`` relative to
+        ``base_dir``).
+    base_dir
+        The project folder the stack paths are relative to.
+
+    Returns
+    -------
+    good : numpy.ndarray
+        Boolean mask over the rows.
+    problems : list of str
+        What is wrong with the others, one line per stack and reason
+        (``stack S, rows 17-32: reason``).
+    """
+    good = np.ones(len(particles), dtype=bool)
+    lengths: dict[str, int | str] = {}
+    bad: dict[tuple[str, str], list[int]] = {}
+    for i, (index, stack) in enumerate(
+        zip(particles["image_index"], particles["stack_path"], strict=True)
+    ):
+        if stack not in lengths:
+            try:
+                lengths[stack] = len(open_stack(base_dir / stack))
+            except (MrcError, OSError) as exc:
+                lengths[stack] = str(exc)
+        length = lengths[stack]
+        if isinstance(length, str):
+            reason = length
+        elif not 1 <= int(index) <= length:
+            reason = f"index beyond the stack's {length} images"
+        else:
+            continue
+        good[i] = False
+        bad.setdefault((stack, reason), []).append(i + 1)
+    problems = [
+        f"stack {stack}, rows {row_ranges(rows)}: {reason}" for (stack, reason), rows in bad.items()
+    ]
+    return good, problems
+
+
+@dataclass(frozen=True)
+class MasksCheck:
+    """Whether the labels look like particles: the signal share over every pixel written
+    within :data:`SIGNAL_FRACTION_RANGE`, and at most :data:`MAX_EMPTY_SHARE` of the
+    particles without a signal pixel."""
+
+    passed: bool
+    signal_fraction: float
+    particles_without_signal: int
+    particles_written: int
+
+    def summary(self) -> dict[str, Any]:
+        return {
+            "signal_fraction": round(self.signal_fraction, 4),
+            "particles_without_signal": self.particles_without_signal,
+            "particles_written": self.particles_written,
+        }
+
+
+def masks_check(signal_fraction: float, without_signal: int, written: int) -> MasksCheck:
+    """See :class:`MasksCheck`; ``signal_fraction`` is a share of pixels (0..1)."""
+    low, high = SIGNAL_FRACTION_RANGE
+    passed = low <= signal_fraction <= high and without_signal <= MAX_EMPTY_SHARE * max(written, 1)
+    return MasksCheck(bool(passed), float(signal_fraction), without_signal, written)
+
+
+@dataclass(frozen=True)
+class RowsCheck:
+    """The row counts of the Zarr images, the Zarr labels and the Parquet particle table."""
+
+    images: int
+    labels: int
+    parquet: int
+
+    @property
+    def passed(self) -> bool:
+        return self.images == self.labels == self.parquet
+
+    def summary(self) -> dict[str, int]:
+        return {"images": self.images, "labels": self.labels, "parquet": self.parquet}
+
+
+def rows_check(corpus: CorpusDataset) -> RowsCheck:
+    """The row counts of a committed partition (see :class:`RowsCheck`)."""
+    return RowsCheck(int(corpus.images.shape[0]), int(corpus.labels.shape[0]), len(corpus.table))
+
+
+@dataclass(frozen=True)
+class LabelResult:
+    """What :func:`label_partition` made: the manifest (written); the particles that were
+    already in the corpus (append); the labelling loop's wall time in seconds and its split
+    (``stage_seconds``: waiting for projections, reading images, labelling, writing); the
+    partition's location and bytes stored; the gallery PNG (None when nothing was written);
+    the two checks."""
+
+    manifest: LabelsManifest
+    already_in_corpus: int
+    seconds: float
+    location: str
+    stored_bytes: int
+    gallery: Path | None
+    masks: MasksCheck
+    rows: RowsCheck
+    stage_seconds: dict[str, float] = field(default_factory=dict)
+
+    @property
+    def particles_per_s(self) -> float:
+        return self.manifest.n_particles / max(self.seconds, 1e-9)
+
+    def summary(self) -> dict[str, Any]:
+        """The step's figures, flat and rounded as reported (the asset's metadata keys); the
+        label shares are of every pixel written."""
+        labels = self.manifest
+        done = labels.n_particles
+        background, signal, edge = labels.label_fractions
+        out: dict[str, Any] = {
+            "particles": done,
+            "skipped_bad_rows": labels.skipped,
+            "already_in_corpus": self.already_in_corpus,
+            "seconds": round(self.seconds, 1),
+            "particles_per_s": round(self.particles_per_s, 1),
+            "bytes_per_particle": round(self.stored_bytes / max(done, 1)),
+            "corpus": self.location,
+            "background_fraction": round(background, 4),
+            "signal_fraction": round(signal, 4),
+            "edge_fraction": round(edge, 4),
+            "threshold": labels.threshold,
+            "edge_px": labels.edge_px,
+        }
+        if self.gallery is not None:
+            out["particles_with_masks"] = self.gallery
+        return out
+
+
+def _timed(items: Iterable[Any], seconds: dict[str, float], stage: str) -> Iterator[Any]:
+    """``items``, adding the time spent waiting for each to ``seconds[stage]``."""
+    iterator = iter(items)
+    while True:
+        began = time.perf_counter()
+        try:
+            item = next(iterator)
+        except StopIteration:
+            return
+        finally:
+            seconds[stage] += time.perf_counter() - began
+        yield item
+
+
+def label_partition(
+    stacks: StacksManifest,
+    refined: RefinedManifest,
+    mask: MaskManifest,
+    corpus_root: str | Path,
+    out_dir: Path,
+    options: LabelOptions = LabelOptions(),
+    *,
+    key: str | None = None,
+    run_id: str | None = None,
+    log: Log | None = None,
+    warn: Log | None = None,
+) -> LabelResult:
+    """Every particle's image and its 3-class label mask (0 background, 1 signal, 2 edge) from
+    the projection of the mask volume at the particle's pose, into the Zarr corpus (step 4).
+
+    One group per EMPIAR id under ``corpus_root``, chunked along particles, with the
+    per-particle Parquet table and splits; written to a temporary version and swapped in, so
+    a failed run leaves the last one intact (``options.append``: added to the committed one).
+
+    Parameters
+    ----------
+    stacks, refined, mask
+        The manifests of the steps before.
+    corpus_root
+        The corpus: a local folder or an fsspec URL.
+    out_dir
+        The step's folder (the manifest and the gallery).
+    options
+        See :class:`LabelOptions`.
+    key
+        The partition's key in the corpus (default: the entry's number, ``"10028"``).
+    run_id
+        Recorded with the partition (``dagster_run_id`` in the attributes and the manifest).
+    log
+        Receives progress lines (``labels: 512/2048 particles (310/s)``).
+    warn
+        Receives the line about skipped particles (default: ``log``).
+
+    Returns
+    -------
+    LabelResult
+        The manifest, already written to ``out_dir/manifest.json``.
+
+    Raises
+    ------
+    ValueError
+        Particles that cannot be read (missing stack, index out of range), named by stack and
+        rows, unless ``options.skip_bad_rows``.
+    particleseg_model.corpus.ProjectionError
+        Poses or mask that cannot be projected (see ``project_masks``).
+    """
+    log = log or _quiet
+    warn = warn or log
+    key = key or partition_key(stacks.empiar_id)
+    particles = read_star(refined.particles_star).particles.reset_index(drop=True)
+    base_dir = refined.base_dir
+    good, problems = check_rows(particles, base_dir)
+    n_bad = int((~good).sum())
+    if n_bad:
+        listed = "; ".join(problems[:5]) + (
+            f"; ... {len(problems) - 5} more stacks" if len(problems) > 5 else ""
+        )
+        if not options.skip_bad_rows:
+            raise ValueError(
+                f"{refined.particles_star}: {n_bad} particles cannot be read: "
+                f"{listed} (set skip_bad_rows to drop them)"
+            )
+        warn(f"skipping {n_bad} particles that cannot be read: {listed}")
+        particles = particles[good].reset_index(drop=True)
+    already = 0
+    if options.append and key in list_corpus(corpus_root):
+        present = set(open_corpus(corpus_root, key).table["image_name"])
+        keep = ~particles["image_name"].isin(present).to_numpy()
+        already = int((~keep).sum())
+        particles = particles[keep].reset_index(drop=True)
+        log(f"append: {already} particles already in the corpus, {len(particles)} new")
+    truth = None
+    if stacks.ground_truth:
+        truth = pd.read_csv(stacks.ground_truth)[["image_name", "is_good", "junk_kind"]]
+    volume = maps.load_map(mask.mask)
+    started = time.perf_counter()
+    attrs = {
+        "pixel_size_a": float(refined.pixel_size_a),
+        "threshold": options.threshold,
+        "edge_px": options.edge_px,
+        "source_star": str(refined.particles_star),
+        "pose_source": refined.source,
+        "mask": str(mask.mask),
+        "mask_params": mask.params(),
+        "dagster_run_id": run_id,
+    }
+    counts = np.zeros(3, dtype=np.float64)
+    empty = 0
+    shown: tuple[np.ndarray, np.ndarray] | None = None
+    columns = [c for c in _TABLE_COLUMNS if c in particles.columns]
+    stages = dict.fromkeys(("project", "read images", "labels", "write"), 0.0)
+    projections = project_masks(
+        volume.data,
+        particles,
+        pixel_size_a=volume.pixel_size_a,
+        batch=options.batch,
+        threshold=options.threshold,
+        edge_px=options.edge_px,
+        rescale=True,
+    )
+    done = 0
+    with CorpusWriter(
+        corpus_root, key, stacks.box_px, attrs=attrs, mode="a" if options.append else "w"
+    ) as writer:
+        for projected in _timed(projections, stages, "project"):
+            began = time.perf_counter()
+            rows = particles.iloc[done : done + len(projected)]
+            images = read_particles_table(rows, base_dir=base_dir)
+            stages["read images"] += time.perf_counter() - began
+            began = time.perf_counter()
+            labels = labels_from_projection(projected, options.threshold, options.edge_px)
+            stages["labels"] += time.perf_counter() - began
+            began = time.perf_counter()
+            table = rows[columns].reset_index(drop=True)
+            if truth is not None:
+                table = table.merge(truth, on="image_name", how="left")
+            writer.append(images, labels, table)
+            stages["write"] += time.perf_counter() - began
+            counts += np.bincount(labels.ravel(), minlength=3)[:3]
+            empty += int((~(labels == 1).any(axis=(1, 2))).sum())
+            if shown is None:
+                shown = (images[:8], labels[:8])
+            done += len(projected)
+            if done == len(particles) or (done // options.batch) % 10 == 0:
+                rate = done / max(time.perf_counter() - started, 1e-9)
+                log(f"labels: {done}/{len(particles)} particles ({rate:.0f}/s)")
+        began = time.perf_counter()
+    stages["write"] += time.perf_counter() - began  # the commit (swap-in) on leaving the block
+    seconds = time.perf_counter() - started
+    corpus = open_corpus(corpus_root, key)
+    on_disk = corpus.stored_bytes()
+    gallery = (
+        write_png(out_dir / "particles_with_masks.png", particles_with_masks(*shown))
+        if shown is not None
+        else None
+    )
+    background, signal, edge = (float(f) for f in counts / max(counts.sum(), 1))
+    manifest = LabelsManifest(
+        corpus_root=str(corpus_root),
+        empiar_id=key,
+        n_particles=done,
+        skipped=n_bad,
+        label_fractions=(background, signal, edge),
+        pixel_size_a=attrs["pixel_size_a"],
+        threshold=options.threshold,
+        edge_px=options.edge_px,
+        source_star=attrs["source_star"],
+        pose_source=refined.source,
+        mask=attrs["mask"],
+        mask_params=attrs["mask_params"],
+        run_id=run_id,
+    )
+    manifest.write(out_dir)
+    return LabelResult(
+        manifest,
+        already,
+        seconds,
+        corpus.location,
+        on_disk,
+        gallery,
+        masks_check(signal, empty, done),
+        rows_check(corpus),
+        stages,
+    )
