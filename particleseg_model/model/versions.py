@@ -471,7 +471,7 @@ def train_and_register(
         for key in ids + list(plan.holdout):
             evaluation = evaluate_partition(model, corpus_root, key)
             before = None
-            if parent_model is not None and key in parent.partitions:
+            if parent is not None and key in parent.partitions:
                 before = evaluate_partition(parent_model, corpus_root, key, examples=0).mean_iou
             rows.append(score_row(evaluation, key in ids, before))
             if overlay is None and evaluation.examples is not None:
@@ -561,7 +561,7 @@ def register_keras(
         raise
 
 
-def _load_keras(path: Path):
+def _load_keras(path: Path) -> Any:
     import keras
 
     return keras.models.load_model(path, compile=False)
@@ -609,6 +609,7 @@ def evaluate_report(
     started = time.perf_counter()
     evaluation = evaluate_partition(load_model(version), corpus_root, key)
     row = score_row(evaluation, key in version.partitions)
+    assert evaluation.examples is not None  # evaluate_partition keeps the first 8 by default
     overlay = write_png(out / "overlay.png", segmentation_overlay(*evaluation.examples))
     report = {
         **row,
