@@ -4,8 +4,8 @@
    EMD-1832, EMD-5625 (``../shared/data/maps``; generated maps without it) and a generated
    elongated map for training, a generated ring map never trained on (the unseen map);
    ``--particles`` each at box 128, SNR 0.1, 30% junk of six kinds; served on loopback and
-   turned into the corpus by the real Dagster assets (``dataset_job``'s four assets with
-   ``materialize``), labels from the true (deposited) poses;
+   turned into the corpus by the library's build steps (``particleseg_model.corpus.build``,
+   what ``dataset_job``'s four assets run), labels from the true (deposited) poses;
 2. the default model (custom U-Net, ``--size`` px, ``--base`` filters) trained from scratch on
    the three training entries (early stopping, patience 3): mean IoU (the paper's: one
    confusion matrix over every pixel of the test split, mean of the 3 classes, x100) on the
@@ -43,17 +43,31 @@ TRAIN_KEYS = ("30001", "30002", "30003")
 UNSEEN_KEY = "30004"
 
 
-def build_corpus(work: Path, n_particles: int) -> Path:
-    """Simulated archive -> corpus through the Dagster assets; returns the storage root."""
-    from dagster import DagsterInstance, materialize
+def build_partition(server, key: str, data: Path) -> None:
+    """One entry from the loopback archive to its labelled partition under ``data/corpus``,
+    the steps' folders laid out as the platform's (``data/<asset>/<key>``)."""
+    from particleseg_model.access.empiar import EmdbClient, EmpiarClient
+    from particleseg_model.corpus import build
 
-    from particleseg_assets.assets.corpus import (
-        mask_volume,
-        particle_masks,
-        particle_stacks,
-        refined_particles,
+    entry = EmpiarClient(server.empiar_url, server.emdb_url).entry(key)
+    stacks = build.fetch_stacks(
+        entry,
+        server.archive_url,
+        data / "downloads" / key,
+        data / "particle_stacks" / key,
+        map_resolution_a=lambda: build.best_map_resolution_a(
+            entry, emdb=EmdbClient(server.emdb_url)
+        ),
+    ).manifest
+    refined = build.refine_poses(stacks, data / "refined_particles" / key).manifest
+    mask = build.make_mask_volume(stacks, refined, data / "mask_volume" / key).manifest
+    build.label_partition(
+        stacks, refined, mask, data / "corpus", data / "particle_masks" / key, key=key
     )
-    from particleseg_assets.resources import EmpiarResource, RelionResource, StorageResource
+
+
+def build_corpus(work: Path, n_particles: int) -> Path:
+    """Simulated archive -> corpus through the library's build steps; returns the data root."""
     from particleseg_model.access.server import serve
 
     data = work / "data"
@@ -86,23 +100,10 @@ def build_corpus(work: Path, n_particles: int) -> Path:
         f"simulated {len(maps)} entries x {n_particles} particles in "
         f"{time.perf_counter() - began:.0f} s ({', '.join(Path(m).name for m in maps)})"
     )
-    instance = DagsterInstance.ephemeral()
     keys = [*TRAIN_KEYS, UNSEEN_KEY]
-    instance.add_dynamic_partitions("empiar_id", keys)
     with serve(archive) as server:
-        os.environ.update(server.env())
         for key in keys:
-            result = materialize(
-                [particle_stacks, refined_particles, mask_volume, particle_masks],
-                partition_key=key,
-                instance=instance,
-                resources={
-                    "empiar": EmpiarResource(),
-                    "relion": RelionResource(),
-                    "storage": StorageResource(root=str(data)),
-                },
-            )
-            assert result.success
+            build_partition(server, key, data)
     print(f"corpus of {len(keys)} entries in {time.perf_counter() - began:.0f} s")
     return data
 
