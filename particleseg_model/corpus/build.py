@@ -10,15 +10,17 @@ PNG, the check values). Nothing here knows about Dagster; the assets of
 ``particleseg_assets.assets.corpus`` read their config, call one of these functions and turn the
 result into asset metadata and check results::
 
+    from particleseg_model.access import EmdbClient, EmpiarClient, archive_url
     from particleseg_model.corpus import build
 
-    entry = EmpiarClient(empiar_url(), emdb_url()).entry("10028")
-    stacks = build.fetch_stacks(entry, archive_url(), work / "downloads", work / "stacks")
-    refined = build.refine_poses(stacks.manifest, work / "refined")
-    mask = build.make_mask_volume(stacks.manifest, refined.manifest, work / "mask")
-    labels = build.label_partition(
-        stacks.manifest, refined.manifest, mask.manifest, work / "corpus", work / "labels"
-    )
+    work, entry = Path("work"), EmpiarClient().entry("10028")  # EBI, or PARTICLESEG_EMPIAR_URL
+    resolution = build.best_map_resolution_a(entry, emdb=EmdbClient())
+    stacks = build.fetch_stacks(entry, archive_url(), work / "downloads",
+                                work / "particle_stacks", map_resolution_a=resolution).manifest
+    refined = build.refine_poses(stacks, work / "refined_particles").manifest
+    mask = build.make_mask_volume(stacks, refined, work / "mask_volume").manifest
+    labels = build.label_partition(stacks, refined, mask, work / "corpus",
+                                   work / "particle_masks")
 
 Conventions: pixel sizes and resolutions in Angstrom, boxes in pixels, STAR rows 1-based in
 messages. ``log`` callables receive one progress line at a time (no trailing newline).
@@ -1093,7 +1095,7 @@ def label_partition(
     empty = 0
     shown: tuple[np.ndarray, np.ndarray] | None = None
     columns = [c for c in _TABLE_COLUMNS if c in particles.columns]
-    stages = dict.fromkeys(("project", "read images", "labels", "write"), 0.0)
+    stages: dict[str, float] = dict.fromkeys(("project", "read images", "labels", "write"), 0.0)
     began = time.perf_counter()  # the projector's set-up counts as projection
     projections = project_masks(
         volume.data,
