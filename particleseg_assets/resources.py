@@ -14,6 +14,7 @@ from particleseg_model.access.empiar import (
     EmdbClient,
     EmpiarClient,
     archive_url,
+    emdb_files_url,
     emdb_url,
     empiar_url,
 )
@@ -29,6 +30,7 @@ class EmpiarResource(ConfigurableResource):
     empiar_url: str | None = None
     emdb_url: str | None = None
     archive_url: str | None = None
+    emdb_files_url: str | None = None  # EMDB's file tree (maps); PARTICLESEG_EMDB_FILES_URL
     retries: int | None = None  # None: PARTICLESEG_HTTP_RETRIES, default 5
     timeout_s: float = 30.0
     polite_delay_s: float = 0.05
@@ -50,6 +52,10 @@ class EmpiarResource(ConfigurableResource):
 
     def archive(self) -> str:
         return self.archive_url or archive_url()
+
+    def emdb_files(self) -> str:
+        """The root of EMDB's file tree (``structures/EMD-<n>/...``); EBI by default."""
+        return self.emdb_files_url or emdb_files_url()
 
 
 class StorageResource(ConfigurableResource):

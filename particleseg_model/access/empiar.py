@@ -7,7 +7,8 @@ Conventions
 - Resolutions are in Angstrom; EMDB returns them as strings ("3.97"), sometimes with a unit.
 
 Base URLs come from the environment (``PARTICLESEG_EMPIAR_URL``, ``PARTICLESEG_EMDB_URL``,
-``PARTICLESEG_ARCHIVE_URL``); a ``file://`` URL points at a local mirror directory (see
+``PARTICLESEG_ARCHIVE_URL``, and ``PARTICLESEG_EMDB_FILES_URL`` for EMDB's map files); a
+``file://`` URL points at a local mirror directory (see
 :mod:`particleseg_model.access.mirror`) and is read without any server.
 """
 
@@ -27,9 +28,12 @@ from particleseg_model.access.mirror import Mirror
 EMPIAR_URL_ENV = "PARTICLESEG_EMPIAR_URL"
 EMDB_URL_ENV = "PARTICLESEG_EMDB_URL"
 ARCHIVE_URL_ENV = "PARTICLESEG_ARCHIVE_URL"
+EMDB_FILES_URL_ENV = "PARTICLESEG_EMDB_FILES_URL"
 DEFAULT_EMPIAR_URL = "https://www.ebi.ac.uk/empiar/api"
 DEFAULT_EMDB_URL = "https://www.ebi.ac.uk/emdb/api"
 DEFAULT_ARCHIVE_URL = "https://ftp.ebi.ac.uk/empiar/world_availability"
+# EMDB's file tree (structures/EMD-<n>/{map,other,masks,header}/...), mirrored by the wwPDB sites
+DEFAULT_EMDB_FILES_URL = "https://ftp.ebi.ac.uk/pub/databases/emdb"
 
 # The API answers POST entry/<ids> for many ids at once; keep the path (and reply) moderate.
 POST_BATCH = 50
@@ -64,6 +68,11 @@ def emdb_url() -> str:
 
 def archive_url() -> str:
     return os.environ.get(ARCHIVE_URL_ENV) or DEFAULT_ARCHIVE_URL
+
+
+def emdb_files_url() -> str:
+    """The root of EMDB's file tree (``.../structures/EMD-<n>/map/emd_<n>.map.gz`` below it)."""
+    return os.environ.get(EMDB_FILES_URL_ENV) or DEFAULT_EMDB_FILES_URL
 
 
 def normalize_empiar_id(value: str | int) -> str:

@@ -5,6 +5,11 @@ Layout (all JSON exactly as the public APIs return it)::
     ROOT/empiar/EMPIAR-10028.json  {"EMPIAR-10028": {...}}  GET /empiar/api/entry/10028
     ROOT/emdb/EMD-2660.json        {...EMDB entry...}       GET /emdb/api/entry/EMD-2660
     ROOT/archive/10028/data/...    the entry's files        /empiar/world_availability/10028/...
+    ROOT/emdb_files/structures/EMD-2660/map/emd_2660.map.gz   /pub/databases/emdb/structures/...
+                 .../EMD-2660/header/emd-2660.xml, other/ (half maps), masks/
+
+The ``emdb_files`` tree is EMDB's own file layout (``ftp.ebi.ac.uk/pub/databases/emdb``): the
+map gzipped, the header XML, half maps under ``other/`` and masks under ``masks/``.
 
 The search (``/emdb/api/empiar/search/<solr query>``) is answered from the entry files; the query
 language understood is the part the platform uses: terms joined by ``AND`` among
@@ -14,17 +19,20 @@ language understood is the part the platform uses: terms joined by ``AND`` among
 
 from __future__ import annotations
 
+import gzip
 import json
 import logging
 import os
 import re
+import shutil
 import threading
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-from particleseg_model.atomic import atomic_write_text
+from particleseg_model.atomic import atomic_path, atomic_write_text
 
-__all__ = ["Mirror", "parse_id_list", "parse_query"]
+__all__ = ["Mirror", "emdb_header_xml", "parse_id_list", "parse_query"]
 
 log = logging.getLogger("particleseg.mirror")
 
@@ -49,6 +57,58 @@ def _emd_key(emd_id: str | int) -> str:
     if not text.isdigit():
         raise KeyError(f"not an EMDB id: {emd_id!r}")
     return f"EMD-{int(text):04d}"
+
+
+_ANGSTROM = "\u00c5"
+
+
+def _emd_number(emd_id: str | int) -> str:
+    return _emd_key(emd_id)[4:]
+
+
+def emdb_header_xml(
+    emd_id: str | int,
+    *,
+    resolution_a: float | None = None,
+    voxel_size_a: float | None = None,
+    box: Sequence[int] | None = None,
+) -> str:
+    """A minimal EMDB header XML (schema v3 element names) for a mirror: ``<emd emdb_id=..>``
+    with ``final_reconstruction/resolution`` (Angstrom), ``map/dimensions`` (col, row, sec)
+    and ``map/pixel_spacing`` (x, y, z in Angstrom); absent values are left out."""
+    key = _emd_key(emd_id)
+    lines = ['<?xml version="1.0" encoding="UTF-8"?>', f'<emd emdb_id="{key}" version="3.0.0.0">']
+    if resolution_a is not None:
+        lines += [
+            "  <structure_determination_list>",
+            "    <structure_determination>",
+            "      <method>singleParticle</method>",
+            "      <singleparticle_processing>",
+            "        <final_reconstruction>",
+            f'          <resolution res_type="BY AUTHOR" units="{_ANGSTROM}">'
+            f"{resolution_a:g}</resolution>",
+            "        </final_reconstruction>",
+            "      </singleparticle_processing>",
+            "    </structure_determination>",
+            "  </structure_determination_list>",
+        ]
+    lines.append("  <map>")
+    lines.append(f"    <file>emd_{_emd_number(key)}.map.gz</file>")
+    if box is not None:
+        col, row, sec = (int(n) for n in box)
+        lines += [
+            "    <dimensions>",
+            f"      <col>{col}</col>",
+            f"      <row>{row}</row>",
+            f"      <sec>{sec}</sec>",
+            "    </dimensions>",
+        ]
+    if voxel_size_a is not None:
+        lines.append("    <pixel_spacing>")
+        lines += [f'      <{a} units="{_ANGSTROM}">{voxel_size_a:g}</{a}>' for a in "xyz"]
+        lines.append("    </pixel_spacing>")
+    lines += ["  </map>", "</emd>", ""]
+    return "\n".join(lines)
 
 
 def parse_id_list(spec: str) -> list[str]:
@@ -134,6 +194,19 @@ class Mirror:
         if any(p == ".." for p in parts):
             raise KeyError(f"path climbs out of the archive: {relative!r}")
         return base.joinpath(*parts)
+
+    def emdb_files_path(self, relative: str) -> Path:
+        """A file or directory under ``ROOT/emdb_files`` (EMDB's file layout, ``structures/
+        EMD-<n>/...``); refuses paths that climb out of it."""
+        base = (self.root / "emdb_files").resolve()
+        parts = [p for p in relative.replace("\\", "/").split("/") if p not in ("", ".")]
+        if any(p == ".." for p in parts):
+            raise KeyError(f"path climbs out of the EMDB files: {relative!r}")
+        return base.joinpath(*parts)
+
+    def emdb_structure_path(self, emd_id: str | int) -> Path:
+        """``ROOT/emdb_files/structures/EMD-<n>``."""
+        return self.emdb_files_path(f"structures/{_emd_key(emd_id)}")
 
     # -- EMPIAR entries ---------------------------------------------------------------------
     def entry_ids(self) -> list[str]:
@@ -238,3 +311,67 @@ class Mirror:
         path = self.emdb_path(emd_id)
         atomic_write_text(path, json.dumps(record, ensure_ascii=False, indent=1))
         return path
+
+    # -- EMDB files -------------------------------------------------------------------------
+    def put_emdb_map(
+        self,
+        emd_id: str | int,
+        source: str | os.PathLike | bytes,
+        *,
+        header_xml: str | None = None,
+        half_maps: Sequence[str | os.PathLike | bytes] = (),
+        masks: Sequence[str | os.PathLike | bytes] = (),
+    ) -> Path:
+        """Put a map into the EMDB file layout: ``structures/EMD-<n>/map/emd_<n>.map.gz``.
+
+        Parameters
+        ----------
+        emd_id
+            ``"EMD-1832"``, ``1832``, ...
+        source
+            The uncompressed map (an MRC file's path or its bytes); it is gzipped with
+            ``mtime=0`` and no file name, so equal maps give equal bytes.
+        header_xml
+            The header XML's text (``header/emd-<n>.xml``, see :func:`emdb_header_xml`);
+            None writes no header, as for an entry whose header is missing.
+        half_maps, masks
+            Further maps: ``other/emd_<n>_half_map_<k>.map.gz`` (gzipped, as EMDB ships them)
+            and ``masks/emd_<n>_msk_<k>.map`` (uncompressed, as EMDB ships them), k from 1.
+
+        Returns
+        -------
+        Path
+            The ``.map.gz`` written. Every file is written atomically.
+        """
+        key = _emd_key(emd_id)
+        number = _emd_number(key)
+        folder = self.emdb_structure_path(key)
+        target = folder / "map" / f"emd_{number}.map.gz"
+        _write_gzip(source, target)
+        if header_xml is not None:
+            atomic_write_text(folder / "header" / f"emd-{number}.xml", header_xml)
+        for k, half in enumerate(half_maps, 1):
+            _write_gzip(half, folder / "other" / f"emd_{number}_half_map_{k}.map.gz")
+        for k, mask in enumerate(masks, 1):
+            out = folder / "masks" / f"emd_{number}_msk_{k}.map"
+            with atomic_path(out) as tmp:
+                if isinstance(mask, bytes):
+                    tmp.write_bytes(mask)
+                else:
+                    shutil.copyfile(mask, tmp)
+        return target
+
+
+def _write_gzip(source: str | os.PathLike | bytes, target: Path) -> None:
+    """Gzip ``source`` (bytes or a file, streamed) into ``target`` atomically, deterministically
+    (``mtime=0``, no name in the gzip header, level 6)."""
+    with (
+        atomic_path(target) as tmp,
+        open(tmp, "wb") as raw,
+        gzip.GzipFile(filename="", mode="wb", fileobj=raw, mtime=0, compresslevel=6) as out,
+    ):
+        if isinstance(source, bytes):
+            out.write(source)
+        else:
+            with open(source, "rb") as handle:
+                shutil.copyfileobj(handle, out, 1 << 20)

@@ -7,6 +7,7 @@ of the public services, so that clients point at it by base URL alone::
     GET      /emdb/api/empiar/search/<solr query>?rows=&page=  EMPIAR search, paged
     GET      /emdb/api/entry/EMD-xxxx                          EMDB entry
     GET|HEAD /empiar/world_availability/<id>/...               files (Range) and Apache listings
+    GET|HEAD /pub/databases/emdb/structures/EMD-<n>/...        EMDB's map files, the same way
 
 Unknown things answer ``404 {"detail": "Not found."}`` as the EMPIAR API does. Tests inject
 :class:`Fault` s (an error status, a slow reply, a connection cut mid-body, a garbage body) by
@@ -37,6 +38,8 @@ log = logging.getLogger("particleseg.server")
 EMPIAR_PREFIX = "/empiar/api"
 EMDB_PREFIX = "/emdb/api"
 ARCHIVE_PREFIX = "/empiar/world_availability"
+# EMDB's file tree, at the path EBI serves it under (ftp.ebi.ac.uk/pub/databases/emdb)
+EMDB_FILES_PREFIX = "/pub/databases/emdb"
 CHUNK_BYTES = 1 << 16
 
 
@@ -266,6 +269,13 @@ class _Handler(BaseHTTPRequestHandler):
                 self._not_found()
         elif path == ARCHIVE_PREFIX or path.startswith(ARCHIVE_PREFIX + "/"):
             self._archive(path[len(ARCHIVE_PREFIX) :], fault)
+        elif path == EMDB_FILES_PREFIX or path.startswith(EMDB_FILES_PREFIX + "/"):
+            try:
+                target = mirror.emdb_files_path(path[len(EMDB_FILES_PREFIX) :])
+            except KeyError:
+                self._not_found()
+                return
+            self._tree(target, fault)
         else:
             self._not_found()
 
@@ -276,6 +286,10 @@ class _Handler(BaseHTTPRequestHandler):
         except KeyError:
             self._not_found()
             return
+        self._tree(target, fault)
+
+    def _tree(self, target: Path, fault: Fault | None) -> None:
+        """A file (Range, HEAD) or an Apache listing of a folder of the mirror."""
         if target.is_dir():
             if not self._path().endswith("/"):
                 location = quote(self._path() + "/")
@@ -380,12 +394,17 @@ class ArchiveServer:
     def archive_url(self) -> str:
         return self.url + ARCHIVE_PREFIX
 
+    @property
+    def emdb_files_url(self) -> str:
+        return self.url + EMDB_FILES_PREFIX
+
     def env(self) -> dict[str, str]:
         """The environment that points every particleSeg client at this server."""
         return {
             "PARTICLESEG_EMPIAR_URL": self.empiar_url,
             "PARTICLESEG_EMDB_URL": self.emdb_url,
             "PARTICLESEG_ARCHIVE_URL": self.archive_url,
+            "PARTICLESEG_EMDB_FILES_URL": self.emdb_files_url,
         }
 
     def start(self) -> ArchiveServer:
