@@ -303,7 +303,8 @@ def compress_ids(ids: Iterable[str | int]) -> str:
     parts: list[str] = []
     start = prev = None
     for n in numbers + [None]:
-        if start is not None and n == prev + 1:
+        # start is not None implies prev is not None (set together)
+        if start is not None and n == prev + 1:  # pyright: ignore[reportOptionalOperand]
             prev = n
             continue
         if start is not None:
