@@ -56,10 +56,12 @@ $(STAMP): pyproject.toml
 	@mkdir -p $(DAGSTER_HOME)
 	@touch $(STAMP)
 
-# ruff; the import layers of pyproject's [tool.importlinter] (function-level imports count)
+# ruff (with docstring and complexity rules on the library); the import layers of pyproject's
+# [tool.importlinter] (function-level imports count); pyright in basic mode on the library
 lint: venv
 	$(VENV)/bin/ruff check particleseg_model particleseg_assets tests benchmarks scripts
 	$(VENV)/bin/lint-imports
+	$(VENV)/bin/pyright
 
 # pytest exits 5 when it collects no test; make fails on any non-zero status, so that cannot pass.
 test: setup lint

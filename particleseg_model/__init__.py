@@ -1,3 +1,6 @@
+"""particleSeg's domain library: EMPIAR access, RELION, simulation, the corpus, the model and
+cleaning, without Dagster (the assets in ``particleseg_assets`` call it)."""
+
 import os as _os
 
 # TensorFlow 2.21's oneDNN custom kernels corrupted the heap (glibc abort, segfault) while

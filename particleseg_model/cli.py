@@ -81,8 +81,9 @@ def print_eligible(eligible: pd.DataFrame) -> None:
         size = row.dataset_size_bytes
         size_text = (
             "?"
-            if pd.isna(size)
-            else (f"{size / 1e12:.1f} TB" if size >= 1e12 else f"{size / 1e9:.1f} GB")
+            # itertuples' fields are typed as any scalar; this is a float column (NaN: unknown)
+            if pd.isna(size)  # pyright: ignore[reportArgumentType, reportCallIssue]
+            else (f"{size / 1e12:.1f} TB" if size >= 1e12 else f"{size / 1e9:.1f} GB")  # pyright: ignore[reportOperatorIssue]
         )
         ships = "particles" if row.ships_particles else "coordinates"
         print(

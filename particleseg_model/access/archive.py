@@ -353,7 +353,7 @@ def _copy_local(
         bar.close()
 
 
-def download(
+def download(  # noqa: C901 - to split (pyproject: mccabe)
     url: str | os.PathLike[str],
     dest: str | os.PathLike[str],
     *,

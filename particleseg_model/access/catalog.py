@@ -216,7 +216,8 @@ def refresh_catalog(
     retry = kept["empiar_id"].isin(list(stale))
     if retry.any():
         kept.loc[retry, "error"] = kept.loc[retry, "empiar_id"].map(
-            lambda i: f"refresh failed, previous row kept: {stale[i]}"
+            # map() passes the ids of these rows, which are the keys of stale
+            lambda i: f"refresh failed, previous row kept: {stale[i]}"  # pyright: ignore[reportArgumentType]
         )
     table = pd.concat([kept, fresh], ignore_index=True) if len(kept) else fresh
     table = table.sort_values("empiar_id", kind="stable").reset_index(drop=True)

@@ -573,8 +573,9 @@ def _histogram_png(
         outside = int(((shown < low) | (shown > high)).sum())
         shown = np.clip(shown, low, high)
     bins = np.histogram_bin_edges(shown, bins=40) if len(shown) else 10
-    axes.hist(shown[keep[finite]], bins=bins, color="tab:blue", label="kept")
-    axes.hist(shown[~keep[finite]], bins=bins, color="tab:red", alpha=0.7, label="dropped")
+    # matplotlib takes an array of bin edges
+    axes.hist(shown[keep[finite]], bins=bins, color="tab:blue", label="kept")  # pyright: ignore[reportArgumentType]
+    axes.hist(shown[~keep[finite]], bins=bins, color="tab:red", alpha=0.7, label="dropped")  # pyright: ignore[reportArgumentType]
     if np.isfinite(cut):
         axes.axvline(cut, color="black", linestyle="--", label=f"cut {cut:.3g}")
     title = f"{score}: {int(keep.sum())} kept, {int((readable & ~keep).sum())} dropped"
@@ -679,7 +680,8 @@ def clean_to_folder(
     if model_version and models_root is None:
         raise ModelError(f"model {model_version!r}: give the models_root it is registered in")
     out.mkdir(parents=True, exist_ok=True)
-    model = get_model(models_root, model_version).address if model_version else None
+    # models_root is checked above whenever model_version is given
+    model = get_model(models_root, model_version).address if model_version else None  # pyright: ignore[reportArgumentType]
     # our own folder: outputs are replaced (each written to a temporary name, then renamed)
     result = clean_star(
         star,

@@ -28,6 +28,8 @@ FORMAT = "particleseg-labels/1"
 
 @dataclass
 class SegmentResult:
+    """What :func:`segment_star` wrote: the label file, particles, their box and the model's."""
+
     out: Path
     particles: int
     box: int
@@ -135,4 +137,5 @@ def read_labels(path: str | os.PathLike) -> tuple[np.ndarray, dict]:
     group = zarr.open_group(path, mode="r")
     if group.attrs.get("format") != FORMAT:
         raise ValueError(f"{path}: not a particleSeg label group")
-    return np.asarray(group["labels"][:]), dict(group.attrs)
+    # zarr types group[...] as Array | Group; 'labels' is an Array
+    return np.asarray(group["labels"][:]), dict(group.attrs)  # pyright: ignore[reportArgumentType]

@@ -120,7 +120,8 @@ def label_fractions(labels: np.ndarray) -> np.ndarray:
 
 
 def _size2(size: int | tuple[int, int]) -> tuple[int, int]:
-    out = (int(size), int(size)) if np.isscalar(size) else tuple(int(s) for s in size)
+    # np.isscalar does not narrow the int | tuple union
+    out = (int(size), int(size)) if np.isscalar(size) else tuple(int(s) for s in size)  # pyright: ignore[reportArgumentType, reportGeneralTypeIssues]
     if len(out) != 2 or min(out) < 1:
         raise ValueError(f"size must be a positive int or (height, width), got {size!r}")
     return out  # type: ignore[return-value]

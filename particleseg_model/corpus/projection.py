@@ -185,7 +185,9 @@ def _single_value(values: pd.Series, what: str) -> float | None:
     return float(np.median(finite))
 
 
-def particle_poses(particles: pd.DataFrame, *, pixel_size_a: float | None = None) -> Poses:
+def particle_poses(  # noqa: C901 - to split (pyproject: mccabe)
+    particles: pd.DataFrame, *, pixel_size_a: float | None = None
+) -> Poses:
     """Validated poses from a particle table: the canonical one of
     :func:`particleseg_model.em.star.read_star` (``rot_deg, tilt_deg, psi_deg, origin_x_a,
     origin_y_a, pixel_size_a, image_size_px``) or RELION column names (``rlnAngleRot``, ...,
@@ -280,8 +282,8 @@ def particle_poses(particles: pd.DataFrame, *, pixel_size_a: float | None = None
                 f"{_describe_rows(bad, names)} (1-based)"
             )
     return Poses(
-        angles["rot_deg"],
-        angles["tilt_deg"],
+        angles["rot_deg"],  # type: ignore[arg-type]
+        angles["tilt_deg"],  # type: ignore[arg-type]
         angles["psi_deg"],  # type: ignore[arg-type]
         origins["origin_x_a"],
         origins["origin_y_a"],
@@ -825,7 +827,8 @@ def project_with_relion(
         raise RelionError(f"{' '.join(command)}: wrote no {out_mrcs}")
     expected = _count_star_rows(out_mrcs.with_suffix(".star"))
     with mrcfile.mmap(out_mrcs, mode="r", permissive=True) as mrc:
-        written = int(mrc.header.nz)
+        # mrcfile types header/data as Optional; an opened file has both
+        written = int(mrc.header.nz)  # pyright: ignore[reportOptionalMemberAccess]
     if expected is not None and written != expected:
         raise RelionError(f"{out_mrcs}: {written} images for {expected} particles")
     return out_mrcs
@@ -926,7 +929,8 @@ def project_with_relion_per_particle(
             ]
             _run(command, Path(tmp), timeout_s)
             with mrcfile.open(out, permissive=True) as mrc:
-                images.append(np.array(mrc.data, dtype=np.float32).reshape(mrc.data.shape[-2:]))
+                # mrcfile types header/data as Optional; an opened file has both
+                images.append(np.array(mrc.data, dtype=np.float32).reshape(mrc.data.shape[-2:]))  # pyright: ignore[reportOptionalMemberAccess]
             out.unlink()
     if not images:
         return np.zeros((0, 0, 0), dtype=np.float32)

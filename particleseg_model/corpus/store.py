@@ -110,7 +110,7 @@ from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from functools import cached_property
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 import numpy as np
 import pandas as pd
@@ -729,6 +729,18 @@ class CorpusWriter:
     def temp_location(self) -> str | None:
         return self.place.where(self._tmp) if self._tmp else None
 
+    @property
+    def _chunk_size(self) -> int:
+        """Particles per chunk (``chunk_particles``, or chosen by :meth:`open`)."""
+        assert self.chunk is not None, f"{self.key}: the writer is not open"
+        return self.chunk
+
+    @property
+    def _version(self) -> str:
+        """The name of the version being written (set by :meth:`open`, cleared on commit)."""
+        assert self._tmp is not None, f"{self.key}: the writer is not open"
+        return self._tmp
+
     def open(self) -> None:
         import zarr
 
@@ -768,7 +780,7 @@ class CorpusWriter:
             raise ValueError(f"{self.key}: chunk_particles must be positive")
         if self.place.local is not None:
             self.place.local.mkdir(parents=True, exist_ok=True)
-        group = zarr.open_group(self.place.store(self._tmp, read_only=False), mode="w")
+        group = zarr.open_group(self.place.store(self._version, read_only=False), mode="w")
         shape, chunks = (0, self.box, self.box), (chunk, self.box, self.box)
         # chunk files c.<k>.0.0 side by side: no directory per chunk (directories are what
         # made deleting an old version slow: 1.1 s for 665 of them, under load)
@@ -826,15 +838,15 @@ class CorpusWriter:
         import zarr
 
         if self.place.local is not None:
-            src, dst = self.place.local / current, self.place.local / self._tmp
+            src, dst = self.place.local / current, self.place.local / self._version
             _hardlink_tree(src, dst)
             for path in dst.rglob("zarr.json"):
                 _unshare(path)
         else:
             fs = self.place.fs
-            fs.copy(self.place.fs_path(current), self.place.fs_path(self._tmp), recursive=True)
-        group = zarr.open_group(self.place.store(self._tmp, read_only=False), mode="r+")
-        attrs = dict(group.attrs)
+            fs.copy(self.place.fs_path(current), self.place.fs_path(self._version), recursive=True)
+        group = zarr.open_group(self.place.store(self._version, read_only=False), mode="r+")
+        attrs: dict[str, Any] = dict(group.attrs)
         where = self.place.where(current)
         if attrs.get("format") != FORMAT or not attrs.get("complete"):
             raise ValueError(f"{self.key}: {where} is not a complete {FORMAT} group")
@@ -873,23 +885,28 @@ class CorpusWriter:
                     f"{attrs[name]}: labels would not be comparable"
                 )
         self._group, self._attrs = group, attrs
-        self._images, self._labels = group["images"], group["labels"]
+        # zarr types group[...] as Array | Group; these two are the arrays create_array made
+        self._images = cast("zarr.Array", group["images"])
+        self._labels = cast("zarr.Array", group["labels"])
         self.dtype, self.chunk = attrs["image_dtype"], int(self._images.chunks[0])
         self.n_existing = self.n_written = int(self._images.shape[0])
         if self.place.local is not None:
             self._unshare_tail()
-        self._existing_table = self.place.read_table(self._tmp)
+        self._existing_table = self.place.read_table(self._version)
         self._names = set(self._existing_table["image_name"].astype(str))
 
     def _unshare_tail(self) -> None:
         """Un-share the last, partial, chunk file of each array: the append rewrites it."""
-        if self.n_written % self.chunk == 0:
+        c, local = self._chunk_size, self.place.local
+        assert local is not None  # called for local roots only
+        if self.n_written % c == 0:
             return
-        k = self.n_written // self.chunk
+        k = self.n_written // c
         for array in ("images", "labels"):
-            encoding = self._group[array].metadata.chunk_key_encoding
+            # Zarr v3 array metadata (this format writes no v2 arrays)
+            encoding = self._group[array].metadata.chunk_key_encoding  # pyright: ignore[reportAttributeAccessIssue]
             key = encoding.encode_chunk_key((k, 0, 0))
-            _unshare(self.place.local / self._tmp / array / key)
+            _unshare(local / self._version / array / key)
 
     # -- appending ----------------------------------------------------------------------------
     def append(self, images: np.ndarray, labels: np.ndarray, table_rows: Any) -> None:
@@ -963,7 +980,7 @@ class CorpusWriter:
         """Write every complete chunk that is buffered (and the rest when ``final``)."""
         if not self._buffered:
             return
-        c = self.chunk
+        c = self._chunk_size
         need = (self.n_written // c + 1) * c - self.n_written  # to the next chunk boundary
         if self._buffered < need and not final:
             return
@@ -1007,7 +1024,7 @@ class CorpusWriter:
             total = self.n_existing + self.n_added
             if (self.n_written, len(table), int(self._labels.shape[0])) != (total,) * 3:
                 raise RuntimeError(f"{self.key}: internal count mismatch before commit")
-            self.place.write_table(self._tmp, table)
+            self.place.write_table(self._version, table)
             now = _now()
             history = list(self._attrs.get("history", [])) + [
                 {
@@ -1042,13 +1059,13 @@ class CorpusWriter:
     def _swap(self, n_particles: int) -> None:
         live = self.place.name(self.key)
         if self.place.local is not None:
-            _swap_in(self.place.local / self._tmp, self.place.local / live)
+            _swap_in(self.place.local / self._version, self.place.local / live)
             self._tmp = None
             return
         # remote: the pointer write is the commit; the version is complete before it
         previous = _resolve(self.place, self.key)
         try:
-            self.place.write_pointer(self.key, self._tmp, n_particles)
+            self.place.write_pointer(self.key, self._version, n_particles)
         except Exception:
             # an error after the PUT took effect (a lost reply): committed all the same, and
             # the version must stay

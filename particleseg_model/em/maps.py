@@ -164,13 +164,15 @@ def write_mrc(
         if stack:
             mrc.set_image_stack()
         mrc.voxel_size = (pixel_size_a, pixel_size_a, 0.0 if stack else pixel_size_a)
+        header = mrc.header
+        assert header is not None  # mrcfile types it Optional; a new file has one
         if not stack:  # RELION and EMDB maps put the origin in the centre
             n = data.shape[0]
-            mrc.header.nxstart = mrc.header.nystart = mrc.header.nzstart = -(n // 2)
+            header.nxstart = header.nystart = header.nzstart = -(n // 2)
         # mrcfile's default label carries the creation time: a fixed one keeps bytes equal
-        mrc.header.label[:] = b""
-        mrc.header.label[0] = b"particleSeg simulated data"
-        mrc.header.nlabl = 1
+        header.label[:] = b""
+        header.label[0] = b"particleSeg simulated data"
+        header.nlabl = 1
     return path
 
 
@@ -208,7 +210,7 @@ def pad_or_crop(data: np.ndarray, size: int) -> np.ndarray:
     return out
 
 
-def fourier_shift(data: np.ndarray, shift_zyx: Sequence[float]) -> np.ndarray:
+def fourier_shift(data: np.ndarray, shift_zyx: Sequence[float] | np.ndarray) -> np.ndarray:
     """Translate a map by ``shift_zyx`` voxels (sub-voxel, periodic)."""
     spectrum = sfft.rfftn(data.astype(np.float32), workers=-1)
     n = data.shape

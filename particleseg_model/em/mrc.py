@@ -23,6 +23,7 @@ from collections.abc import Sequence
 from pathlib import Path
 
 import mrcfile
+import mrcfile.utils
 import numpy as np
 import numpy.typing as npt
 import pandas as pd
@@ -74,7 +75,7 @@ def _header(path: Path) -> np.recarray:
             # permissive: files without the "MAP " id or machine stamp (old tools) still open
             warnings.simplefilter("ignore", RuntimeWarning)
             with mrcfile.open(path, mode="r", permissive=True, header_only=True) as mrc:
-                return mrc.header.copy()
+                return mrc.header.copy()  # pyright: ignore[reportOptionalMemberAccess] - opened
     except Exception as exc:  # mrcfile raises ValueError/OSError on broken headers
         raise MrcError(f"{path}: cannot read the MRC header: {exc}") from exc
 
@@ -253,18 +254,20 @@ def _atomic_write(path: Path, data: np.ndarray, pixel_size_a: float, stack: bool
     # the folder must exist (mkdir=False): as before, a missing folder is the caller's error
     with atomic_path(path, mkdir=False) as tmp, mrcfile.new(tmp, overwrite=False) as mrc:
         mrc.set_data(data)
+        header = mrc.header
+        assert header is not None  # mrcfile types it Optional; a new file has one
         if stack:
             mrc.set_image_stack()
         else:
             mrc.set_volume()
             # RELION and EMDB put the origin of a map in its centre
-            mrc.header.nxstart, mrc.header.nystart, mrc.header.nzstart = (
+            header.nxstart, header.nystart, header.nzstart = (
                 -(n // 2) for n in (data.shape[2], data.shape[1], data.shape[0])
             )
         mrc.voxel_size = (pixel_size_a, pixel_size_a, pixel_size_a)
-        mrc.header.label[:] = b""  # mrcfile's default label holds the creation time
-        mrc.header.label[0] = _LABEL
-        mrc.header.nlabl = 1
+        header.label[:] = b""  # mrcfile's default label holds the creation time
+        header.label[0] = _LABEL
+        header.nlabl = 1
     return path
 
 

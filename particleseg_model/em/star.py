@@ -26,6 +26,7 @@ import re
 import shlex
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pandas as pd
@@ -210,7 +211,10 @@ def read_star(path: str | os.PathLike) -> ParticleStar:
     if path.stat().st_size == 0:
         raise StarError(f"{path}: empty file, no data blocks")
     try:
-        raw = starfile.read(path, always_dict=True, parse_as_string=_TEXT_LABELS)
+        # always_dict=True: a dict of blocks (starfile's return type also allows one block)
+        raw: dict[str, Any] = starfile.read(  # pyright: ignore[reportAssignmentType]
+            path, always_dict=True, parse_as_string=_TEXT_LABELS
+        )
     except TypeError as exc:  # starfile's parser finds nothing after a "data_x" line
         raise StarError(
             f"{path}: cannot parse as STAR: a data_ block has no loop_ and no values"
@@ -694,7 +698,8 @@ def _relion31_blocks(star: ParticleStar, particles: pd.DataFrame | None) -> dict
             position = out.columns.get_loc(px)
             out = out.drop(columns=px)
             if angst not in out:
-                out.insert(position, angst, new)
+                # the columns are unique, so get_loc gave an int
+                out.insert(position, angst, new)  # pyright: ignore[reportArgumentType]
         if angst in out or np.isfinite(new).any():
             out[angst] = new
     if "rlnOpticsGroup" not in out:

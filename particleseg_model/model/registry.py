@@ -42,7 +42,7 @@ from contextlib import contextmanager
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 from particleseg_model.atomic import atomic_write_bytes, atomic_write_json, atomic_write_text
 from particleseg_model.storage import is_remote, join, local_path, work_dir
@@ -390,7 +390,8 @@ def load_model(model: str | os.PathLike | ModelVersion, *, expect_size: int | No
     if expect_size is not None and size != expect_size:
         raise ModelError(f"{path}: trained at {size}x{size}, expected {expect_size}x{expect_size}")
     try:
-        network = keras.models.load_model(path, compile=False)
+        # typed as returning an optional object; a .keras file is a Model
+        network = cast("keras.Model", keras.models.load_model(path, compile=False))
     except Exception as exc:  # keras raises several types for a file it cannot read
         raise ModelError(f"{path}: Keras cannot load it ({type(exc).__name__}: {exc})") from None
     shape = network.input_shape

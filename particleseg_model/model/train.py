@@ -26,7 +26,7 @@ import time
 from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 import numpy as np
 
@@ -287,6 +287,7 @@ def train_segmentation(
     incremental = parent is not None and bool(new_ids)
     keras.utils.set_random_seed(config.seed)
     if incremental:
+        assert new_ids is not None  # incremental implies new_ids (narrows the Optional)
         unknown = [i for i in new_ids if i not in by_id]
         if unknown:
             raise ValueError(f"new partitions {unknown} are not among the training ids")
@@ -309,7 +310,8 @@ def train_segmentation(
     # them); outside a strategy the scope is a no-op
     with strategy.scope() if strategy is not None else contextlib.nullcontext():
         if incremental:
-            model = keras.models.load_model(parent, compile=False)
+            # load_model is typed as returning an optional object; a .keras file is a Model
+            model = cast("keras.Model", keras.models.load_model(parent, compile=False))
             if tuple(model.input_shape[1:3]) != (config.size, config.size):
                 raise ValueError(
                     f"{parent}: input {model.input_shape[1:3]} but the config "
@@ -367,7 +369,7 @@ def train_segmentation(
         epochs=config.epochs,
         shuffle=False,
         callbacks=callbacks,
-        verbose=0,
+        verbose=0,  # pyright: ignore[reportArgumentType] - Keras types verbose as str ("auto")
     )
     seconds = time.perf_counter() - started
     history = {k: [float(v) for v in vals] for k, vals in fitted.history.items()}

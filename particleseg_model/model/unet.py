@@ -264,9 +264,11 @@ def _encoder_unet(
     x = inputs
     if channels == 1:
         x = layers.Concatenate(axis=-1, name="grey_to_rgb")([x, x, x])
-    if _INPUT_SCALE[arch] is not None:
-        scale, offset = _INPUT_SCALE[arch]
-        x = layers.Rescaling(scale, offset, name="imagenet_scale")(x)
+    input_scale = _INPUT_SCALE[arch]
+    if input_scale is not None:
+        scale, offset = input_scale
+        # Rescaling broadcasts per-channel lists; Keras types them as float
+        x = layers.Rescaling(scale, offset, name="imagenet_scale")(x)  # pyright: ignore[reportArgumentType]
     *skips, x = encoder(x)
     for i, (filters, skip) in enumerate(
         zip(_DECODER_FILTERS, reversed(skips), strict=True), start=1
@@ -277,7 +279,8 @@ def _encoder_unet(
             strides=2,
             padding="same",
             use_bias=False,
-            kernel_initializer=keras.initializers.RandomNormal(0.0, 0.02),
+            # Keras types it as str; an Initializer instance is accepted
+            kernel_initializer=keras.initializers.RandomNormal(0.0, 0.02),  # pyright: ignore[reportArgumentType]
             name=f"up{i}_deconv",
         )(x)
         x = layers.BatchNormalization(momentum=BN_MOMENTUM, name=f"up{i}_bn")(x)

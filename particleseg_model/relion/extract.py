@@ -198,7 +198,7 @@ def _micrograph_table(
         }
         if optics is not None and len(optics) > 0:  # keep what a 3.1 optics block gives
             merged = optics.iloc[[0]].to_dict("records")[0]
-            group.update({k: v for k, v in merged.items() if k in group})
+            group.update({str(k): v for k, v in merged.items() if k in group})
         optics = pd.DataFrame([group])
         table["rlnOpticsGroup"] = 1
     elif "rlnOpticsGroup" not in table:
@@ -222,7 +222,7 @@ def _project_name(name: str, source: Path) -> str:
     return f"Micrographs/{source.name}"
 
 
-def extract_particles(
+def extract_particles(  # noqa: C901 - to split (pyproject: mccabe)
     micrographs: str | os.PathLike | Sequence[str | os.PathLike],
     coordinates: str | os.PathLike | Iterable[str | os.PathLike],
     out_dir: str | os.PathLike,

@@ -499,8 +499,8 @@ def pose_errors(
     ref = refined.loc[found, columns].astype(float)
     rows = lookup.loc[ref_key[found].to_numpy()].to_numpy()
     t = true.iloc[rows]
-    r_ref = euler_matrices(ref["rot_deg"], ref["tilt_deg"], ref["psi_deg"])
-    r_true = euler_matrices(t["rot_deg"], t["tilt_deg"], t["psi_deg"])
+    r_ref = euler_matrices(*(ref[c].to_numpy() for c in ("rot_deg", "tilt_deg", "psi_deg")))
+    r_true = euler_matrices(*(t[c].to_numpy() for c in ("rot_deg", "tilt_deg", "psi_deg")))
     trace = np.einsum("nji,nji->n", r_ref, r_true)  # trace(R_ref^T R_true)
     angle = np.degrees(np.arccos(np.clip((trace - 1) / 2, -1.0, 1.0)))
     dx = ref["origin_x_a"].to_numpy() - t["origin_x_a"].to_numpy()

@@ -115,7 +115,7 @@ def relion_available(program: str = "relion_refine") -> bool:
     return shutil.which(program) is not None
 
 
-def _emitter(target: LogTarget, level: int = logging.INFO) -> Callable[[str], None]:
+def _emitter(target: LogTarget, level: int = logging.INFO) -> Callable[[str], object]:
     """A ``str -> None`` from a logger (``logging.Logger``, Dagster's ``context.log``: anything
     with ``.info``) or a plain callable; None discards."""
     if target is None:
@@ -175,7 +175,7 @@ def relion_error_text(stderr: Sequence[str], stdout: Sequence[str] = ()) -> str:
     return "\n".join(tail[-10:])
 
 
-def run_relion(
+def run_relion(  # noqa: C901 - to split (pyproject: mccabe)
     args: Sequence[str | os.PathLike],
     *,
     cwd: str | os.PathLike,
@@ -308,7 +308,7 @@ def run_relion(
             if item is None:
                 open_streams -= 1
                 continue
-            name, raw = item
+            name, raw = item  # pyright: ignore[reportAssignmentType] - () and None skipped above
             if log_file:
                 log_file.write(("[err] " if name == "err" else "") + raw + "\n")
             text = _clean_line(raw)
@@ -402,7 +402,8 @@ def _kill(proc: subprocess.Popen) -> None:
 
 def _read_blocks(path: Path) -> dict[str, Any]:
     try:
-        return starfile.read(
+        # always_dict=True: a dict of blocks (starfile's return type also allows one block)
+        return starfile.read(  # pyright: ignore[reportReturnType]
             path,
             always_dict=True,
             parse_as_string=["rlnMicrographName", "rlnImageName", "rlnOpticsGroupName"],

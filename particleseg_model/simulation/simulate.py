@@ -1046,7 +1046,7 @@ def _place_pick(
     return row
 
 
-def simulate_micrographs(
+def simulate_micrographs(  # noqa: C901 - to split (pyproject: mccabe)
     density: DensityMap,
     config: SimulationConfig | None = None,
     *,
@@ -1118,7 +1118,9 @@ def simulate_micrographs(
         pending = []
         name = f"{name_prefix}{m + 1:04d}.mrc"
         du, dv, dang = (
-            float(groups.at[m, c]) for c in ("defocus_u_a", "defocus_v_a", "defocus_angle_deg")
+            # a float column of the optics/defocus table
+            float(groups.at[m, c])  # pyright: ignore[reportArgumentType]
+            for c in ("defocus_u_a", "defocus_v_a", "defocus_angle_deg")
         )
         carbon: tuple[float, float, float] | None = None
         if has_carbon[m]:
