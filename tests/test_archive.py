@@ -99,6 +99,29 @@ def test_list_directory_over_http(server, http, tree):
     assert [e.name for e in list_directory(top[1].url, http)] == ["other one.mrcs", "shiny.mrcs"]
 
 
+def test_listing_failures_other_than_404_name_url_and_status(server, http):
+    """Only a 404 means absent; a 5xx is retried (the client's policy), then fails with the
+    URL and status; a reply that is not a listing fails too."""
+    from particleseg_model.access.http import NotFoundError, ServerError
+
+    with pytest.raises(NotFoundError) as missing:
+        list_directory(f"{server.archive_url}/10028/data/Map/", http)
+    assert missing.value.status == 404
+    server.faults.append(Fault(r"/10028/data/$", status=503, times=1))
+    assert len(list_directory(f"{server.archive_url}/10028/data/", http)) == 3  # retried
+    server.faults.append(Fault(r"/10028/data/$", status=500, times=-1))
+    with pytest.raises(ServerError, match=r"GET http://.*/10028/data/: server error \(500\)") as e:
+        list_directory(f"{server.archive_url}/10028/data/", http)
+    assert e.value.status == 500 and e.value.url.endswith("/10028/data/")
+    attempts = [s for m, p, s in server.requests if p.endswith("/10028/data/")]
+    assert attempts == [503, 200] + [500] * (FAST_HTTP["retries"] + 1)
+    server.faults.clear()
+    server.faults.append(Fault(r"/10028/data/$", kind="garbage", times=-1))
+    with pytest.raises(ValueError, match="not a directory listing"):
+        list_directory(f"{server.archive_url}/10028/data/", http)
+    server.faults.clear()
+
+
 def test_list_directory_creates_its_own_client(server):
     assert [e.name for e in list_directory(f"{server.archive_url}/10028")] == ["10028.xml", "data"]
 

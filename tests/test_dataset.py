@@ -127,3 +127,56 @@ def test_entry_without_particles_or_coordinates(fixture_mirror, tmp_path: Path) 
         fetch_entry_files(
             parse_entry("19999", record), str(tmp_path), tmp_path / "d", progress=False
         )
+
+
+def test_only_a_404_means_absent_while_listing(served, tmp_path: Path) -> None:
+    """A 5xx while listing Map/ or data/ fails with the URL and status (after the retries);
+    one 5xx is retried away; a 404 folder is absent."""
+    from conftest import FAST_HTTP
+    from particleseg_model.access.dataset import ListingError
+    from particleseg_model.access.http import HttpClient
+    from particleseg_model.access.server import Fault
+
+    entry, archive = _entry(served, "EMPIAR-30001")
+    http = HttpClient(archive, **FAST_HTTP)
+    served.faults.append(Fault(r"/30001/data/Map/$", status=503, times=-1))
+    try:
+        with pytest.raises(
+            ListingError, match=r"listing http://.*/30001/data/Map/ failed: .*503"
+        ) as e:
+            fetch_entry_files(entry, archive, tmp_path / "a", http=http, progress=False)
+        assert e.value.status == 503 and e.value.url.endswith("/30001/data/Map/")
+    finally:
+        served.faults.clear()
+    served.faults.append(Fault(r"/30001/data/$", status=500, times=-1))
+    try:
+        with pytest.raises(ListingError, match=r"/30001/data/ failed: .*500"):
+            fetch_entry_files(entry, archive, tmp_path / "b", http=http, progress=False)
+    finally:
+        served.faults.clear()
+    served.faults.append(Fault(r"/30001/data/Map/$", status=502, times=1))
+    files = fetch_entry_files(entry, archive, tmp_path / "c", http=http, progress=False)
+    assert sorted(p.name for p in files.maps) == ["emd_95001.map", "mask.mrc"]
+    served.faults.append(Fault(r"/30001/data/Map/$", status=404, times=-1))
+    try:
+        files = fetch_entry_files(entry, archive, tmp_path / "d", http=http, progress=False)
+    finally:
+        served.faults.clear()
+    assert files.maps == [] and len(files.stacks) == 3
+
+
+def test_a_stack_that_fails_otherwise_than_404_is_not_skipped(served, tmp_path: Path) -> None:
+    from conftest import FAST_HTTP
+    from particleseg_model.access.archive import DownloadError
+    from particleseg_model.access.http import HttpClient
+    from particleseg_model.access.server import Fault
+
+    entry, archive = _entry(served, "EMPIAR-30001")
+    http = HttpClient(archive, **FAST_HTTP)
+    served.faults.append(Fault(r"particles_002\.mrcs$", status=500, times=-1))
+    try:
+        with pytest.raises(DownloadError, match=r"particles_002\.mrcs.*500") as e:
+            fetch_entry_files(entry, archive, tmp_path / "a", http=http, progress=False)
+    finally:
+        served.faults.clear()
+    assert e.value.status == 500

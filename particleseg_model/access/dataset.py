@@ -9,7 +9,11 @@ deposited maps and masks (``Map/``), a ``ground_truth.csv`` and ``simulation.jso
 entries). Stacks that the STAR file does not reference are never downloaded.
 
 Downloads are resumable, size-checked and atomic (:mod:`particleseg_model.access.archive`), so
-running it again after a cut fetches only what is missing.
+running it again after a cut fetches only what is missing. Only a 404 (or a missing local
+folder) means a folder or file is absent; any other failure while listing or fetching (a 5xx
+after the client's retries, a refused connection, a reply that is not a listing) raises
+:class:`ListingError` or :class:`~particleseg_model.access.archive.DownloadError` naming the
+URL and the status.
 """
 
 from __future__ import annotations
@@ -21,12 +25,12 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Literal
 
-from particleseg_model.access.archive import RemoteFile, download, list_directory
+from particleseg_model.access.archive import DownloadError, RemoteFile, download, list_directory
 from particleseg_model.access.empiar import Entry, Imageset, partition_key
-from particleseg_model.access.http import HttpClient
+from particleseg_model.access.http import HttpClient, HttpError, NotFoundError
 from particleseg_model.em.star import StarError, read_star
 
-__all__ = ["EntryFiles", "NothingToFetch", "fetch_entry_files", "entry_url"]
+__all__ = ["EntryFiles", "ListingError", "NothingToFetch", "fetch_entry_files", "entry_url"]
 
 SIDE_FILES = ("ground_truth.csv", "simulation.json", "micrographs_ctf.star")
 MAP_SUFFIXES = (".map", ".mrc", ".map.gz")
@@ -34,6 +38,11 @@ MAP_SUFFIXES = (".map", ".mrc", ".map.gz")
 
 class NothingToFetch(ValueError):
     """The entry ships neither particles nor micrographs with coordinates we can read."""
+
+
+class ListingError(HttpError):
+    """An archive folder that could not be listed for another reason than its absence (404);
+    ``url`` and ``status`` (None without an HTTP reply) say which."""
 
 
 @dataclass
@@ -79,10 +88,16 @@ def _clean(directory: str) -> str:
 
 
 def _list(url: str, http: HttpClient | None) -> list[RemoteFile]:
+    """The folder's files; an absent folder (404, or missing locally) is empty, any other
+    failure raises :class:`ListingError` with the URL and status (after the retries)."""
     try:
         return list_directory(url, http)
-    except Exception:  # noqa: BLE001 - a missing optional folder is not an error
-        return []
+    except (NotFoundError, FileNotFoundError, NotADirectoryError):
+        return []  # an optional folder (Map/, a parent of the imageset) that is not there
+    except HttpError as exc:
+        raise ListingError(f"listing {url} failed: {exc}", url=url, status=exc.status) from exc
+    except ValueError as exc:  # a reply that is not an autoindex page
+        raise ListingError(f"listing {url} failed: {exc}", url=url) from exc
 
 
 def _relative(entry: str, remote: RemoteFile) -> str:
@@ -189,8 +204,11 @@ def _fetch_particles(
             try:
                 files.stacks.append(download(url, target, http=http, progress=progress))
                 break
-            except Exception as exc:  # noqa: BLE001 - try the next candidate location
-                errors.append(f"{url}: {exc}")
+            except DownloadError as exc:
+                absent = exc.status == 404 or isinstance(exc.__cause__, FileNotFoundError)
+                if not absent:
+                    raise  # a server failure is not "not here": it names the URL and status
+                errors.append(f"{url}: {exc}")  # try the next candidate location
         else:
             raise NothingToFetch(
                 f"{star_path.name} names stack {stack!r}, which is not in the "
