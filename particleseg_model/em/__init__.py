@@ -1,8 +1,16 @@
-"""Cryo-EM file formats and geometry: RELION STAR files (every version to one canonical particle
-table), MRC stacks and maps, Euler matrices and Fourier indices."""
+"""Cryo-EM file formats and geometry: RELION STAR files and cryoSPARC ``.cs`` files (every version
+to one canonical particle table, completed from the stacks), MRC stacks and maps, Euler matrices
+and Fourier indices."""
 
 from __future__ import annotations
 
+from particleseg_model.em.cryosparc import (
+    CryosparcError,
+    CryosparcParticles,
+    euler_to_pose,
+    pose_to_euler,
+    read_cs,
+)
 from particleseg_model.em.geometry import (
     centre_phase,
     euler_matrices,
@@ -42,6 +50,14 @@ from particleseg_model.em.mrc import (
     write_map,
     write_stack,
 )
+from particleseg_model.em.particles import (
+    ParticleGroup,
+    ParticleTableError,
+    StackHeader,
+    complete_from_stacks,
+    particle_groups,
+    stack_header,
+)
 from particleseg_model.em.star import (
     CANONICAL_COLUMNS,
     ParticleStar,
@@ -57,19 +73,26 @@ from particleseg_model.em.star import (
 
 __all__ = [
     "CANONICAL_COLUMNS",
+    "CryosparcError",
+    "CryosparcParticles",
     "DensityMap",
     "GENERATED_SHAPES",
     "MapError",
     "MrcError",
+    "ParticleGroup",
     "ParticleStar",
+    "ParticleTableError",
+    "StackHeader",
     "StarError",
     "auto_threshold",
     "centre_of_mass_shift",
     "centre_phase",
     "clear_cache",
+    "complete_from_stacks",
     "create_mask",
     "euler_matrices",
     "format_loop_blocks",
+    "euler_to_pose",
     "fourier_resample",
     "fourier_shift",
     "generate_map",
@@ -81,16 +104,20 @@ __all__ = [
     "map_threshold",
     "open_stack",
     "pad_or_crop",
+    "particle_groups",
+    "pose_to_euler",
     "particle_diameter_px",
     "prepare_map",
     "pseudo_atomic_model",
     "random_euler",
+    "read_cs",
     "read_map",
     "read_particles",
     "read_particles_table",
     "read_star",
     "relion_freq",
     "split_image_name",
+    "stack_header",
     "validate_map",
     "volume_threshold",
     "write_loop_blocks",
