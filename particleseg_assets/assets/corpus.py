@@ -27,15 +27,13 @@ from particleseg_assets.partitions import empiar_partitions
 from particleseg_assets.resources import EmpiarResource, RelionResource, StorageResource
 from particleseg_model.corpus import build
 from particleseg_model.corpus.manifests import (
-    MANIFEST,
     MaskManifest,
     RefinedManifest,
     StacksManifest,
-    read_manifest,
-    write_manifest,
+    read_manifest,  # kept importable from here for tests/test_faults.py
 )
 
-__all__ = ["MANIFEST", "PER_DATASET_FOLDERS", "read_manifest", "write_manifest"]
+__all__ = ["PER_DATASET_FOLDERS", "read_manifest"]
 
 PER_DATASET_FOLDERS = (
     "downloads",
