@@ -134,7 +134,8 @@ def find_shared_data() -> Path | None:
     """``../shared/data`` beside the project checkout (or ``$PARTICLESEG_SHARED_DATA``)."""
     env = os.environ.get(SHARED_ENV)
     candidates = [Path(env)] if env else []
-    candidates.append(Path(__file__).resolve().parents[2] / "shared" / "data")
+    # particleseg_model/simulation/demo_archive.py -> the folder that holds the checkout
+    candidates.append(Path(__file__).resolve().parents[3] / "shared" / "data")
     return next((c for c in candidates if c.is_dir()), None)
 
 
