@@ -387,3 +387,15 @@ def test_default_demo_archive(tmp_path: Path) -> None:
     assert catalog.ships_coordinates.sum() == 1 and catalog.ships_particles.sum() == 2
     titles = [Mirror(tmp_path / "demo").entry(i)[i]["title"] for i in ids]
     assert len(set(titles)) == 3
+
+
+def test_the_demo_finds_shared_data_beside_the_checkout(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The demo's real maps come from ``../shared/data`` beside the checkout, wherever the
+    module sits in the package (a move one folder down once made it fall back silently)."""
+    from particleseg_model.simulation.demo_archive import SHARED_ENV, find_shared_data
+
+    monkeypatch.delenv(SHARED_ENV, raising=False)
+    beside = Path(__file__).resolve().parents[1].parent / "shared" / "data"
+    if not beside.is_dir():
+        pytest.skip(f"no shared data beside the checkout ({beside})")
+    assert find_shared_data() == beside
