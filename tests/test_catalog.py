@@ -12,11 +12,14 @@ from particleseg_model.access.catalog import (
     read_catalog,
     refresh_catalog,
     select_eligible,
+    select_not_fetchable,
     write_parquet,
 )
 from particleseg_model.access.empiar import EmdbClient, EmpiarClient
 from particleseg_model.access.fixtures import (
+    NOT_FETCHABLE,
     ORIGINAL_IDS_AT_3_5_A,
+    REAL_EXTRA_IDS,
     SYNTHETIC_ELIGIBLE,
     emdb_record,
     fixture_records,
@@ -24,7 +27,7 @@ from particleseg_model.access.fixtures import (
 from particleseg_model.access.server import Fault
 
 ORIGINAL = sorted(
-    k for k in fixture_records()["entries"] if k < "EMPIAR-19000" and k != "EMPIAR-10934"
+    k for k in fixture_records()["entries"] if k < "EMPIAR-19000" and k not in REAL_EXTRA_IDS
 )
 
 
@@ -62,6 +65,8 @@ def test_eligibility_rule_on_the_original_list(archive_server):
     assert strict == (set(ORIGINAL) - set(ORIGINAL_IDS_AT_3_5_A)) | set(SYNTHETIC_ELIGIBLE)
     assert inclusive == set(ORIGINAL) | set(SYNTHETIC_ELIGIBLE)
     for excluded in [
+        "EMPIAR-10017",
+        "EMPIAR-10076",
         "EMPIAR-10934",
         "EMPIAR-19001",
         "EMPIAR-19002",
@@ -69,10 +74,73 @@ def test_eligibility_rule_on_the_original_list(archive_server):
         "EMPIAR-19008",
         "EMPIAR-19011",
         "EMPIAR-19012",
+        "EMPIAR-19013",
+        "EMPIAR-19014",
+        "EMPIAR-19015",
     ]:
         assert excluded not in inclusive
     no_particles_needed = set(select_eligible(table, require_particles=False)["empiar_id"])
     assert {"EMPIAR-10934", "EMPIAR-19012"} <= no_particles_needed
+    print(f"fixture catalog: {len(strict)} eligible (strict) of {len(table)} rows")
+
+
+def test_not_fetchable_entries_are_listed_with_the_reason(archive_server):
+    """Free text, particle movies and tomography never make an entry eligible; entries that
+    pass on resolution without a fetchable particle set are listed with the reason."""
+    table = refresh_catalog(*clients(archive_server)).table
+    listed = select_not_fetchable(table).set_index("empiar_id")
+    assert sorted(listed.index) == sorted(NOT_FETCHABLE)
+    reasons = listed["not_fetchable_reason"]
+    assert "free text only" in reasons["EMPIAR-19013"]
+    assert listed.loc["EMPIAR-19013", "mentions_particles_in_text"]
+    assert "particle movies only" in reasons["EMPIAR-19014"]
+    assert reasons["EMPIAR-19015"].startswith("tomography (tilt series)")
+    assert not listed.loc["EMPIAR-19015", "is_single_particle"]
+    assert "picked_particles_file_pattern" in reasons["EMPIAR-10934"]
+    rows = table.set_index("empiar_id")
+    assert rows.loc["EMPIAR-10028", "not_fetchable_reason"] == ""
+    assert rows.loc["EMPIAR-10028", "ships_particles"]  # its real particle folder
+    # the old rule (categories starting "picked particles", picked_particles_* on any imageset,
+    # free text on micrographs) took these three as well
+    old_rule = {"EMPIAR-19013", "EMPIAR-19014", "EMPIAR-19015"}
+    assert not old_rule & set(select_eligible(table)["empiar_id"])
+    print(
+        f"not fetchable but good enough: {len(listed)} "
+        + ", ".join(f"{k} ({v[:40]})" for k, v in reasons.items())
+    )
+
+
+def test_every_map_is_kept_with_its_resolution(archive_server):
+    import json
+
+    table = refresh_catalog(*clients(archive_server)).table.set_index("empiar_id")
+    maps = json.loads(table.loc["EMPIAR-10107", "emdb_resolutions"])
+    assert len(maps) == 6 and min(maps.values()) == pytest.approx(3.2)
+    assert list(maps) == table.loc["EMPIAR-10107", "emdb_ids"].split(",")
+    assert table.loc["EMPIAR-10107", "best_emdb_id"] == min(maps, key=maps.get)
+    assert json.loads(table.loc["EMPIAR-19004", "emdb_resolutions"]) == {"EMD-90004": None}
+
+
+def test_old_catalog_files_read_with_the_new_columns(archive_server, tmp_path):
+    table = refresh_catalog(*clients(archive_server)).table
+    old = table.drop(
+        columns=[
+            "is_single_particle",
+            "mentions_particles_in_text",
+            "not_fetchable_reason",
+            "emdb_resolutions",
+        ]
+    )
+    path = write_parquet(old, tmp_path / "old.parquet")
+    read = read_catalog(path)
+    assert read["is_single_particle"].all() and not read["mentions_particles_in_text"].any()
+    assert (read["not_fetchable_reason"] == "").all()
+    # judged by their flags until refreshed: EMPIAR-19015's particles are inside tomography
+    eligible = set(select_eligible(table)["empiar_id"])
+    assert set(select_eligible(read)["empiar_id"]) == eligible | {"EMPIAR-19015"}
+    # and the next refresh rebuilds every row under the rule (not incrementally)
+    again = refresh_catalog(*clients(archive_server), read)
+    assert again.since is None and set(select_eligible(again.table)["empiar_id"]) == eligible
 
 
 def test_incremental_refresh_fetches_only_what_changed(archive_server):

@@ -16,10 +16,10 @@ def test_catalog_command_refreshes_incrementally(server_env, tmp_path, capsys):
     out = tmp_path / "catalog.parquet"
     assert main(["catalog", "--out", str(out)]) == 0
     first = capsys.readouterr()
-    assert "68 entries (68 new, 0 updated)" in first.out
+    assert "73 entries (73 new, 0 updated)" in first.out
     assert "EMPIAR-10028" in first.out and "EMPIAR-10081" not in first.out  # 3.5 A is not < 3.5
     assert "EMPIAR-19007: imagesets is str" in first.err
-    assert len(pd.read_parquet(out)) == 68
+    assert len(pd.read_parquet(out)) == 73
 
     assert main(["catalog", "--out", str(out), "--inclusive"]) == 0
     second = capsys.readouterr().out

@@ -102,14 +102,18 @@ def test_ids_normalise():
 
 
 def test_particles_and_coordinates_are_recognised():
+    """EMPIAR's vocabulary only: single-frame picked particles are particles, multiframe ones
+    are particle movies; coordinates are declared on micrographs; free text is a flag."""
     particles = parse_imageset(
         {
             "name": "p",
             "directory": "data/p",
-            "category": "picked particles - multiframe - unprocessed",
+            "category": "picked particles - single frame - unprocessed",
         }
     )
     assert particles.is_particles and not particles.has_coordinates
+    movies = parse_imageset({"name": "p", "category": "picked particles - multiframe - processed"})
+    assert movies.is_particle_movies and not movies.is_particles
     coords = parse_imageset(
         {
             "name": "m",
@@ -128,11 +132,39 @@ def test_particles_and_coordinates_are_recognised():
             "details": "Particle coordinates in RELION .star files.",
         }
     )
-    assert by_details.has_coordinates
+    assert not by_details.has_coordinates and by_details.mentions_particles_in_text
     plain = parse_imageset(
         {"name": "m", "category": "micrographs - multiframe", "details": "Gain reference included."}
     )
     assert not plain.has_coordinates and not plain.is_particles
+    assert not plain.mentions_particles_in_text
+    # a picked_particles pattern on something that is not micrographs is not coordinates
+    tilts = parse_imageset(
+        {"name": "t", "category": "tilt series", "picked_particles_file_pattern": "data/*.mod"}
+    )
+    assert tilts.is_tomography and not tilts.has_coordinates
+
+
+def _entry_with(*imagesets: dict):
+    record = {"title": "t", "cross_references": [], "imagesets": list(imagesets)}
+    return parse_entry("19999", record)
+
+
+def test_not_fetchable_reasons():
+    single = {"name": "p", "category": "picked particles - single frame - processed"}
+    mics = {"name": "m", "category": "micrographs - multiframe"}
+    text = {**mics, "details": "Coordinates not deposited."}
+    assert _entry_with(single).not_fetchable_reason == ""
+    assert _entry_with({**mics, "picked_particles_directory": "data/c"}).not_fetchable_reason == ""
+    reason = _entry_with(text).not_fetchable_reason
+    assert "free text only" in reason and _entry_with(text).mentions_particles_in_text
+    movies = {"name": "p", "category": "picked particles - multiframe - unprocessed"}
+    assert "particle movies only" in _entry_with(movies).not_fetchable_reason
+    tomo = _entry_with(single, {"name": "t", "category": "tilt series"})
+    assert not tomo.is_single_particle
+    assert tomo.not_fetchable_reason.startswith("tomography (tilt series)")
+    subtomo = _entry_with({"name": "s", "category": "Subtomograms"})
+    assert "subtomograms" in subtomo.not_fetchable_reason
 
 
 def test_malformed_entry_names_the_entry():

@@ -21,10 +21,12 @@ from particleseg_model.access.catalog import (
     refresh_catalog,
     resolve_resolutions,
     select_eligible,
+    select_not_fetchable,
     write_parquet,
 )
 from particleseg_model.access.dataset import (
     EntryFiles,
+    ListingError,
     NothingToFetch,
     entry_url,
     fetch_entry_files,
@@ -101,6 +103,7 @@ __all__ = [
     "HttpClient",
     "HttpError",
     "Imageset",
+    "ListingError",
     "Mirror",
     "NotFoundError",
     "NothingToFetch",
@@ -142,6 +145,7 @@ __all__ = [
     "resolution_from_emdb",
     "resolve_resolutions",
     "select_eligible",
+    "select_not_fetchable",
     "serve",
     "synthetic_entry",
     "write_fixture_mirror",

@@ -1,8 +1,16 @@
 """The EMPIAR catalog: one row per entry, refreshed incrementally, and the eligibility rule.
 
 An entry is *eligible* for the particleSeg corpus when it is not obsolete, its best linked EMDB
-map is better (strictly lower) than ``max_resolution_a`` (3.5 A by default), and it ships
-particle images or particle coordinates.
+map is better (strictly lower) than ``max_resolution_a`` (3.5 A by default), and it has a
+fetchable particle set in EMPIAR's own vocabulary: a ``picked particles - single frame - ...``
+imageset, or a micrograph imageset with ``picked_particles_file_pattern`` /
+``picked_particles_directory``, in a single-particle experiment (no tilt series or
+subtomograms; particle movies do not count). Free text is never a reason: it only sets the
+``mentions_particles_in_text`` flag shown to people. An entry that passes on resolution but has
+no fetchable particle set carries the reason in ``not_fetchable_reason``
+(:func:`select_not_fetchable` lists them). Every linked map is kept with its resolution
+(``emdb_resolutions``, JSON ``{"EMD-x": A or null}`` in the entry's order), the best one in
+``best_emdb_id``/``best_resolution_a``.
 """
 
 from __future__ import annotations
@@ -48,6 +56,10 @@ CATALOG_COLUMNS: dict[str, str] = {
     "best_resolution_a": "float64",
     "ships_particles": "bool",
     "ships_coordinates": "bool",
+    "is_single_particle": "bool",
+    "mentions_particles_in_text": "bool",
+    "not_fetchable_reason": "string",
+    "emdb_resolutions": "string",
     "particle_images": "Int64",
     "pixel_size_a": "float64",
     "categories": "string",
@@ -55,6 +67,19 @@ CATALOG_COLUMNS: dict[str, str] = {
     "error": "string",
     "fetched_at": "string",
 }
+
+
+# Columns added after catalogs were first written: what an older file's rows get on reading
+# (the reason is empty: such rows were judged by ships_particles/ships_coordinates).
+_LATER_COLUMN_DEFAULTS: dict[str, Any] = {
+    "is_single_particle": True,
+    "mentions_particles_in_text": False,
+    "not_fetchable_reason": "",
+    "emdb_resolutions": "",
+}
+
+
+_OLDER_FILE_ATTR = "catalog_lacks_columns"
 
 
 @dataclass
@@ -103,6 +128,10 @@ def entry_row(entry: Entry, resolutions: dict[str, float | None], error: str = "
         "best_resolution_a": best_resolution,
         "ships_particles": entry.ships_particles,
         "ships_coordinates": entry.ships_coordinates,
+        "is_single_particle": entry.is_single_particle,
+        "mentions_particles_in_text": entry.mentions_particles_in_text,
+        "not_fetchable_reason": entry.not_fetchable_reason,
+        "emdb_resolutions": json.dumps({e: resolutions.get(e) for e in entry.emdb_ids}),
         "particle_images": sum(counts) if counts else None,
         "pixel_size_a": pixel_sizes[0] if pixel_sizes else None,
         "categories": "; ".join(sorted({s.category for s in entry.imagesets})),
@@ -154,6 +183,12 @@ def refresh_catalog(
     at a time: they are latency-bound, and the client's polite delay still spaces them.
     """
     started = time.perf_counter()
+    if previous is not None and previous.attrs.get(_OLDER_FILE_ATTR):
+        log.info(
+            "the previous catalog lacks %s (an older eligibility rule): refreshing in full",
+            ", ".join(previous.attrs[_OLDER_FILE_ATTR]),
+        )
+        full = True
     previous = empty_catalog() if previous is None or full else previous
     since = None
     if len(previous):
@@ -240,14 +275,38 @@ def select_eligible(
 ) -> pd.DataFrame:
     """Entries worth using: not obsolete, best map better than ``max_resolution_a`` (strictly,
     unless ``inclusive``: the original particleSeg list kept maps at exactly 3.5 A), and (by
-    default) shipping particles or particle coordinates."""
+    default) with a fetchable particle set (single-frame particles or micrographs with
+    declared coordinates, single-particle, ``not_fetchable_reason`` empty)."""
+    mask = _resolution_ok(catalog, max_resolution_a, inclusive)
+    if require_particles:
+        mask &= _fetchable(catalog)
+    return catalog[mask].reset_index(drop=True)
+
+
+def select_not_fetchable(
+    catalog: pd.DataFrame,
+    max_resolution_a: float = DEFAULT_MAX_RESOLUTION_A,
+    *,
+    inclusive: bool = False,
+) -> pd.DataFrame:
+    """Entries that pass on status and resolution but have no fetchable particle set, with
+    their ``not_fetchable_reason``: listed for people, never requested as runs."""
+    mask = _resolution_ok(catalog, max_resolution_a, inclusive) & ~_fetchable(catalog)
+    return catalog[mask].reset_index(drop=True)
+
+
+def _resolution_ok(catalog: pd.DataFrame, max_resolution_a: float, inclusive: bool) -> pd.Series:
     status = catalog["status"].fillna("").str.upper()
     resolution = catalog["best_resolution_a"]
     good = resolution <= max_resolution_a if inclusive else resolution < max_resolution_a
-    mask = ~status.str.startswith("OBS") & resolution.notna() & good.fillna(False)
-    if require_particles:
-        mask &= catalog["ships_particles"] | catalog["ships_coordinates"]
-    return catalog[mask].reset_index(drop=True)
+    return ~status.str.startswith("OBS") & resolution.notna() & good.fillna(False)
+
+
+def _fetchable(catalog: pd.DataFrame) -> pd.Series:
+    ships = catalog["ships_particles"] | catalog["ships_coordinates"]
+    if "not_fetchable_reason" in catalog:
+        ships &= catalog["not_fetchable_reason"].fillna("") == ""
+    return ships.astype(bool)
 
 
 def write_parquet(frame: pd.DataFrame, path: str | Path) -> Path:
@@ -264,10 +323,16 @@ def read_catalog(path: str | Path) -> pd.DataFrame | None:
     if not path.exists():
         return None
     frame = pd.read_parquet(path)
+    missing = [c for c in CATALOG_COLUMNS if c not in frame]
     for column, dtype in CATALOG_COLUMNS.items():
-        if column not in frame:
+        if column in _LATER_COLUMN_DEFAULTS and column not in frame:
+            frame[column] = _LATER_COLUMN_DEFAULTS[column]
+        elif column not in frame:
             frame[column] = pd.Series(dtype=dtype, index=frame.index)
-    return frame[list(CATALOG_COLUMNS)].astype(CATALOG_COLUMNS)
+    out = frame[list(CATALOG_COLUMNS)].astype(CATALOG_COLUMNS)
+    # rows of an older file were judged by an older rule: refresh_catalog rebuilds them all
+    out.attrs[_OLDER_FILE_ATTR] = [c for c in missing if c in _LATER_COLUMN_DEFAULTS]
+    return out
 
 
 @dataclass

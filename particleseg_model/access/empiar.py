@@ -43,10 +43,23 @@ _SIZE_UNITS.update({"KIB": 2**10, "MIB": 2**20, "GIB": 2**30, "TIB": 2**40, "PIB
 _EMPIAR_ID = re.compile(r"^\s*(?:EMPIAR[-_]?)?(\d{5,})\s*$", re.IGNORECASE)
 _EMD_ID = re.compile(r"^\s*(?:EMD[-_]?)?(\d{4,})\s*$", re.IGNORECASE)
 _RESOLUTION = re.compile(r"^\s*(\d+(?:\.\d*)?|\.\d+)\s*(?:Å|A|ANG|ANGSTROMS?)?\s*$", re.IGNORECASE)
-# Free-text hints that an imageset (or its details) carries particle coordinates.
+# Free-text hints that an imageset's details speak of particles or coordinates: a flag shown to
+# people (catalog column mentions_particles_in_text), never a reason to download anything
+# ("Coordinates not deposited." matches too).
 _COORDINATE_HINT = re.compile(
     r"coordinat|\.box\b|\.star\b|\.coord|picked particle|particle pick", re.IGNORECASE
 )
+# EMPIAR's category vocabulary (the deposition schema's T1-T14): single-frame picked particles
+# are particle images; multiframe ones are particle movies; these two are tomography.
+PARTICLE_CATEGORIES = (
+    "picked particles - single frame - unprocessed",
+    "picked particles - single frame - processed",
+)
+PARTICLE_MOVIE_CATEGORIES = (
+    "picked particles - multiframe - unprocessed",
+    "picked particles - multiframe - processed",
+)
+TOMOGRAPHY_CATEGORIES = ("tilt series", "subtomograms")
 
 
 class EntryError(ValueError):
@@ -190,21 +203,45 @@ class Imageset:
     picked_particles_directory: str = ""
 
     @property
+    def _category(self) -> str:
+        return " ".join(self.category.lower().split())
+
+    @property
     def is_particles(self) -> bool:
-        """Extracted particle images ('picked particles - ...' categories)."""
-        return self.category.lower().startswith("picked particles")
+        """Extracted single-frame particle images: the ``picked particles - single frame -
+        unprocessed|processed`` categories (not particle movies)."""
+        return self._category.startswith("picked particles - single frame")
+
+    @property
+    def is_particle_movies(self) -> bool:
+        """Particle movies (``picked particles - multiframe - ...``): not usable as particles."""
+        return self._category.startswith("picked particles - multiframe")
 
     @property
     def is_micrographs(self) -> bool:
-        return self.category.lower().startswith("micrographs")
+        return self._category.startswith("micrographs")
+
+    @property
+    def is_tomography(self) -> bool:
+        """Tilt series or subtomograms: not a single-particle experiment."""
+        return self._category in TOMOGRAPHY_CATEGORIES
 
     @property
     def has_coordinates(self) -> bool:
-        """Particle coordinates ship with it: there is no category for them, so read the
-        ``picked_particles_*`` fields and, failing those, the free-text details."""
-        if self.picked_particles_file_pattern.strip() or self.picked_particles_directory.strip():
-            return True
-        return self.is_micrographs and bool(_COORDINATE_HINT.search(self.details))
+        """Particle coordinates ship with these micrographs: there is no category for them, so
+        they are the ``picked_particles_file_pattern`` / ``picked_particles_directory`` fields
+        of a micrograph imageset. Free text never counts (see
+        :attr:`mentions_particles_in_text`)."""
+        declared = self.picked_particles_file_pattern.strip() or (
+            self.picked_particles_directory.strip()
+        )
+        return self.is_micrographs and bool(declared)
+
+    @property
+    def mentions_particles_in_text(self) -> bool:
+        """The details speak of coordinates, picks or STAR/box files: shown to people only
+        ("Coordinates not deposited." mentions them too)."""
+        return bool(_COORDINATE_HINT.search(self.details))
 
 
 def parse_imageset(raw: Any) -> Imageset:
@@ -258,11 +295,47 @@ class Entry:
 
     @property
     def ships_particles(self) -> bool:
+        """A ``picked particles - single frame`` imageset."""
         return any(s.is_particles for s in self.imagesets)
 
     @property
     def ships_coordinates(self) -> bool:
+        """A micrograph imageset with ``picked_particles_file_pattern``/``_directory``."""
         return any(s.has_coordinates for s in self.imagesets)
+
+    @property
+    def is_single_particle(self) -> bool:
+        """No tilt series or subtomograms (those are tomography)."""
+        return not any(s.is_tomography for s in self.imagesets)
+
+    @property
+    def mentions_particles_in_text(self) -> bool:
+        """Some imageset's details speak of particles or coordinates (a flag for people)."""
+        return any(s.mentions_particles_in_text for s in self.imagesets)
+
+    @property
+    def not_fetchable_reason(self) -> str:
+        """Why no particle set can be fetched from this entry; ``""`` when one can.
+
+        Only EMPIAR's own vocabulary counts: single-frame picked particles, or micrographs
+        with declared coordinates, in a single-particle experiment."""
+        if not self.is_single_particle:
+            kinds = sorted({s._category for s in self.imagesets if s.is_tomography})
+            return f"tomography ({', '.join(kinds)}), not a single-particle experiment"
+        if self.ships_particles or self.ships_coordinates:
+            return ""
+        if any(s.is_particle_movies for s in self.imagesets):
+            return (
+                "particle movies only (picked particles - multiframe); no single-frame "
+                "particles and no micrographs with coordinates"
+            )
+        base = (
+            "no 'picked particles - single frame' imageset and no micrograph imageset with "
+            "picked_particles_file_pattern/picked_particles_directory"
+        )
+        if self.mentions_particles_in_text:
+            return base + " (the details mention particles or coordinates: free text only)"
+        return base
 
 
 def parse_entry(empiar_id: str | int, record: Any) -> Entry:

@@ -2,8 +2,15 @@
 
 ``data/empiar_fixture.json`` (built by ``scripts/build_empiar_fixture.py`` from public facts)
 holds the 56 entries of the original particleSeg list with their real ids, titles, sizes, EMDB ids
-and best resolutions, the real EMPIAR-10934 header, and synthetic entries 19001+ that are not
-eligible or malformed on purpose.
+and best resolutions (their imagesets illustrative, except EMPIAR-10028's folders, files and box),
+the real EMPIAR-10934 header, EMPIAR-10076 and EMPIAR-10017 shaped by what public material says
+of their particles and micrographs (no EMDB link known: never eligible here), and synthetic
+entries 19001+ that are not eligible or malformed on purpose. Its ``provenance`` section names,
+entry by entry, the real facts and their sources and the synthetic ones.
+
+Under the eligibility rule (EMPIAR's vocabulary, :mod:`particleseg_model.access.catalog`) the
+strict count is 53 originals + :data:`SYNTHETIC_ELIGIBLE`; the entries in :data:`NOT_FETCHABLE`
+pass on resolution but have no fetchable particle set and are listed with the reason.
 """
 
 from __future__ import annotations
@@ -21,11 +28,45 @@ from particleseg_model.access.mirror import Mirror
 # strict "better than 3.5 A" rule keeps 53 of them. Synthetic eligible ones: 19003, 19009, 19010.
 ORIGINAL_IDS_AT_3_5_A = ("EMPIAR-10081", "EMPIAR-10090", "EMPIAR-10278")
 SYNTHETIC_ELIGIBLE = ("EMPIAR-19003", "EMPIAR-19009", "EMPIAR-19010")
+# Real entries outside the original list (EMPIAR-10934: the real XML; 10017, 10076: partly real).
+REAL_EXTRA_IDS = ("EMPIAR-10017", "EMPIAR-10076", "EMPIAR-10934")
+# Better than 3.5 A but nothing to fetch: micrographs without declared coordinates (10934, 19012),
+# coordinates named only in free text (19013), particle movies only (19014), tomography (19008,
+# 19015). The rule before EMPIAR's vocabulary took 19013, 19014 and 19015 as well.
+NOT_FETCHABLE = (
+    "EMPIAR-10934",
+    "EMPIAR-19008",
+    "EMPIAR-19012",
+    "EMPIAR-19013",
+    "EMPIAR-19014",
+    "EMPIAR-19015",
+)
+
+# The imageset synthetic entries start from (it was EMPIAR-10028's first imageset before that
+# entry got its real folders; kept so that synthetic mirrors stay the same)
+_SYNTHETIC_TEMPLATE: dict[str, Any] = {
+    "name": "Micrographs of Cryo-EM structure of the Plasmodium falciparum 80S ribosome ",
+    "directory": "/data/Micrographs",
+    "category": "micrographs - multiframe",
+    "header_format": "TIFF",
+    "data_format": "TIFF",
+    "num_images_or_tilt_series": 60,
+    "frames_per_image": 40,
+    "voxel_type": "UNSIGNED BYTE",
+    "pixel_width": 1.06,
+    "image_width": "5760",
+    "image_height": "4092",
+    "details": "Dose-fractionated movies.",
+    "micrographs_file_pattern": "data/Micrographs/*.tif",
+    "picked_particles_file_pattern": "data/Coordinates/*.star",
+    "picked_particles_directory": "data/Coordinates",
+}
 
 
 @cache
 def fixture_records() -> dict[str, dict[str, Any]]:
-    """``{"entries": {EMPIAR id: record}, "emdb": {EMD id: record}}`` of the embedded fixture."""
+    """``{"entries": {EMPIAR id: record}, "emdb": {EMD id: record}, "provenance": {EMPIAR id:
+    {"status", "real_facts", "synthetic_facts"}}}`` of the embedded fixture."""
     text = resources.files("particleseg_model.access").joinpath("data/empiar_fixture.json")
     return json.loads(text.read_text(encoding="utf-8"))
 
@@ -59,8 +100,7 @@ def synthetic_entry(number: int, rng: random.Random, update_date: str) -> tuple[
     """One synthetic entry and its EMDB records: about a third ship particles or coordinates."""
     emd_ids = [f"EMD-{60000 + 3 * number + k}" for k in range(rng.choice((1, 1, 1, 2, 3)))]
     kind = rng.random()
-    template = fixture_records()["entries"]["EMPIAR-10028"]["imagesets"][0]
-    imageset = dict(template)
+    imageset = dict(_SYNTHETIC_TEMPLATE)
     if kind < 0.2:
         imageset["category"] = "picked particles - single frame - processed"
     elif kind < 0.35:
