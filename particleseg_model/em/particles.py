@@ -18,6 +18,7 @@ import os
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any, cast
 
 import mrcfile
 import numpy as np
@@ -158,6 +159,11 @@ def complete_from_stacks(
     return out
 
 
+def _missing(value: Any) -> bool:
+    """A group key that is NA or NaN (``value != value`` holds for NaN only)."""
+    return value is pd.NA or value is None or value != value
+
+
 def particle_groups(particles: pd.DataFrame) -> list[ParticleGroup]:
     """Split a canonical table by (box, pixel size): the sets processed together.
 
@@ -177,7 +183,8 @@ def particle_groups(particles: pd.DataFrame) -> list[ParticleGroup]:
         index=particles.index,
     )
     groups = []
-    for (box, pix), frame in keys.groupby(["box", "pixel"], dropna=False, sort=False):
+    for key, frame in keys.groupby(["box", "pixel"], dropna=False, sort=False):
+        box, pix = cast(tuple[Any, Any], key)  # the two grouping columns' values
         optics = (
             tuple(sorted(int(g) for g in particles.loc[frame.index, "optics_group"].unique()))
             if "optics_group" in particles
@@ -185,8 +192,8 @@ def particle_groups(particles: pd.DataFrame) -> list[ParticleGroup]:
         )
         groups.append(
             ParticleGroup(
-                box_px=None if pd.isna(box) else int(box),  # pyright: ignore[reportArgumentType]
-                pixel_size_a=None if pd.isna(pix) else float(pix),  # pyright: ignore[reportArgumentType]
+                box_px=None if _missing(box) else int(box),
+                pixel_size_a=None if _missing(pix) else float(pix),
                 index=frame.index,
                 optics_groups=optics,
             )
