@@ -58,6 +58,9 @@ def build_partition(server, key: str, data: Path) -> None:
         map_resolution_a=lambda: build.best_map_resolution_a(
             entry, emdb=EmdbClient(server.emdb_url)
         ),
+        emdb_files_url=server.emdb_files_url,  # the maps are in the mirror's EMDB layout
+        emdb=EmdbClient(server.emdb_url),
+        map_cache=data / "emdb",
     ).manifest
     refined = build.refine_poses(stacks, data / "refined_particles" / key).manifest
     mask = build.make_mask_volume(stacks, refined, data / "mask_volume" / key).manifest

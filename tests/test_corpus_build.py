@@ -4,6 +4,7 @@ Dagster: stacks fetched from a loopback archive -> deposited poses -> mask -> la
 from __future__ import annotations
 
 import dataclasses
+import hashlib
 import json
 import subprocess
 import sys
@@ -46,7 +47,8 @@ with serve(archive) as server:
         map_resolution_a=lambda: build.best_map_resolution_a(
             entry, emdb=EmdbClient(server.emdb_url)
         ),
-        log=lines.append,
+        emdb_files_url=server.emdb_files_url, emdb=EmdbClient(server.emdb_url),
+        map_cache=work / "emdb", log=lines.append,
     )
 refined = build.refine_poses(stacks.manifest, work / "refined_particles", run_id=run_id)
 mask = build.make_mask_volume(stacks.manifest, refined.manifest, work / "mask_volume")
@@ -155,7 +157,7 @@ def test_manifests_keep_their_json(built: tuple[Path, dict]) -> None:
         "particle_stacks": [
             "empiar_id", "kind", "particles_star", "base_dir", "n_particles", "box_px",
             "pixel_size_a", "has_poses", "maps", "ground_truth", "extraction",
-            "map_resolution_a", "downloaded_bytes",
+            "map_resolution_a", "downloaded_bytes", "reference_map",
         ],
         "refined_particles": [
             "empiar_id", "source", "particles_star", "base_dir", "refined_map", "n_particles",
@@ -187,7 +189,15 @@ def test_manifests_keep_their_json(built: tuple[Path, dict]) -> None:
     stacks = StacksManifest.read(work / "particle_stacks")
     assert stacks.empiar_id == "EMPIAR-30001" and stacks.map_resolution_a == pytest.approx(3.2)
     assert stacks.ground_truth is not None and stacks.ground_truth.exists()
-    assert [p.name for p in stacks.maps] == ["emd_95001.map", "mask.mrc"]
+    # the archive holds no map: the reference comes from EMDB's file layout, once per id
+    assert stacks.maps == ()
+    reference = stacks.reference
+    assert reference is not None and reference.emdb_id == "EMD-95001"
+    assert reference.source == "emdb" and reference.resolution_a == pytest.approx(3.2)
+    assert reference.url.endswith("/pub/databases/emdb/structures/EMD-95001/map/emd_95001.map.gz")
+    assert reference.path == work / "emdb" / "EMD-95001" / "emd_95001.map"
+    assert reference.sha256 == hashlib.sha256(reference.path.read_bytes()).hexdigest()
+    assert MaskManifest.read(work / "mask_volume").map == str(reference.path)
     labels = LabelsManifest.read(work / "particle_masks")
     assert labels.empiar_id == "30001" and labels.run_id == RUN_ID
     assert labels.mask_params == MaskManifest.read(work / "mask_volume").params()
@@ -206,6 +216,7 @@ def test_bad_rows_are_named_or_skipped(archive: Path, tmp_path: Path) -> None:
             map_resolution_a=lambda: build.best_map_resolution_a(
                 entry, emdb=EmdbClient(server.emdb_url)
             ),
+            emdb_files_url=server.emdb_files_url,
         ).manifest
     refined = build.refine_poses(stacks, tmp_path / "refined").manifest
     mask = build.make_mask_volume(stacks, refined, tmp_path / "mask").manifest
@@ -246,7 +257,7 @@ def test_refinement_choice_is_refused_in_one_line(built: tuple[Path, dict], tmp_
     posed = dataclasses.replace(stacks, has_poses=False)
     with pytest.raises(ValueError, match=r"particles.star has no poses .*use source 'refine'"):
         build.refine_poses(posed, tmp_path, build.RefineOptions(source="deposited"))
-    without_map = dataclasses.replace(stacks, maps=())
+    without_map = dataclasses.replace(stacks, maps=(), reference=None)
     with pytest.raises(FileNotFoundError, match="EMPIAR-30001: no deposited map to start"):
         build.refine_poses(without_map, tmp_path, build.RefineOptions(source="refine"))
     refined = RefinedManifest.read(work / "refined_particles")

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import gzip
 import shutil
 from pathlib import Path
 
@@ -30,6 +31,13 @@ def small_archive(tmp_path_factory: pytest.TempPathFactory) -> Path:
     )
     # a stack nobody references: it must never be downloaded
     (out / "archive" / "30001" / "data" / "Particles" / "unused.mrcs").write_bytes(b"x" * 4096)
+    # the demo puts maps in EMDB's layout only; some real entries deposit one in Map/ too
+    emdb = out / "emdb_files" / "structures" / "EMD-95001"
+    deposited = out / "archive" / "30001" / "data" / "Map"
+    deposited.mkdir()
+    with gzip.open(emdb / "map" / "emd_95001.map.gz") as packed:
+        (deposited / "emd_95001.map").write_bytes(packed.read())
+    shutil.copyfile(emdb / "masks" / "emd_95001_msk_1.map", deposited / "mask.mrc")
     return out
 
 

@@ -3,6 +3,7 @@ ground truth, determinism and refusals."""
 
 from __future__ import annotations
 
+import gzip
 import hashlib
 import json
 import struct
@@ -84,14 +85,17 @@ def test_layout_and_eligible_records(archive: tuple[Path, list[str]]) -> None:
         data = _data(root, number)
         assert (root / "empiar" / f"EMPIAR-{number}.json").is_file()
         assert (root / "emdb" / f"EMD-{emd}.json").is_file()
-        for name in (
-            f"Map/emd_{emd}.map",
-            "Map/mask.mrc",
-            "ground_truth.csv",
-            "gallery.png",
-            "simulation.json",
-        ):
+        for name in ("ground_truth.csv", "gallery.png", "simulation.json"):
             assert (data / name).is_file(), name
+        # the map only in EMDB's file layout, as real entries have it: none in the archive
+        assert not (data / "Map").exists()
+        structure = root / "emdb_files" / "structures" / f"EMD-{emd}"
+        for name in (
+            f"map/emd_{emd}.map.gz",
+            f"header/emd-{emd}.xml",
+            f"masks/emd_{emd}_msk_1.map",
+        ):
+            assert (structure / name).is_file(), name
     catalog = _catalog_rows(root)
     eligible = select_eligible(catalog)
     assert list(eligible.empiar_id) == ids  # resolution < 3.5 A and particles or coordinates
@@ -141,7 +145,8 @@ def test_particle_files(archive: tuple[Path, list[str]]) -> None:
     assert np.allclose(truth.rot_deg[good], table.rot_deg[good])
     assert np.allclose(truth.origin_x_a[good], table.origin_x_a[good], atol=1e-5)
     assert table[["rot_deg", "tilt_deg", "psi_deg"]].notna().all().all()  # junk has poses too
-    with mrcfile.open(data / "Map/mask.mrc") as mrc:
+    mask_path = root / "emdb_files/structures/EMD-95001/masks/emd_95001_msk_1.map"
+    with mrcfile.open(mask_path) as mrc:
         mask = np.asarray(mrc.data)
     assert mask.shape == (BOX,) * 3 and mask.min() == 0.0 and mask.max() == 1.0
 
@@ -153,7 +158,9 @@ def test_relion_projects_the_star_file_onto_the_particles(
     the good particles; junk does not match its (random) STAR poses."""
     root, _ = archive
     data = _data(root, 30001)
-    (tmp_path / "map.mrc").symlink_to(data / "Map" / "emd_95001.map")
+    packed = root / "emdb_files/structures/EMD-95001/map/emd_95001.map.gz"
+    with gzip.open(packed) as source:
+        (tmp_path / "map.mrc").write_bytes(source.read())
     subprocess.run(
         [
             str(relion_bin / "relion_project"),
@@ -297,6 +304,31 @@ def test_refuses_an_existing_archive(archive: tuple[Path, list[str]]) -> None:
         write_demo_archive(root, **SMALL)
     assert str(root) in str(info.value)
     assert _hashes(root) == before
+
+
+def test_relion30_entry_is_deposited_as_old_entries_are(tmp_path: Path) -> None:
+    """EMPIAR-30002 (a particle entry) ships a RELION 3.0 STAR file: one data_images table,
+    no optics, rlnDetectorPixelSize/rlnMagnification, origins in pixels; the same particles
+    and poses as a 3.1 file would give."""
+    out = tmp_path / "out"
+    small = {**SMALL, "n_particles": 12, "micrograph_entries": 0}
+    write_demo_archive(out, **small)
+    star_path = _data(out, 30002) / "particles.star"
+    text = star_path.read_text()
+    assert "data_images" in text and "data_optics" not in text and "# version" not in text
+    assert "_rlnOriginX " in text and "_rlnImageSize" not in text
+    star = read_star(star_path)
+    assert star.version == "3.0" and star.optics is None
+    table = star.particles
+    info = json.loads((_data(out, 30002) / "simulation.json").read_text())
+    assert info["layout"]["star_format"] == "relion-3.0"
+    assert table.image_size_px.isna().all()  # 3.0 gives no box: the stacks do
+    assert table.pixel_size_a.to_numpy() == pytest.approx(info["pixel_size_a"], abs=1e-6)
+    truth = pd.read_csv(_data(out, 30002) / "ground_truth.csv")
+    good = truth.is_good.to_numpy()
+    assert np.allclose(truth.origin_x_a[good], table.origin_x_a[good], atol=1e-4)
+    assert np.allclose(truth.rot_deg[good], table.rot_deg[good])
+    assert read_star(_data(out, 30001) / "particles.star").version == "3.1"
 
 
 def test_refuses_non_empty_dir_and_accepts_empty(tmp_path: Path) -> None:

@@ -7,6 +7,7 @@ refinement test is also ``slow`` (tens of seconds).
 
 from __future__ import annotations
 
+import gzip
 import logging
 import os
 import shutil
@@ -64,7 +65,7 @@ def _corr(a: np.ndarray, b: np.ndarray) -> float:
 def micrograph_entry(tmp_path_factory) -> Path:
     """A tiny demo archive micrograph entry (60 picks, 30% junk, 512 px micrographs): its
     ``data`` directory with Micrographs/, Coordinates/*.star|box, micrographs_ctf.star,
-    ground_truth.csv and Map/."""
+    ground_truth.csv; its map is in the mirror's EMDB layout."""
     out = tmp_path_factory.mktemp("archive") / "mirror"
     (entry,) = write_demo_archive(
         out,
@@ -109,7 +110,7 @@ def _windows(data: Path, table: pd.DataFrame, box: int) -> np.ndarray:
 @pytest.mark.relion
 @needs_relion
 def test_extraction_matches_the_micrographs_and_the_ground_truth(
-    micrograph_entry: Path, extracted
+    micrograph_entry: Path, extracted, tmp_path: Path
 ) -> None:
     result, lines = extracted
     truth = pd.read_csv(micrograph_entry / "ground_truth.csv")
@@ -143,7 +144,11 @@ def test_extraction_matches_the_micrographs_and_the_ground_truth(
     )
     assert len(merged) == N_PICKS
     good = merged[merged.is_good]
-    density = load_map(micrograph_entry / "Map" / "emd_95001.map")
+    # the demo's map is in the mirror's EMDB layout (archive/<n>/data -> the mirror root)
+    packed = micrograph_entry.parents[2] / "emdb_files/structures/EMD-95001/map/emd_95001.map.gz"
+    with gzip.open(packed) as source:
+        (tmp_path / "emd_95001.map").write_bytes(source.read())
+    density = load_map(tmp_path / "emd_95001.map")
     pixel = density.pixel_size_a
     ctf = ctf_2d(
         BOX, pixel, good.defocus_u_a_true, good.defocus_v_a_true, good.defocus_angle_deg_true

@@ -68,8 +68,11 @@ def particle_stacks(
     relion: RelionResource,
 ) -> MaterializeResult:
     """The entry's particle images and their STAR file: the deposited stacks when the entry
-    ships them, else particles extracted from its micrographs and coordinate files with
-    ``relion_preprocess``. Only what the entry needs is downloaded (resumable)."""
+    ships them (any RELION STAR flavour, or cryoSPARC .cs), else particles extracted from its
+    micrographs and coordinate files with ``relion_preprocess``; and the reference map, from
+    EMDB's file tree unless the archive holds it (its EMDB id, resolution, voxel size, sha256
+    and how it was chosen are in the metadata). Only what the entry needs is downloaded
+    (resumable)."""
     key = context.partition_key
     started = time.perf_counter()  # the EMPIAR lookup counts too
     entry = empiar.empiar().entry(key)
@@ -82,6 +85,9 @@ def particle_stacks(
         map_resolution_a=lambda: build.best_map_resolution_a(
             entry, eligible_path=storage.eligible_path(), emdb=empiar.emdb()
         ),
+        emdb_files_url=empiar.emdb_files(),
+        emdb=empiar.emdb(),
+        map_cache=storage.path("emdb"),  # one copy of each EMDB map for every partition
         relion=relion,
         log=context.log.info,
     )

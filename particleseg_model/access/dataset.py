@@ -1,12 +1,15 @@
 """Fetch what one EMPIAR entry needs for the corpus, and nothing more.
 
 An entry ships either extracted particles (a ``picked particles`` imageset: a particle STAR file
-and the stacks its ``rlnImageName`` column names) or micrographs with particle coordinates
-(``micrographs_file_pattern`` / ``picked_particles_file_pattern``, RELION STAR or EMAN
-``.box``). :func:`fetch_entry_files` downloads exactly those files into ``dest`` with the
-archive's relative paths kept (``dest/data/...``), plus the small side files an entry may carry:
-deposited maps and masks (``Map/``), a ``ground_truth.csv`` and ``simulation.json`` (simulated
-entries). Stacks that the STAR file does not reference are never downloaded.
+and the stacks its ``rlnImageName`` column names, or, without a particle STAR file, a cryoSPARC
+``.cs`` particle file and the ``.mrc`` stacks its ``blob/path`` names) or micrographs with
+particle coordinates (``micrographs_file_pattern`` / ``picked_particles_file_pattern``, RELION
+STAR or EMAN ``.box``). :func:`fetch_entry_files` downloads exactly those files into ``dest``
+with the archive's relative paths kept (``dest/data/...``), plus the small side files an entry
+may carry:
+maps and masks deposited in the archive (``Map/``: rare in real entries, whose maps are in EMDB;
+see :mod:`particleseg_model.corpus.reference`), a ``ground_truth.csv`` and ``simulation.json``
+(simulated entries). Stacks that the particle file does not reference are never downloaded.
 
 Downloads are resumable, size-checked and atomic (:mod:`particleseg_model.access.archive`), so
 running it again after a cut fetches only what is missing. Only a 404 (or a missing local
@@ -28,6 +31,7 @@ from typing import Literal
 from particleseg_model.access.archive import DownloadError, RemoteFile, download, list_directory
 from particleseg_model.access.empiar import Entry, Imageset, partition_key
 from particleseg_model.access.http import HttpClient, HttpError, NotFoundError
+from particleseg_model.em.cryosparc import CryosparcError, read_cs
 from particleseg_model.em.star import StarError, read_star
 
 __all__ = ["EntryFiles", "ListingError", "NothingToFetch", "fetch_entry_files", "entry_url"]
@@ -47,12 +51,18 @@ class ListingError(HttpError):
 
 @dataclass
 class EntryFiles:
-    """The local copy of what an entry needs. Paths are absolute, under ``root``."""
+    """The local copy of what an entry needs. Paths are absolute, under ``root``.
+
+    ``particles_star`` is the deposited particle STAR file; ``particles_cs`` the cryoSPARC
+    particle file of an entry that ships one and no particle STAR file (one of the two is set
+    for a particle entry). ``imageset`` is the imageset the files come from."""
 
     empiar_id: str
     kind: Literal["particles", "micrographs"]
     root: Path
     particles_star: Path | None = None
+    particles_cs: Path | None = None
+    imageset: Imageset | None = None
     stacks: list[Path] = field(default_factory=list)
     micrographs: list[Path] = field(default_factory=list)
     coordinates: list[Path] = field(default_factory=list)
@@ -71,6 +81,8 @@ class EntryFiles:
         ]
         if self.particles_star:
             files.append(self.particles_star)
+        if self.particles_cs:
+            files.append(self.particles_cs)
         return sum(p.stat().st_size for p in files if p.exists())
 
 
@@ -139,42 +151,56 @@ def _side_files(
             files.maps.append(_fetch(entry, remote, dest, http, progress))
 
 
-def _particle_star(
+def _particle_file(
     entry: str, folders: list[str], dest: Path, http: HttpClient | None, progress: bool
-) -> Path:
-    """The particle STAR file: among the STAR files in the imageset folder and its parents,
-    the one with ``rlnImageName`` and the most rows."""
-    best: tuple[int, Path] | None = None
+) -> tuple[Literal["star", "cs"], Path]:
+    """The particle file: among the STAR files in the imageset folder and its parents, the one
+    with ``rlnImageName`` and the most rows; without one, among the cryoSPARC ``.cs`` files
+    there, the one with the fields needed (``read_cs``) and the most rows."""
     problems: list[str] = []
     seen: set[str] = set()
+    listed: list[RemoteFile] = []
     for folder in folders:
         for remote in _list(entry + (folder + "/" if folder else ""), http):
-            if remote.is_dir or not remote.name.endswith(".star") or remote.url in seen:
+            if not remote.is_dir and remote.url not in seen:
+                seen.add(remote.url)
+                listed.append(remote)
+    for suffix, reader, errors in (
+        (".star", lambda p: read_star(p).particles, StarError),
+        (".cs", lambda p: read_cs(p).particles, CryosparcError),
+    ):
+        best: tuple[int, Path] | None = None
+        for remote in listed:
+            if not remote.name.endswith(suffix):
                 continue
-            seen.add(remote.url)
             local = _fetch(entry, remote, dest, http, progress)
             try:
-                rows = len(read_star(local).particles)
-            except StarError as exc:
+                rows = len(reader(local))
+            except errors as exc:
                 problems.append(str(exc))
                 continue
             if best is None or rows > best[0]:
                 best = (rows, local)
-    if best is None:
-        detail = "; ".join(problems[:3]) or "none found"
-        raise NothingToFetch(f"no particle STAR file in {entry} ({', '.join(folders)}): {detail}")
-    return best[1]
+        if best is not None:
+            return ("star" if suffix == ".star" else "cs"), best[1]
+    detail = "; ".join(problems[:3]) or "none found"
+    raise NothingToFetch(
+        f"no particle STAR or cryoSPARC .cs file in {entry} ({', '.join(folders)}): {detail}"
+    )
 
 
 def _stack_url(entry: str, star_relative: str, stack_path: str) -> list[str]:
-    """Where a stack named in a STAR file may be: relative to the STAR's folder, or to the
-    entry's ``data/`` folder (RELION paths are relative to the project directory)."""
+    """Where a stack named in a particle file may be: relative to its folder, or to the
+    entry's ``data/`` folder (RELION paths are relative to the project directory), or, last,
+    by its bare name in the particle file's folder (cryoSPARC paths are relative to a
+    cryoSPARC project, ``J12/extract/...``, which depositors seldom keep)."""
     clean = stack_path.lstrip("/")
     star_dir = posixpath.dirname(star_relative)
     candidates = [
         posixpath.normpath(posixpath.join(star_dir, clean)),
         posixpath.normpath(posixpath.join("data", clean)),
         posixpath.normpath(clean),
+        posixpath.normpath(posixpath.join(star_dir, posixpath.basename(clean))),
     ]
     return [entry + c for c in dict.fromkeys(candidates) if not c.startswith("..")]
 
@@ -190,11 +216,15 @@ def _fetch_particles(
     directory = _clean(imageset.directory)
     parent = posixpath.dirname(directory)
     folders = list(dict.fromkeys([directory, parent] + ([] if parent == "" else [""])))
-    star_path = _particle_star(entry, folders, dest, http, progress)
-    files.particles_star = star_path
-    star = read_star(star_path)
+    kind, star_path = _particle_file(entry, folders, dest, http, progress)
+    if kind == "star":
+        files.particles_star = star_path
+        table = read_star(star_path).particles
+    else:
+        files.particles_cs = star_path
+        table = read_cs(star_path).particles
     star_relative = star_path.relative_to(dest).as_posix()
-    for stack in sorted(star.particles["stack_path"].unique()):
+    for stack in sorted(table["stack_path"].unique()):
         target = star_path.parent / stack
         if target.exists() and target.stat().st_size > 0:
             files.stacks.append(target)
@@ -214,7 +244,7 @@ def _fetch_particles(
                 f"{star_path.name} names stack {stack!r}, which is not in the "
                 f"archive ({'; '.join(errors[:2])})"
             )
-    pixel = star.particles["pixel_size_a"].dropna()
+    pixel = table["pixel_size_a"].dropna()
     files.pixel_size_a = float(pixel.iloc[0]) if len(pixel) else imageset.pixel_width_a
 
 
@@ -266,13 +296,12 @@ def fetch_entry_files(
     particles = [s for s in entry.imagesets if s.is_particles]
     micrographs = [s for s in entry.imagesets if s.is_micrographs and s.has_coordinates]
     if particles:
-        files = EntryFiles(entry.empiar_id, "particles", dest)
+        files = EntryFiles(entry.empiar_id, "particles", dest, imageset=particles[0])
         _fetch_particles(base, particles[0], dest, files, http, progress)
-        data_dir = (
-            files.particles_star.relative_to(dest).parts[0] if files.particles_star else "data"
-        )
+        particle_file = files.particles_star or files.particles_cs
+        data_dir = particle_file.relative_to(dest).parts[0] if particle_file else "data"
     elif micrographs:
-        files = EntryFiles(entry.empiar_id, "micrographs", dest)
+        files = EntryFiles(entry.empiar_id, "micrographs", dest, imageset=micrographs[0])
         _fetch_micrographs(base, micrographs[0], dest, files, http, progress)
         data_dir = "data"
     else:

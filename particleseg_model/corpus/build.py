@@ -16,7 +16,8 @@ result into asset metadata and check results::
     work, entry = Path("work"), EmpiarClient().entry("10028")  # EBI, or PARTICLESEG_EMPIAR_URL
     resolution = build.best_map_resolution_a(entry, emdb=EmdbClient())
     stacks = build.fetch_stacks(entry, archive_url(), work / "downloads",
-                                work / "particle_stacks", map_resolution_a=resolution).manifest
+                                work / "particle_stacks", map_resolution_a=resolution,
+                                emdb=EmdbClient(), map_cache=work / "emdb").manifest
     refined = build.refine_poses(stacks, work / "refined_particles").manifest
     mask = build.make_mask_volume(stacks, refined, work / "mask_volume").manifest
     labels = build.label_partition(stacks, refined, mask, work / "corpus",
@@ -44,6 +45,7 @@ import pandas as pd
 
 from particleseg_model.access.dataset import EntryFiles, fetch_entry_files
 from particleseg_model.access.empiar import EmdbClient, Entry, partition_key
+from particleseg_model.access.http import HttpClient
 from particleseg_model.atomic import atomic_path
 from particleseg_model.corpus.labels import labels_from_projection
 from particleseg_model.corpus.manifests import (
@@ -53,10 +55,17 @@ from particleseg_model.corpus.manifests import (
     StacksManifest,
 )
 from particleseg_model.corpus.projection import project_masks
+from particleseg_model.corpus.reference import reference_map
 from particleseg_model.corpus.store import CorpusDataset, CorpusWriter, list_corpus, open_corpus
 from particleseg_model.em import maps
+from particleseg_model.em.cryosparc import read_cs
 from particleseg_model.em.mrc import MrcError, open_stack, read_particles_table
-from particleseg_model.em.star import has_poses, read_star, write_star
+from particleseg_model.em.particles import (
+    ParticleTableError,
+    complete_from_stacks,
+    particle_groups,
+)
+from particleseg_model.em.star import ParticleStar, has_poses, read_star, write_star
 from particleseg_model.figures import particles_with_masks, write_png
 from particleseg_model.relion import (
     Refinement,
@@ -169,6 +178,7 @@ class StacksResult:
     def summary(self) -> dict[str, Any]:
         """The step's figures, flat and rounded as reported (the asset's metadata keys)."""
         stacks = self.manifest
+        reference = stacks.reference.summary() if stacks.reference else {}
         return {
             "particles": stacks.n_particles,
             "box_px": stacks.box_px,
@@ -179,6 +189,8 @@ class StacksResult:
             "downloaded_mb": round(stacks.downloaded_bytes / 1e6, 1),
             "extraction": stacks.extraction or {},
             "ground_truth": str(stacks.ground_truth) if stacks.ground_truth else "none",
+            **reference,
+            "reference_map": stacks.reference.to_json() if stacks.reference else {},
             "seconds": round(self.seconds, 1),
             "particles_png": self.gallery,
         }
@@ -258,19 +270,72 @@ def best_map_resolution_a(
     return min(found) if found else None
 
 
-def _extraction_box(files: EntryFiles, options: StacksOptions) -> int:
+def _extraction_box(files: EntryFiles, options: StacksOptions, density_path: Path) -> int:
     if options.box_px:
         return options.box_px
     simulation = files.side_files.get("simulation.json")
     if simulation is not None:
         return int(json.loads(Path(simulation).read_text())["box"])
-    density = [p for p in files.maps if "mask" not in p.name.lower()]
-    if not density:
-        raise ValueError(f"{files.empiar_id}: no box size known: set box_px in the config")
-    reference = maps.load_map(density[0])
+    reference = maps.load_map(density_path)
     mask, _ = maps.make_mask(reference)
     diameter_a = maps.particle_diameter_px(mask) * reference.pixel_size_a
     return int(np.ceil(2 * diameter_a / (files.pixel_size_a or 1.0) / 2) * 2)
+
+
+_CS_LABELS = {
+    "image_name": "rlnImageName",
+    "micrograph_name": "rlnMicrographName",
+    "coordinate_x_px": "rlnCoordinateX",
+    "coordinate_y_px": "rlnCoordinateY",
+    "defocus_u_a": "rlnDefocusU",
+    "defocus_v_a": "rlnDefocusV",
+    "defocus_angle_deg": "rlnDefocusAngle",
+    "class_number": "rlnClassNumber",
+    "random_subset": "rlnRandomSubset",
+}
+"""Canonical columns of a cryoSPARC table written to the particle block of its STAR file
+(the optics quantities go to the optics block, poses and origins are written by write_star)."""
+
+
+def _star_from_table(particles: pd.DataFrame, source: Path) -> ParticleStar:
+    """A RELION particle STAR (written as 3.1 by ``write_star``) holding a canonical table that
+    came from elsewhere (a cryoSPARC ``.cs``); columns the table lacks everywhere are left out."""
+    block = pd.DataFrame(index=particles.index)
+    for column, label in _CS_LABELS.items():
+        values = particles[column]
+        if values.notna().all():
+            block[label] = values.to_numpy()
+    block["rlnOpticsGroup"] = particles["optics_group"].to_numpy(dtype=np.int64)
+    return ParticleStar(
+        particles=particles,
+        optics=None,
+        version="3.1",
+        source=source,
+        blocks={"particles": block},
+        particles_block="particles",
+    )
+
+
+def _one_group(particles: pd.DataFrame, source: Path) -> tuple[int, float]:
+    """(box px, pixel size A) of a table whose particles share both; else ParticleTableError
+    naming the file and the groups (the corpus holds one box and pixel size per partition)."""
+    groups = particle_groups(particles)
+    if len(groups) == 1 and groups[0].box_px is not None and groups[0].pixel_size_a is not None:
+        return groups[0].box_px, groups[0].pixel_size_a
+    if len(groups) == 1:
+        raise ParticleTableError(
+            f"{source}: no pixel size: neither the STAR file (rlnImagePixelSize, rlnPixelSize "
+            "or rlnDetectorPixelSize with rlnMagnification) nor the stacks' MRC headers give one"
+        )
+    described = "; ".join(
+        f"optics groups {', '.join(map(str, g.optics_groups)) or '?'}: {len(g)} particles of "
+        f"{g.box_px} px at {g.pixel_size_a} A"
+        for g in groups
+    )
+    raise ParticleTableError(
+        f"{source}: {len(groups)} sets of particles with different boxes or pixel sizes "
+        f"({described}); a partition holds one box and pixel size: deposit or select one set"
+    )
 
 
 def fetch_stacks(
@@ -281,14 +346,28 @@ def fetch_stacks(
     options: StacksOptions = StacksOptions(),
     *,
     map_resolution_a: float | Callable[[], float | None] | None = None,
+    emdb_files_url: str | None = None,
+    emdb: EmdbClient | None = None,
+    map_cache: Path | None = None,
+    http: HttpClient | None = None,
     relion: RelionHost | None = None,
     log: Log | None = None,
 ) -> StacksResult:
-    """The entry's particle images and their STAR file (step 1 of the build).
+    """The entry's particle images, their STAR file and the reference map (step 1 of the build).
 
-    The deposited stacks when the entry ships them, else particles extracted from its
-    micrographs and coordinate files with ``relion_preprocess`` (into ``out_dir/extract``).
-    Only what the entry needs is downloaded, resumably, into ``downloads``.
+    The deposited stacks when the entry ships them (a particle STAR file of any RELION
+    flavour, or a cryoSPARC ``.cs`` file), else particles extracted from its micrographs and
+    coordinate files with ``relion_preprocess`` (into ``out_dir/extract``). Only what the
+    entry needs is downloaded, resumably, into ``downloads``. The reference map is the one
+    deposited in the archive, else the linked EMDB map chosen by
+    :mod:`particleseg_model.corpus.reference`, fetched once per EMDB id into ``map_cache``.
+
+    A particle table without a box (RELION 3.0) or pixel size is completed from the stacks'
+    MRC headers (``complete_from_stacks``) and written as a RELION 3.1 STAR file
+    ``out_dir/particles.star`` (image names still relative to the deposited folder,
+    ``base_dir``), as is a cryoSPARC table; a complete deposited STAR file is used as it is.
+    Everything is checked before anything is written into ``out_dir``; the manifest comes last
+    (atomically), so a failure leaves the previous manifest as it was.
 
     Parameters
     ----------
@@ -300,13 +379,21 @@ def fetch_stacks(
         Where the entry's files go (archive-relative paths).
     out_dir
         The step's folder: the manifest, the gallery, extracted particles, the extracted
-        ground truth.
+        ground truth, the converted STAR file.
     options
         See :class:`StacksOptions`.
     map_resolution_a
-        The resolution of the entry's map (Angstrom) for the manifest, or a callable giving it
-        (called once the stacks are ready, so a failed download asks nobody); see
-        :func:`best_map_resolution_a`.
+        The resolution of the entry's best map (Angstrom), or a callable giving it (called
+        once the stacks are ready, so a failed download asks nobody), recorded when the
+        reference map's own resolution is unknown; see :func:`best_map_resolution_a`.
+    emdb_files_url
+        The root of EMDB's file tree (default ``PARTICLESEG_EMDB_FILES_URL``, else EBI's).
+    emdb
+        The EMDB API client (map resolutions: the choice among several linked maps).
+    map_cache
+        The EMDB map cache (default ``downloads/../emdb``: beside the per-entry downloads).
+    http
+        The polite client for the EMDB map download (default: one made for it).
     relion
         How RELION runs (default: as found on PATH).
     log
@@ -320,7 +407,14 @@ def fetch_stacks(
     Raises
     ------
     particleseg_model.access.dataset.NothingToFetch
-        The entry has neither particle stacks nor micrographs with coordinates.
+        The entry has neither particle stacks nor micrographs with coordinates, or no
+        reference map (none in the archive, none linked).
+    particleseg_model.access.emdb_files.EmdbFileError
+        The EMDB map cannot be fetched or used (404, corrupt ``.map.gz``, ...).
+    particleseg_model.em.particles.ParticleTableError
+        A particle table that disagrees with its stacks, or several boxes or pixel sizes.
+    particleseg_model.em.cryosparc.CryosparcError
+        A ``.cs`` file without the fields needed.
     ValueError
         No extraction box is known (see :attr:`StacksOptions.box_px`).
     """
@@ -330,13 +424,30 @@ def fetch_stacks(
     log(f"fetching what {entry.empiar_id} needs from {archive}")
     files = fetch_entry_files(entry, archive, downloads, progress=False)
     log(f"{files.kind}: {files.nbytes / 1e6:.1f} MB in {downloads}")
+    reference = reference_map(
+        entry,
+        files,
+        map_cache or Path(downloads).parent / "emdb",
+        emdb_files_url=emdb_files_url,
+        emdb=emdb,
+        http=http,
+        log=log,
+    )
     extraction: dict[str, Any] | None = None
     truth_path = files.side_files.get("ground_truth.csv")
+    truth: pd.DataFrame | None = None
+    rewrite = False
     if files.kind == "particles":
-        assert files.particles_star is not None  # fetch_entry_files found the particles
-        star_path, base_dir = files.particles_star, files.particles_star.parent
+        if files.particles_star is not None:
+            star_path, base_dir = files.particles_star, files.particles_star.parent
+            star = read_star(star_path)
+        else:
+            assert files.particles_cs is not None  # fetch_entry_files found the particles
+            star_path, base_dir = files.particles_cs, files.particles_cs.parent
+            star = _star_from_table(read_cs(star_path).particles, star_path)
+            rewrite = True  # RELION reads STAR files only
     else:
-        box = _extraction_box(files, options)
+        box = _extraction_box(files, options, reference.path)
         with relion.on_path():
             result = extract_particles(
                 files.micrographs,
@@ -351,6 +462,7 @@ def fetch_stacks(
                 log=_prefixed(log, "relion_preprocess"),
             )
         star_path, base_dir = result.particles_star, result.project_dir
+        star = read_star(star_path)
         extraction = {
             "box_px": result.box_px,
             "rescale_px": result.rescale_px,
@@ -363,14 +475,32 @@ def fetch_stacks(
             "command": " ".join(result.command),
         }
         if truth_path is not None:
-            truth = extracted_truth(read_star(star_path).particles, pd.read_csv(truth_path))
+            truth = extracted_truth(star.particles, pd.read_csv(truth_path))
             truth_path = out_dir / "ground_truth.csv"
-            with atomic_path(truth_path) as tmp:
-                truth.to_csv(tmp, index=False)
-    particles = read_star(star_path).particles
-    box = int(particles["image_size_px"].dropna().iloc[0])
+    incomplete = bool(
+        star.particles["image_size_px"].isna().any() or star.particles["pixel_size_a"].isna().any()
+    )
+    particles = complete_from_stacks(star.particles, base_dir, source=star_path)
+    box, pixel = _one_group(particles, Path(star_path))
+    if incomplete or rewrite:
+        log(
+            f"{Path(star_path).name}: RELION {star.version if not rewrite else 'cryoSPARC'} "
+            f"particles completed from the stacks ({box} px at {pixel:g} A), written as "
+            f"RELION 3.1 {out_dir / 'particles.star'}"
+        )
+        star.particles = particles
+        if star.optics is not None and "rlnImageSize" not in star.optics:
+            star.optics = star.optics.assign(rlnImageSize=box)
+        out_dir.mkdir(parents=True, exist_ok=True)
+        star_path = write_star(out_dir / "particles.star", star)
+    if truth is not None:
+        with atomic_path(out_dir / "ground_truth.csv") as tmp:
+            truth.to_csv(tmp, index=False)
     images = read_particles_table(particles.head(8), base_dir=base_dir)
     gallery = write_png(out_dir / "particles.png", particles_with_masks(images))
+    resolution = reference.resolution_a
+    if resolution is None:
+        resolution = map_resolution_a() if callable(map_resolution_a) else map_resolution_a
     manifest = StacksManifest(
         empiar_id=entry.empiar_id,
         kind=files.kind,
@@ -378,13 +508,14 @@ def fetch_stacks(
         base_dir=Path(base_dir),
         n_particles=len(particles),
         box_px=box,
-        pixel_size_a=float(particles["pixel_size_a"].iloc[0]),
+        pixel_size_a=pixel,
         has_poses=bool(has_poses(particles)),
         maps=tuple(files.maps),
         ground_truth=Path(truth_path) if truth_path else None,
         extraction=extraction,
-        map_resolution_a=map_resolution_a() if callable(map_resolution_a) else map_resolution_a,
-        downloaded_bytes=files.nbytes,
+        map_resolution_a=resolution,
+        downloaded_bytes=files.nbytes,  # the archive's files; the map's are in reference
+        reference=reference,
     )
     manifest.write(out_dir)
     return StacksResult(manifest, gallery, time.perf_counter() - started)
@@ -597,7 +728,9 @@ def refine_poses(
     if source == "deposited":
         star_path = stacks.particles_star
     else:
-        density, _ = stacks.deposited_maps()
+        # the reference at any sampling: auto_refine resamples it to the particles' pixel
+        # size and box (relion.refine._match_reference)
+        density = stacks.density_map()
         if density is None:
             raise FileNotFoundError(
                 f"{stacks.empiar_id}: no deposited map to start refinement from"
@@ -733,8 +866,8 @@ def make_mask_volume(
         Neither a refined nor a deposited map.
     """
     log = log or _quiet
-    density_path, deposited_mask = stacks.deposited_maps()
-    source = refined.refined_map or density_path
+    deposited_mask = stacks.deposited_maps()[1]
+    source = refined.refined_map or stacks.density_map()
     if options.use_deposited_mask and deposited_mask is not None:
         source = deposited_mask
     if source is None:
@@ -746,8 +879,9 @@ def make_mask_volume(
         size = int(round(density.box * density.pixel_size_a / pixel / 2) * 2)
         data = maps.pad_or_crop(maps.fourier_resample(density.data, size), box)
         log(
-            f"map resampled from {density.box} px at {density.pixel_size_a:.4f} A "
-            f"to {box} px at {pixel:.4f} A"
+            f"map {Path(str(source)).name} resampled from voxel size "
+            f"{density.pixel_size_a:.4f} A ({density.box} px) to the particles' "
+            f"{pixel:.4f} A ({box} px)"
         )
         density = maps.DensityMap(data.astype(np.float32), pixel, density.source)
     if options.use_deposited_mask and deposited_mask is not None:

@@ -20,6 +20,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 from particleseg_model.atomic import atomic_write_json
+from particleseg_model.corpus.reference import ReferenceMap
 
 __all__ = [
     "MANIFEST",
@@ -122,7 +123,11 @@ class StacksManifest(_Manifest):
     (Angstrom per pixel) are the particles'. ``maps``: the entry's map files (density maps and
     masks as deposited). ``ground_truth``: the simulator's per-particle truth (CSV), when the
     entry has one. ``extraction``: RELION's extraction parameters (micrograph entries only).
-    ``map_resolution_a``: the best resolution of the entry's EMDB maps, None when unknown.
+    ``map_resolution_a``: the resolution of the reference map (else the best of the entry's
+    EMDB maps), None when unknown. ``reference``: the map that labels the partition (JSON key
+    ``reference_map``: path, EMDB id, resolution, voxel size, sha256, how it was chosen; see
+    :class:`~particleseg_model.corpus.reference.ReferenceMap`), None in manifests written
+    before maps came from EMDB.
     """
 
     ASSET = "particle_stacks"
@@ -140,6 +145,7 @@ class StacksManifest(_Manifest):
     extraction: dict[str, Any] | None
     map_resolution_a: float | None
     downloaded_bytes: int
+    reference: ReferenceMap | None = None
 
     def to_json(self) -> dict[str, Any]:
         return {
@@ -156,6 +162,7 @@ class StacksManifest(_Manifest):
             "extraction": self.extraction,
             "map_resolution_a": self.map_resolution_a,
             "downloaded_bytes": self.downloaded_bytes,
+            "reference_map": self.reference.to_json() if self.reference else None,
         }
 
     @classmethod
@@ -174,7 +181,17 @@ class StacksManifest(_Manifest):
             extraction=data.get("extraction"),
             map_resolution_a=data.get("map_resolution_a"),
             downloaded_bytes=int(data.get("downloaded_bytes", 0)),
+            reference=(
+                ReferenceMap.from_json(data["reference_map"]) if data.get("reference_map") else None
+            ),
         )
+
+    def density_map(self) -> Path | None:
+        """The map that labels the partition: :attr:`reference`'s, else (a manifest written
+        before) the density map deposited in the archive."""
+        if self.reference is not None:
+            return self.reference.path
+        return self.deposited_maps()[0]
 
     def deposited_maps(self) -> tuple[Path | None, Path | None]:
         """(the deposited density map, a deposited mask) among :attr:`maps`: a file whose name

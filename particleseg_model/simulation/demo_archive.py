@@ -3,14 +3,20 @@
 ``write_demo_archive(out)`` writes, for each map, one entry in the layout the local
 EMPIAR-compatible server serves (:mod:`particleseg_model.access.mirror`)::
 
-    OUT/empiar/EMPIAR-30001.json     entry record (picked-particles or micrographs imageset)
+    OUT/empiar/EMPIAR-30001.json     entry record (picked-particles or micrographs imageset),
+                                     cross-referencing EMD-95001
     OUT/emdb/EMD-95001.json          EMDB record with a (nominal) resolution of 3.2 A
-    OUT/archive/30001/data/
+    OUT/emdb_files/structures/EMD-95001/   EMDB's file layout, as real maps are published:
+        map/emd_95001.map.gz         the map as projected (particle box and pixel size)
+        header/emd-95001.xml         resolution, voxel size, dimensions
+        masks/emd_95001_msk_1.map    its MaskCreate-style mask
+    OUT/archive/30001/data/          (no map: real EMPIAR entries seldom hold one)
         Particles/particles_001.mrcs particle stacks (float32, normalised, contrast inverted)
-        particles.star               RELION 3.1 (optics + particles: poses, origins in A, CTF)
+        particles.star               RELION 3.1 (optics + particles: poses, origins in A, CTF);
+                                     RELION 3.0 for the entries of ``relion30_entries``
+                                     (``data_images``, no optics, ``rlnDetectorPixelSize`` /
+                                     ``rlnMagnification``, origins in pixels ``rlnOriginX/Y``)
         ground_truth.csv             image_name, is_good, junk_kind, true pose/origin, defocus
-        Map/emd_95001.map, Map/mask.mrc   the map as projected (particle box and pixel size)
-                                     and its MaskCreate-style mask
         simulation.json              parameters, pixel size, noise level, mask threshold
         gallery.png                  noiseless (top) and noisy (bottom): good, each junk kind
 
@@ -40,7 +46,8 @@ import numpy as np
 import pandas as pd
 
 from particleseg_model.access.fixtures import emdb_record
-from particleseg_model.access.mirror import Mirror
+from particleseg_model.access.mirror import Mirror, emdb_header_xml
+from particleseg_model.atomic import atomic_write_text
 from particleseg_model.em.maps import (
     GENERATED_SHAPES,
     DensityMap,
@@ -51,7 +58,7 @@ from particleseg_model.em.maps import (
     prepare_map,
     write_mrc,
 )
-from particleseg_model.em.star import write_loop_blocks
+from particleseg_model.em.star import format_loop_blocks, write_loop_blocks
 from particleseg_model.figures import write_png
 from particleseg_model.simulation.simulate import (
     GOOD,
@@ -90,6 +97,10 @@ PARTICLES_CATEGORY = "picked particles - single frame - processed"
 MICROGRAPHS_CATEGORY = "micrographs - single frame"
 # mask as in the RELION tutorial: low-pass 15 A, extend 3 px, soft edge 6 px
 MASK_LOWPASS_A, MASK_EXTEND_PX, MASK_SOFT_EDGE_PX = 15.0, 3.0, 6.0
+# RELION 3.0 files give the pixel size as detector pixel (um) * 1e4 / magnification: with a
+# magnification of 10000 the detector pixel is the pixel size in A, exactly as written
+RELION30_MAGNIFICATION = 10000.0
+RELION30_ENTRIES = (30002,)
 
 
 class ArchiveExistsError(FileExistsError):
@@ -274,8 +285,27 @@ def _imageset(
     }
 
 
-def _write_particles(data: Path, sim: SimulatedParticles, per_stack: int) -> list[str]:
-    """Stacks, STAR file and ground truth of a particle entry; returns the stack paths."""
+def _relion30_block(star: pd.DataFrame, optics: dict[str, Any], pixel: float) -> pd.DataFrame:
+    """The particle table as RELION 3.0 wrote it: no optics group, the optics quantities on
+    every row, the pixel size as ``rlnDetectorPixelSize`` (um) with ``rlnMagnification``,
+    origins in pixels."""
+    block = star.drop(columns=["rlnOpticsGroup"])
+    for axis in "XY":
+        position = block.columns.get_loc(f"rlnOrigin{axis}Angst")
+        values = block.pop(f"rlnOrigin{axis}Angst").to_numpy() / pixel
+        block.insert(position, f"rlnOrigin{axis}", values)  # pyright: ignore[reportArgumentType]
+    for label in ("rlnVoltage", "rlnSphericalAberration", "rlnAmplitudeContrast"):
+        block[label] = float(optics[label])
+    block["rlnMagnification"] = RELION30_MAGNIFICATION
+    block["rlnDetectorPixelSize"] = pixel * RELION30_MAGNIFICATION / 1e4
+    return block
+
+
+def _write_particles(
+    data: Path, sim: SimulatedParticles, per_stack: int, relion30: bool = False
+) -> list[str]:
+    """Stacks, STAR file and ground truth of a particle entry; returns the stack paths.
+    ``relion30``: the STAR file as RELION 3.0 wrote it (see :func:`_relion30_block`)."""
     n = len(sim.truth)
     stacks: list[str] = []
     names: list[str] = []
@@ -288,7 +318,14 @@ def _write_particles(data: Path, sim: SimulatedParticles, per_stack: int) -> lis
     star["rlnImageName"] = names
     truth = sim.truth.copy()
     truth["image_name"] = names
-    write_star(data / "particles.star", {"optics": sim.optics, "particles": star})
+    if relion30:
+        block = _relion30_block(star, sim.optics, sim.pixel_size_a)
+        text = format_loop_blocks({"images": block}, decimals=6, strict_text=True)
+        # RELION 3.0 wrote no "# version" stamps: a stamp would make the file 3.1
+        text = text.replace("\n# version 30001\n", "\n")
+        atomic_write_text(data / "particles.star", text)
+    else:
+        write_star(data / "particles.star", {"optics": sim.optics, "particles": star})
     truth.to_csv(data / "ground_truth.csv", index=False, float_format="%.6f")
     return stacks
 
@@ -331,23 +368,39 @@ def _entry(
     micrographs: bool,
     micrograph_size: int,
     per_stack: int,
+    relion30: bool = False,
 ) -> dict[str, Any]:
-    """Simulate and write one entry's files; returns its EMPIAR record."""
+    """Simulate and write one entry's files (its map and mask into the mirror's EMDB file
+    layout, as EMDB publishes maps); returns its EMPIAR record."""
     data = root / "archive" / str(number) / "data"
     emd = f"EMD-{emd_number}"
-    map_rel = f"Map/emd_{emd_number}.map"
+    map_rel = f"structures/{emd}/map/emd_{emd_number}.map.gz"
+    mask_rel = f"structures/{emd}/masks/emd_{emd_number}_msk_1.map"
     mask, threshold = make_mask(
         density, lowpass_a=MASK_LOWPASS_A, extend_px=MASK_EXTEND_PX, soft_edge_px=MASK_SOFT_EDGE_PX
     )
     diameter = particle_diameter_px(mask)
-    write_mrc(data / map_rel, density.data, density.pixel_size_a)
-    write_mrc(data / "Map/mask.mrc", mask, density.pixel_size_a)
     pixel, box = density.pixel_size_a, density.box
+    staging = root / ".staging"  # the MRC files before they are gzipped into the layout
+    write_mrc(staging / f"emd_{emd_number}.map", density.data, pixel)
+    write_mrc(staging / "mask.mrc", mask, pixel)
+    Mirror(root).put_emdb_map(
+        emd,
+        staging / f"emd_{emd_number}.map",
+        header_xml=emdb_header_xml(
+            emd,
+            resolution_a=float(NOMINAL_RESOLUTION_A),
+            voxel_size_a=pixel,
+            box=(box, box, box),
+        ),
+        masks=[staging / "mask.mrc"],
+    )
+    shutil.rmtree(staging)
     junk = ", ".join(config.junk_kinds) if config.junk_fraction > 0 else "none"
     common = (
         f"Simulated by particleSeg from {source.label} (pixel {pixel:.4f} A, box {box}); "
-        f"ground truth in data/ground_truth.csv; map {map_rel} and mask Map/mask.mrc in "
-        f"data/; junk {config.junk_fraction:.0%} ({junk}); per-pixel SNR {config.snr:g}."
+        f"ground truth in data/ground_truth.csv; map and mask in EMDB ({emd}: {map_rel}, "
+        f"{mask_rel}); junk {config.junk_fraction:.0%} ({junk}); per-pixel SNR {config.snr:g}."
     )
     if micrographs:
         sim_m = simulate_micrographs(
@@ -392,7 +445,7 @@ def _entry(
         )
     else:
         sim_p = simulate_particles(density, config, seed=seed, diameter_px=diameter)
-        stacks = _write_particles(data, sim_p, per_stack)
+        stacks = _write_particles(data, sim_p, per_stack, relion30)
         assert sim_p.clean is not None
         columns = [
             (label, clean, sim_p.images[index])
@@ -405,12 +458,24 @@ def _entry(
             len(sim_p.truth),
             pixel,
             box,
-            common + " Extracted, normalised particles (white on dark) and their RELION 3.1 "
-            "STAR file data/particles.star with poses and CTF.",
+            common
+            + (
+                " Extracted, normalised particles (white on dark) and their RELION 3.0 STAR "
+                "file data/particles.star (data_images, no optics: rlnDetectorPixelSize and "
+                "rlnMagnification, origins in pixels) with poses and CTF."
+                if relion30
+                else " Extracted, normalised particles (white on dark) and their RELION 3.1 "
+                "STAR file data/particles.star with poses and CTF."
+            ),
             "MRCS",
         )
         n_items, sim_noise, sim_signal = len(sim_p.truth), sim_p.noise_sigma, sim_p.signal_sigma
-        layout = {"kind": "particles", "stacks": stacks, "star": "particles.star"}
+        layout = {
+            "kind": "particles",
+            "stacks": stacks,
+            "star": "particles.star",
+            "star_format": "relion-3.0" if relion30 else "relion-3.1",
+        }
         title = f"[simulated] {source.label}: {n_items} particles with known poses"
     write_png(
         data / "gallery.png",
@@ -427,7 +492,7 @@ def _entry(
         "map_source": source.label,
         "map_file": str(source.path.name) if source.path else None,
         "map": map_rel,
-        "mask_file": "Map/mask.mrc",
+        "mask_file": mask_rel,
         "pixel_size_a": pixel,
         "box": box,
         "particle_diameter_px": round(diameter, 2),
@@ -494,6 +559,7 @@ def write_demo_archive(
     micrograph_entries: int = 1,
     micrograph_size: int = 1024,
     particles_per_stack: int = 1000,
+    relion30_entries: Sequence[int] = RELION30_ENTRIES,
     progress: bool = True,
 ) -> list[str]:
     """Write the simulated demo archive into the mirror directory ``out``; return its EMPIAR ids.
@@ -507,6 +573,8 @@ def write_demo_archive(
         seed: the whole archive is a function of the arguments and this seed.
         snr: per-pixel signal-to-noise ratio (see :mod:`particleseg_model.simulation.simulate`).
         micrograph_entries: how many of the last entries ship micrographs + coordinates.
+        relion30_entries: the EMPIAR numbers of the particle entries whose STAR file is
+            written as RELION 3.0 (as old depositions are); micrograph entries ignore it.
     Raises:
         ArchiveExistsError: ``out`` exists and is not an empty directory.
         MapError: a map is unusable (not cubic, no voxel size, empty, NaN); names the file.
@@ -559,6 +627,7 @@ def write_demo_archive(
                 micrographs=k >= first_micrograph,
                 micrograph_size=micrograph_size,
                 per_stack=particles_per_stack,
+                relion30=number in relion30_entries,
             )
             emdb = emdb_record(NOMINAL_RESOLUTION_A)
             emdb["emdb_id"] = f"EMD-{emd_number}"
