@@ -22,7 +22,9 @@ def _disc(size: int = 54, radius: float = 13.5, amplitude: float = 3.0) -> np.nd
 def test_baselines_score_a_bright_disc_above_noise() -> None:
     rng = np.random.default_rng(0)
     noise = rng.normal(size=(20, 54, 54)).astype(np.float32)
-    discs = noise + _disc()
+    y, x = np.mgrid[:54, :54] - 27
+    # a particle with texture: a disc that brightens towards its centre
+    discs = noise + _disc() * np.exp(-(x**2 + y**2) / (2 * 8.0**2))
     for score in (rp.disc_variance, rp.blob_score):
         assert score(discs).min() > score(noise).max(), score.__name__
 
