@@ -98,6 +98,7 @@ env:
 	@echo "export PARTICLESEG_EMPIAR_URL=$(DEMO_URL)/empiar/api"
 	@echo "export PARTICLESEG_EMDB_URL=$(DEMO_URL)/emdb/api"
 	@echo "export PARTICLESEG_ARCHIVE_URL=$(DEMO_URL)/empiar/world_availability"
+	@echo "export PARTICLESEG_EMDB_FILES_URL=$(DEMO_URL)/pub/databases/emdb"
 
 bench: setup
 	$(PY) benchmarks/catalog_refresh.py
