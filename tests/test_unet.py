@@ -26,7 +26,7 @@ pytestmark = pytest.mark.filterwarnings(
     "ignore:__array__ implementation doesn't accept a copy keyword:DeprecationWarning"
 )
 
-ENCODERS = [arch for arch in ARCHITECTURES if arch != "custom"]
+ENCODERS = [arch for arch in ARCHITECTURES if arch not in ("custom", "unet")]
 
 
 def _images(n: int, size: int, channels: int = 1, seed: int = 0) -> np.ndarray:
@@ -144,8 +144,8 @@ def test_a_size_the_network_cannot_halve_is_refused(arch: str, size: int) -> Non
 
 def test_custom_takes_any_multiple_of_16_and_bad_arguments_are_refused() -> None:
     assert build_unet("custom", size=48, base_filters=2).output_shape == (None, 48, 48, 3)
-    with pytest.raises(ValueError, match="unknown architecture 'unet'.*densenet121.*resnet101"):
-        build_unet("unet")
+    with pytest.raises(ValueError, match="unknown architecture 'vgg'.*densenet121.*resnet101"):
+        build_unet("vgg")
     with pytest.raises(ValueError, match="channels must be 1 or 3"):
         build_unet("densenet121", size=64, channels=2)
 
@@ -270,3 +270,44 @@ def test_a_small_custom_unet_learns_synthetic_discs() -> None:
     scores = iou_scores(confusion_matrix(y, pred))
     assert scores["pixel_accuracy"] > 0.93
     assert scores["iou_signal"] > 0.8 and scores["iou_edge"] > 0.5
+
+
+def test_true_unet_shapes_and_a_parameter_count_like_the_custom_one() -> None:
+    model = build_unet("unet", size=32, base_filters=4)
+    assert model.name == "unet_unet_32" and model_input_size(model) == (32, 1)
+    probs = np.asarray(model(_images(2, 32), training=False))
+    assert probs.shape == (2, 32, 32, 3) and probs.dtype == np.float32
+    np.testing.assert_allclose(probs.sum(axis=-1), 1.0, atol=1e-5)
+    assert build_unet("unet", size=24, base_filters=2).output_shape == (None, 24, 24, 3)
+    with pytest.raises(ValueError, match="size 20 .*multiple of 8"):
+        build_unet("unet", size=20)
+    for base in (8, 16):
+        ours = count_parameters(build_unet("unet", size=64, base_filters=base))
+        custom = count_parameters(build_unet("custom", size=64, base_filters=base))
+        assert 0.7 < ours / custom < 1.3
+
+
+def test_true_unet_concatenates_every_encoder_level_into_the_decoder() -> None:
+    model = build_unet("unet", size=32, base_filters=4)
+    concats = [layer for layer in model.layers if isinstance(layer, keras.layers.Concatenate)]
+    assert [layer.name for layer in concats] == ["up1_concat", "up2_concat", "up3_concat"]
+    for i, layer in enumerate(concats, start=1):
+        fed_by = {t._keras_history[0].name for t in layer.input}
+        # the decoder's upsampled features and the encoder level at the same scale
+        assert fed_by == {f"up{i}_deconv", f"down{4 - i}_relu2"}
+        deconv, skip = layer.input
+        assert tuple(deconv.shape[1:]) == tuple(skip.shape[1:])
+    assert tuple(model.get_layer("down1_relu2").output.shape[1:3]) == (32, 32)
+
+
+def test_true_unet_trains_a_few_steps_and_the_loss_falls() -> None:
+    x, y = _discs(8, 32)
+    model = build_unet("unet", size=32, base_filters=4, seed=0)
+    model.compile(
+        optimizer=keras.optimizers.Adam(1e-2),
+        loss="sparse_categorical_crossentropy",
+        jit_compile=False,
+    )
+    losses = [float(model.train_on_batch(x, y)) for _ in range(15)]
+    assert np.isfinite(losses).all()
+    assert np.mean(losses[-3:]) < 0.7 * losses[0]

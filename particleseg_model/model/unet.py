@@ -1,4 +1,5 @@
-"""The particleSeg U-Nets (Keras 3, any backend): the paper's custom network and four encoders.
+"""The particleSeg U-Nets (Keras 3, any backend): the paper's custom network, four encoders and a
+true U-Net.
 
 Input ``(b, size, size, channels)`` float32, images normalised per particle (mean 0, std 1);
 output ``(b, size, size, n_classes)`` float32 softmax probabilities over the label codes (0
@@ -13,6 +14,17 @@ module is cheap and never loads a backend.
     upsampling, 1x1-convolution residuals around every block, a 3x3 softmax convolution. The
     residuals skip within a block only (no encoder-decoder concatenation). ``size`` must be a
     multiple of 16 (one stride-2 entry + three pools: features at ``size / 16``).
+
+``"unet"`` (Ronneberger et al. 2015, not in the paper)
+    A true U-Net: the custom network has no encoder-decoder skip connections, so its decoder
+    must rebuild the particle's outline from ``size / 16`` features. Here every encoder level's
+    output is concatenated into the decoder at the same scale. Encoder: two ``Conv2D`` 3x3 +
+    BatchNorm + ReLU per level with ``1, 2, 4 x base_filters`` at ``size, / 2, / 4`` (a 2x2
+    max-pool between levels), a bottleneck of ``8 x base_filters`` at ``size / 8``; decoder: a
+    ``Conv2DTranspose`` 2x2 stride 2 halving the filters, ``Concatenate`` with the encoder
+    level (``up<i>_concat``, fed by ``down<j>_relu2``), two convolutions; a 1x1 softmax
+    convolution. Parameters: about ``1880 base_filters^2`` (481 k at base 16, the custom
+    network 519 k). ``size`` must be a multiple of 8.
 
 Encoders (the paper's S. Fig. 1.2-1.5: ``densenet121``, ``densenet169``, ``efficientnetb0``,
 ``resnet101``)
@@ -73,6 +85,7 @@ ARCHITECTURES: tuple[str, ...] = (
     "densenet169",
     "efficientnetb0",
     "resnet101",
+    "unet",
 )
 
 # Skip connections per encoder, at size / 2, / 4, / 8, / 16 (checked on Keras 3.15); the
@@ -129,11 +142,13 @@ def build_unet(
 
     Args:
         arch: one of :data:`ARCHITECTURES`.
-        size: image side in pixels; a multiple of 16 for ``"custom"``, of 32 for the encoders.
+        size: image side in pixels; a multiple of 16 for ``"custom"``, of 8 for ``"unet"``, of
+            32 for the encoders.
         channels: input channels; 1 or 3 for the encoders.
         n_classes: output classes (3: background, signal, edge).
         base_filters: width: ``"custom"`` uses 1, 2, 4, 8 x ``base_filters`` (32: the paper's
-            network, 8: a small fast one); the encoders' up path scales with it (32: paper).
+            network, 8: a small fast one); ``"unet"`` 1, 2, 4, 8 x ``base_filters``; the
+            encoders' up path scales with it (32: paper).
         weights: a local weights file (see the module docstring); never downloaded.
         seed: ``keras.utils.set_random_seed(seed)`` runs first (it also seeds Python's and
             NumPy's global generators): a seed gives identical initial weights.
@@ -142,15 +157,16 @@ def build_unet(
         raise ValueError(f"unknown architecture {arch!r}; choose one of {', '.join(ARCHITECTURES)}")
     size, channels, n_classes = int(size), int(channels), int(n_classes)
     base_filters = int(base_filters)
-    multiple = 16 if arch == "custom" else 32
+    multiple = {"custom": 16, "unet": 8}.get(arch, 32)
     if size < multiple or size % multiple:
         raise ValueError(
             f"size {size} does not fit arch {arch!r}: it must be a positive multiple "
             f"of {multiple} (the network halves the image "
             f"{int(math.log2(multiple))} times)"
         )
-    if channels < 1 or (arch != "custom" and channels not in (1, 3)):
-        allowed = "1 or 3" if arch != "custom" else ">= 1"
+    own = arch in ("custom", "unet")  # our networks take any number of channels
+    if channels < 1 or (not own and channels not in (1, 3)):
+        allowed = ">= 1" if own else "1 or 3"
         raise ValueError(f"channels must be {allowed} for arch {arch!r}, got {channels}")
     if n_classes < 1:
         raise ValueError(f"n_classes must be >= 1, got {n_classes}")
@@ -165,8 +181,9 @@ def build_unet(
     import keras
 
     keras.utils.set_random_seed(int(seed))
-    if arch == "custom":
-        model = _custom_unet(size, channels, n_classes, base_filters)
+    if arch in ("custom", "unet"):
+        build = _custom_unet if arch == "custom" else _true_unet
+        model = build(size, channels, n_classes, base_filters)
         if path is not None:
             _load(model, path, f"the {arch} U-Net (size {size}, base_filters {base_filters})")
     else:
@@ -238,6 +255,36 @@ def _custom_unet(size: int, channels: int, n_classes: int, base: int) -> keras.M
         n_classes, 3, activation="softmax", padding="same", dtype="float32", name="output"
     )(x)
     return keras.Model(inputs, outputs, name=f"unet_custom_{size}")
+
+
+def _true_unet(size: int, channels: int, n_classes: int, base: int) -> keras.Model:
+    """A Ronneberger U-Net: encoder levels concatenated into the decoder, named layers."""
+    import keras
+    from keras import layers
+
+    def block(x: Any, filters: int, name: str) -> Any:
+        for j in (1, 2):
+            x = layers.Conv2D(filters, 3, padding="same", use_bias=False, name=f"{name}_conv{j}")(x)
+            x = layers.BatchNormalization(momentum=BN_MOMENTUM, name=f"{name}_bn{j}")(x)
+            x = layers.Activation("relu", name=f"{name}_relu{j}")(x)
+        return x
+
+    inputs = keras.Input((size, size, channels), name="image")
+    x = inputs
+    skips = []
+    for i, filters in enumerate((base, 2 * base, 4 * base), start=1):
+        x = block(x, filters, f"down{i}")
+        skips.append(x)
+        x = layers.MaxPooling2D(2, name=f"down{i}_pool")(x)
+    x = block(x, 8 * base, "bottleneck")
+    for i, skip in enumerate(reversed(skips), start=1):
+        filters = int(skip.shape[-1])
+        x = layers.Conv2DTranspose(filters, 2, strides=2, name=f"up{i}_deconv")(x)
+        x = layers.Concatenate(axis=-1, name=f"up{i}_concat")([x, skip])
+        x = block(x, filters, f"up{i}")
+    # float32 softmax also under a mixed-precision policy
+    outputs = layers.Conv2D(n_classes, 1, activation="softmax", dtype="float32", name="output")(x)
+    return keras.Model(inputs, outputs, name=f"unet_unet_{size}")
 
 
 def _encoder_unet(
