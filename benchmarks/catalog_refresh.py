@@ -10,12 +10,17 @@ Loopback has no latency, which flatters the one-GET-per-entry reference; ``--lat
 delay to every reply (a "slow" fault on every path) to model the public services, where each
 request costs a round trip (tens of ms to EBI).
 
-    .venv/bin/python benchmarks/catalog_refresh.py [--entries 3000] [--latency-ms 30]
+The catalog keeps every linked map's resolution (``emdb_resolutions``): the full refresh asks
+the EMDB API once per distinct map. The figures go to ``--json`` (default
+``docs/results/catalog_refresh.json``, or ``catalog_refresh_<N>ms.json`` with a latency).
+
+    .venv/bin/python benchmarks/catalog_refresh.py [--entries 3000] [--latency-ms 30] [--json F]
 """
 
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import sys
 import tempfile
@@ -24,13 +29,17 @@ from pathlib import Path
 
 from dagster import DagsterInstance, build_sensor_context
 
-from particleseg_assets.definitions import defs
-from particleseg_assets.resources import EmpiarResource, StorageResource
-from particleseg_assets.sensors import empiar_updates_sensor
-from particleseg_model.access.catalog import UpdateCursor, refresh_catalog, write_parquet
-from particleseg_model.access.empiar import EmdbClient, EmpiarClient, parse_entry
-from particleseg_model.access.fixtures import emdb_record, fixture_records, write_synthetic_mirror
-from particleseg_model.access.server import Fault, serve
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+from results import RESULTS_DIR, write_results  # noqa: E402
+
+from particleseg_assets.definitions import defs  # noqa: E402
+from particleseg_assets.resources import EmpiarResource, StorageResource  # noqa: E402
+from particleseg_assets.sensors import empiar_updates_sensor  # noqa: E402
+from particleseg_model.access.catalog import UpdateCursor, refresh_catalog, write_parquet  # noqa: E402
+from particleseg_model.access.empiar import EmdbClient, EmpiarClient, parse_entry  # noqa: E402
+from particleseg_model.access.fixtures import emdb_record, fixture_records, write_synthetic_mirror  # noqa: E402
+from particleseg_model.access.server import Fault, serve  # noqa: E402
 
 
 def reference_refresh(empiar: EmpiarClient, emdb: EmdbClient, ids: list[str]) -> int:
@@ -66,7 +75,17 @@ def main() -> int:
         help="delay added to every reply, to model a real network",
     )
     parser.add_argument("--map-workers", type=int, default=4, help="concurrent EMDB lookups")
+    parser.add_argument(
+        "--json",
+        type=Path,
+        default=None,
+        help="where the figures go (default docs/results/catalog_refresh[_<N>ms].json)",
+    )
     args = parser.parse_args()
+    if args.json is None:
+        suffix = f"_{args.latency_ms:g}ms" if args.latency_ms else ""
+        args.json = RESULTS_DIR / f"catalog_refresh{suffix}.json"
+    figures: dict = {}
 
     with tempfile.TemporaryDirectory() as tmp:
         tmp_path = Path(tmp)
@@ -87,19 +106,39 @@ def main() -> int:
             n = len(refresh.table)
             requests_full = len(server.requests)
             maps = sum(len(x.split(",")) for x in refresh.table["emdb_ids"] if x)
+            kept = [json.loads(x) for x in refresh.table["emdb_resolutions"] if x]
+            resolved = sum(1 for d in kept for v in d.values() if v is not None)
             print(
-                f"full refresh: {n} entries, {maps} maps, {requests_full} requests, "
-                f"{full_s:.2f} s = {n / full_s:.0f} entries/s"
+                f"full refresh: {n} entries, {maps} maps ({resolved} resolutions kept), "
+                f"{requests_full} requests, {full_s:.2f} s = {n / full_s:.0f} entries/s"
             )
+            figures["full"] = {
+                "entries": n,
+                "maps": maps,
+                "map_resolutions_kept": resolved,
+                "requests": requests_full,
+                "wall_s": full_s,
+                "entries_per_s": n / full_s,
+            }
 
             sample = sorted(refresh.table["empiar_id"])[: args.reference_sample]
+            before = len(server.requests)
             _, ref_s = timed(reference_refresh, empiar, emdb, sample)
+            ref_requests = len(server.requests) - before
             ref_total = ref_s * n / len(sample)
             print(
                 f"reference (one GET per entry, {len(sample)} sampled): "
                 f"{len(sample) / ref_s:.0f} entries/s, {ref_total:.1f} s projected for {n}; "
                 f"speed-up of the full refresh over the reference: {ref_total / full_s:.2f}x"
             )
+            figures["reference"] = {
+                "sampled": len(sample),
+                "requests_sampled": ref_requests,
+                "wall_s_sampled": ref_s,
+                "entries_per_s": len(sample) / ref_s,
+                "projected_s": ref_total,
+                "speedup_full_over_reference": ref_total / full_s,
+            }
 
             storage = StorageResource(root=str(tmp_path / "data"))
             write_parquet(refresh.table, storage.catalog_path())
@@ -118,6 +157,7 @@ def main() -> int:
                 f"sensor tick, nothing new: median {sorted(ticks)[2] * 1000:.0f} ms "
                 f"over 5 ticks ({result.skip_message})"
             )
+            figures["sensor_tick_nothing_new_ms"] = sorted(ticks)[2] * 1000
 
             template = fixture_records()["entries"]["EMPIAR-10028"]
             for i in range(3):
@@ -137,14 +177,29 @@ def main() -> int:
                 f"sensor tick, 3 new entries: {tick_s * 1000:.0f} ms "
                 f"({len(result.run_requests)} run requested)"
             )
+            figures["sensor_tick_new"] = {
+                "new_entries": 3,
+                "ms": tick_s * 1000,
+                "runs_requested": len(result.run_requests),
+            }
+            before = len(server.requests)
             incremental, inc_s = timed(
                 refresh_catalog, empiar, emdb, refresh.table, map_workers=args.map_workers
             )
+            figures["incremental"] = {
+                "new": len(incremental.new_ids),
+                "entries": len(incremental.table),
+                "requests": len(server.requests) - before,
+                "ms": inc_s * 1000,
+                "full_over_incremental": full_s / inc_s,
+            }
             print(
                 f"incremental refresh after 3 new entries: {inc_s * 1000:.0f} ms, "
                 f"{len(incremental.new_ids)} new, {len(incremental.table)} entries; "
                 f"ratio full / incremental: {full_s / inc_s:.0f}x"
             )
+    arguments = {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items()}
+    print(f"written {write_results(args.json, 'catalog_refresh', arguments, figures)}")
     return 0
 
 
