@@ -103,6 +103,7 @@ env:
 bench: setup
 	$(PY) benchmarks/catalog_refresh.py
 	$(PY) benchmarks/catalog_refresh.py --latency-ms 30 --reference-sample 200
+	$(PY) benchmarks/dataset_fetch.py
 	$(PY) benchmarks/simulate_speed.py
 	$(PY) benchmarks/projection_speed.py
 	$(PY) benchmarks/corpus_build.py --n 20000 --box 128

@@ -519,6 +519,12 @@ def measure_partition(
     return rows
 
 
+def via_for(partition: Partition, via: str) -> str:
+    """``via`` for a particle partition; the library calls for a micrograph one (there
+    ``fetch_stacks`` would also extract the particles with RELION: not a fetch)."""
+    return via if partition.kind == "particles" else "library"
+
+
 def ratios(rows: Sequence[Row]) -> dict[str, float]:
     """ours / wget -r: bytes, requests, wall time."""
     ours = next(r for r in rows if r.label == "ours")
@@ -589,7 +595,7 @@ def run(args: argparse.Namespace, log: Callable[[str], None] = print) -> dict[st
                 if latency:
                     server.faults.append(Fault(".", "slow", delay_s=latency / 1000, times=-1))
                 for part in partitions:
-                    via = args.via if part.kind == "particles" else "library"
+                    via = via_for(part, args.via)
                     rows = measure_partition(
                         server, traffic, part, Path(tmp) / f"work_{latency:g}_{part.number}",
                         via=via,
@@ -631,8 +637,10 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--via",
         choices=("library", "fetch_stacks"),
-        default="library",
-        help="our fetch of a particle entry: the library calls, or corpus.build.fetch_stacks",
+        default="fetch_stacks",
+        help="our fetch of a particle entry: corpus.build.fetch_stacks (which also checks the "
+        "particles and writes its manifest), or the library calls alone (the micrograph entry "
+        "always uses those: fetch_stacks would extract particles with RELION)",
     )
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--json", type=Path, default=RESULTS_DIR / "dataset_fetch.json")

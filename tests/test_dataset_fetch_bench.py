@@ -29,7 +29,10 @@ def measured(tmp_path_factory: pytest.TempPathFactory):
         traffic = bench.count_traffic(server)
         rows = {
             p.empiar_id: {
-                r.label: r for r in bench.measure_partition(server, traffic, p, tmp / p.number)
+                r.label: r
+                for r in bench.measure_partition(
+                    server, traffic, p, tmp / p.number, via=bench.via_for(p, args.via)
+                )
             }
             for p in partitions
         }
