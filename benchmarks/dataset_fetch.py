@@ -424,13 +424,9 @@ def fetch_ours(
             map_cache=map_cache,
             http=http,
         )
-        manifest = result.manifest
-        reference = getattr(manifest, "reference", None) or {}
-        gz = getattr(reference, "downloaded_bytes", None)
-        if gz is None and isinstance(reference, dict):
-            gz = reference.get("downloaded_bytes")
+        reference = result.manifest.reference
         files = sum(1 for p in downloads.rglob("*") if p.is_file())
-        return {"files": files, "map_gz_bytes": gz}
+        return {"files": files, "map_gz_bytes": reference.downloaded_bytes if reference else 0}
     files = fetch_entry_files(entry, server.archive_url, downloads, progress=False)
     resolution = emdb.resolution_a(partition.emdb_id)
     fetched = fetch_emdb_map(
