@@ -171,9 +171,17 @@ def segment(args: argparse.Namespace) -> int:
         progress=False if args.no_progress else None,
         log=lambda line: print(line, file=sys.stderr),
     )
+    unreadable = f"; {result.unreadable} unreadable" if result.unreadable else ""
+    ood = (
+        f"; out of distribution: no signal in {100 * result.no_signal_share:.1f}% of the "
+        "readable particles"
+        if result.out_of_distribution
+        else ""
+    )
     print(
         f"{result.particles} particles segmented with model {result.model_version} in "
         f"{result.seconds:.1f} s ({result.particles_per_s:.0f} particles/s): {result.out}"
+        f"{unreadable}{ood}"
     )
     return 0
 
@@ -200,11 +208,17 @@ def clean(args: argparse.Namespace) -> int:
         log=lambda line: print(line, file=sys.stderr),
     )
     report = f"; report: {Path(args.report)}" if args.report else ""
+    ood = (
+        f"; out of distribution: no signal in {100 * result.no_signal_share:.1f}% of the "
+        "readable particles, none dropped"
+        if result.out_of_distribution
+        else ""
+    )
     print(
         f"kept {result.kept}/{result.total} particles ({result.score} score, cut "
         f"{result.cut:.4g}), dropped {result.dropped}, skipped {result.skipped} unreadable, "
         f"model {result.model_version}, {result.particles_per_s:.0f} particles/s: "
-        f"{result.out} (RELION {result.version}); scores: {result.scores_path}{report}"
+        f"{result.out} (RELION {result.version}); scores: {result.scores_path}{report}{ood}"
     )
     return 0
 

@@ -583,3 +583,229 @@ def test_a_reference_calibration_scores_a_set_that_is_mostly_junk() -> None:
         calibrated_scores(ets, signal, reference=training)
     with pytest.raises(ValueError, match="needs"):
         fit_calibration(np.zeros((2, 2)))
+
+
+# ------------------------------------------- inference as training saw it, out of distribution
+
+
+class _FixedModel:
+    """A stand-in network whose softmax is given: ``predict_on_batch`` returns ``probs`` for
+    every image (``input_shape`` as a Keras model's)."""
+
+    def __init__(self, probs: np.ndarray) -> None:
+        self.probs = probs.astype(np.float32)
+        self.input_shape = (None, probs.shape[0], probs.shape[1], 1)
+
+    def predict_on_batch(self, x: np.ndarray) -> np.ndarray:
+        return np.repeat(self.probs[None], len(x), axis=0)
+
+
+def test_edge_from_signal_is_the_label_rules_5_px_band() -> None:
+    from particleseg_model.corpus.labels import labels_from_projection
+    from particleseg_model.model.predict import predict_labels
+
+    size = 48
+    yy, xx = np.mgrid[:size, :size]
+    distance = np.hypot(yy - 23.5, xx - 24.0)
+    disc = distance <= 9
+    # signal 0.6 inside the disc; outside, edge wins the argmax in a thin 2 px ring only
+    probs = np.zeros((size, size, 3))
+    probs[..., 0] = np.where(disc, 0.2, 0.7)
+    probs[..., 2] = np.where(disc, 0.2, 0.3)
+    ring = ~disc & (distance <= 11)
+    probs[ring, 0], probs[ring, 2] = 0.3, 0.7
+    probs[..., 1] = 1 - probs[..., 0] - probs[..., 2]
+    model = _FixedModel(probs)
+    image = np.zeros((2, size, size), np.float32)
+
+    argmax = predict_labels(model, image)
+    assert np.array_equal(argmax[0] == 2, ring)  # default: the model's own edge, unchanged
+    derived = predict_labels(model, image, edge_from_signal=True)
+    expected = labels_from_projection(disc.astype(np.uint8), threshold=0.5, edge_px=11)
+    assert np.array_equal(derived[0], expected) and np.array_equal(derived[1], expected)
+    assert np.array_equal(derived[0] == 1, disc)
+    # the band: every pixel within Chebyshev distance 5 of the signal, outside it
+    inside = np.argwhere(disc)
+    chebyshev = np.abs(np.stack([yy, xx], -1)[:, :, None, :] - inside[None, None]).max(-1).min(-1)
+    assert np.array_equal(derived[0] == 2, (chebyshev >= 1) & (chebyshev <= 5))
+    # at a box other than the model's the signal comes back at the box, the band is still 5 px
+    big = predict_labels(model, np.zeros((1, 96, 96), np.float32), edge_from_signal=True)[0]
+    assert np.array_equal(big, labels_from_projection((big == 1).astype(np.uint8), 0.5, 11))
+
+
+def test_normalise_for_model_is_the_corpus_normalisation_in_any_units() -> None:
+    from particleseg_model.model.predict import finite_images, normalise_for_model, stack_scale
+    from particleseg_model.simulation.simulate import normalise_images
+
+    rng = np.random.default_rng(2)
+    ramp = np.linspace(-2, 2, BOX, dtype=np.float32)
+    images = rng.normal(size=(6, BOX, BOX)).astype(np.float32) + ramp[None, None, :]
+    # the corpus: RELION's background-disc normalisation, then the store's whole-box one
+    relion, _, _ = normalise_images(images)
+    corpus = (relion - relion.mean(axis=(1, 2), keepdims=True)) / relion.std(
+        axis=(1, 2), keepdims=True
+    )
+    ours = normalise_for_model(images)
+    np.testing.assert_allclose(ours, corpus, atol=1e-5)
+    odd_units = (images * 0.0015 + 12).astype(np.float32)
+    np.testing.assert_allclose(normalise_for_model(odd_units), ours, atol=2e-3)
+    np.testing.assert_allclose(normalise_for_model(ours), ours, atol=1e-5)
+    # one scale for the stack: the stack's unit goes, a box without contrast stays without
+    scale = stack_scale(odd_units)
+    assert scale is not None and abs(scale / 0.0015 / stack_scale(images) - 1) < 1e-3
+    np.testing.assert_allclose(
+        normalise_for_model(odd_units, scale=scale),
+        normalise_for_model(images, scale=stack_scale(images)),
+        atol=2e-3,
+    )
+    flat = np.concatenate([ours, 0.05 * ours[:1]])
+    kept = normalise_for_model(flat, scale=stack_scale(flat))
+    assert 0.04 < kept[-1].std() < 0.06 and 0.9 < kept[0].std() < 1.1
+    assert stack_scale(np.full((2, BOX, BOX), np.nan)) is None
+    images[3, 5, 7] = np.nan
+    assert finite_images(images).tolist() == [True, True, True, False, True, True]
+
+
+def test_a_stack_in_arbitrary_units_scores_as_the_normalised_one(
+    models: Path, tmp_path: Path
+) -> None:
+    images, _ = disc_particles(24, seed=5)
+    normalised = write_project(tmp_path / "normalised", images)
+    odd = write_project(tmp_path / "odd", (images * 0.0015 + 12).astype(np.float32))
+    _, expected = score_particles(normalised, models_root=models, progress=False)
+    lines: list[str] = []
+    _, scores = score_particles(odd, models_root=models, progress=False, log=lines.append)
+    assert any(line.startswith("particle images are in other units") for line in lines)
+    assert expected["signal_px"].min() > 0  # the model finds the discs
+    # float32 rounding of 12 + 0.0015 x moves a pixel at most, never a particle's score
+    np.testing.assert_allclose(
+        scores["signal_px"].to_numpy(float), expected["signal_px"].to_numpy(float), atol=1
+    )
+    np.testing.assert_allclose(scores["ets"], expected["ets"], rtol=0.05)
+
+
+def test_nan_pixels_make_a_particle_unreadable_and_counted(models: Path, tmp_path: Path) -> None:
+    images, _ = disc_particles(20, seed=6)
+    images[3, 10, 10] = np.nan
+    images[11, :2] = np.inf
+    star = write_project(tmp_path / "project", images)
+    lines: list[str] = []
+    _, scores = score_particles(star, models_root=models, batch=8, progress=False, log=lines.append)
+    assert np.flatnonzero(~scores["readable"].to_numpy()).tolist() == [3, 11]
+    assert scores["ets"].isna().sum() == 2 and scores["signal_px"].isna().sum() == 2
+    assert scores["error"].iloc[3].endswith("1 non-finite pixels (NaN or inf)")
+    assert "64 non-finite pixels" in scores["error"].iloc[11]
+    assert any("2 of 20 particles cannot be read" in line for line in lines)
+    result = clean_star(star, tmp_path / "clean.star", models_root=models, drop=0.0, progress=False)
+    assert (result.kept, result.skipped) == (18, 2)
+    with pytest.raises(MrcError, match=r"particle row 4 of 20 .*non-finite pixels"):
+        score_particles(star, models_root=models, on_bad="stop", progress=False)
+
+
+@pytest.fixture(scope="module")
+def blind_models(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A registry holding a model that predicts background everywhere (a 1x1 convolution with
+    zero kernel and the background's bias far above the others)."""
+    import keras
+
+    inputs = keras.Input((BOX, BOX, 1))
+    outputs = keras.layers.Conv2D(
+        3,
+        1,
+        activation="softmax",
+        kernel_initializer="zeros",
+        bias_initializer=keras.initializers.Constant([5.0, 0.0, 0.0]),
+    )(inputs)
+    root = tmp_path_factory.mktemp("blind") / "models"
+    staged = staging_dir(root)
+    keras.Model(inputs, outputs).save(staged / "model.keras")
+    register_model(root, staged, {"input_size": BOX, "arch": "custom", "partitions": {}})
+    return root
+
+
+def test_no_signal_anywhere_is_out_of_distribution_and_keeps_every_particle(
+    blind_models: Path, tmp_path: Path, capsys
+) -> None:
+    from particleseg_model.cli import main
+
+    images, _ = disc_particles(30, seed=8)
+    images[7, 0, 0] = np.nan
+    star = write_project(tmp_path / "project", images)
+    lines: list[str] = []
+    result = clean_star(
+        star,
+        tmp_path / "clean.star",
+        models_root=blind_models,
+        report_dir=tmp_path / "report",
+        progress=False,
+        log=lines.append,
+    )
+    expected = (
+        "model v0001 found no particle signal in 29 of 29 particles (100.0%): these images are "
+        "unlike its training data (out of distribution); the ranking is not meaningful: every "
+        "readable particle is kept (none dropped by ets)"
+    )
+    assert lines.count(expected) == 1
+    assert (result.kept, result.dropped, result.skipped) == (29, 0, 1)
+    assert result.out_of_distribution and result.no_signal_share == 1.0
+    assert np.isnan(result.cut)
+    assert len(read_star(tmp_path / "clean.star").particles) == 29
+    report = json.loads((tmp_path / "report" / "report.json").read_text())
+    assert report["out_of_distribution"] is True and report["no_signal_share"] == 1.0
+    assert report["no_signal"] == 29 and report["kept"] == 29
+    assert result.summary()["out_of_distribution"] is True
+
+    # the CLI: the line once on stderr, the summary line says it
+    code = main(
+        [
+            "clean",
+            str(star),
+            "--models-root",
+            str(blind_models),
+            "--out",
+            str(tmp_path / "cli.star"),
+            "--no-progress",
+        ]
+    )
+    captured = capsys.readouterr()
+    assert code == 0
+    assert captured.err.count("found no particle signal in 29 of 29 particles (100.0%)") == 1
+    assert "out of distribution: no signal in 100.0% of the readable particles, none dropped" in (
+        captured.out
+    )
+
+    # score_particles says it once too; segment says it and records it
+    lines.clear()
+    score_particles(star, models_root=blind_models, progress=False, log=lines.append)
+    assert sum("out of distribution" in line for line in lines) == 1
+    from particleseg_model.cleaning.segment import read_labels, segment_star
+
+    lines.clear()
+    segmented = segment_star(
+        star, tmp_path / "labels.zarr", models_root=blind_models, progress=False, log=lines.append
+    )
+    assert segmented.out_of_distribution and segmented.unreadable == 1
+    assert sum("the masks are not meaningful" in line for line in lines) == 1
+    assert any("1 of 30 particles have NaN or infinite pixels" in line for line in lines)
+    labels, attrs = read_labels(tmp_path / "labels.zarr")
+    assert attrs["out_of_distribution"] is True and attrs["no_signal_share"] == 1.0
+    assert attrs["unreadable"] == 1 and not labels.any()
+
+
+def test_a_model_that_finds_the_particles_is_not_out_of_distribution(
+    models: Path, tmp_path: Path
+) -> None:
+    from particleseg_model.cleaning.clean import OOD_NO_SIGNAL_SHARE, is_out_of_distribution
+
+    assert OOD_NO_SIGNAL_SHARE == 0.5
+    assert not is_out_of_distribution(5, 10) and is_out_of_distribution(6, 10)
+    assert not is_out_of_distribution(0, 0)
+    images, _ = disc_particles(20, seed=9)
+    star = write_project(tmp_path / "project", images)
+    lines: list[str] = []
+    result = clean_star(
+        star, tmp_path / "clean.star", models_root=models, progress=False, log=lines.append
+    )
+    assert not result.out_of_distribution and result.dropped == 6
+    assert "out_of_distribution" not in result.summary()
+    assert not any("out of distribution" in line for line in lines)

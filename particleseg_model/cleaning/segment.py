@@ -3,9 +3,15 @@
 :func:`segment_star` streams the particles of a STAR file (RELION 3.0/3.1/5.0; stacks found
 relative to the STAR file or to ``particles_dir``) in batches through the model and writes a
 Zarr v3 group with ``labels`` (uint8, N x S x S, 0 background, 1 signal, 2 edge, chunked along
-N) at the particles' own box, plus the attributes saying which model and file made it. Memory
-stays at one batch whatever the number of particles. The group is written under a temporary
-name and renamed into place.
+N) at the particles' own box, ``readable`` (bool, N: False for an image with a NaN or infinite
+pixel, whose labels are left 0 and mean nothing), plus the attributes saying which model and
+file made it, how many particles were unreadable and whether the model found no signal on most
+of them (``out_of_distribution``, ``no_signal_share``: see
+:data:`particleseg_model.cleaning.clean.OOD_NO_SIGNAL_SHARE`). Images are normalised with
+:func:`particleseg_model.model.predict.normalise_for_model` first (any units), and a model
+whose manifest says ``edge_from_signal`` derives the edge from its signal. Memory stays at one
+batch whatever the number of particles. The group is written under a temporary name and
+renamed into place.
 """
 
 from __future__ import annotations
@@ -36,10 +42,18 @@ class SegmentResult:
     model_size: int
     model_version: str
     seconds: float
+    unreadable: int = 0  # images with a NaN or infinite pixel
+    no_signal: int = 0  # readable particles without predicted signal
+    out_of_distribution: bool = False
 
     @property
     def particles_per_s(self) -> float:
         return self.particles / max(self.seconds, 1e-9)
+
+    @property
+    def no_signal_share(self) -> float:
+        """Share of the readable particles without predicted signal (0 when none is readable)."""
+        return self.no_signal / max(self.particles - self.unreadable, 1)
 
 
 def segment_star(
@@ -57,10 +71,25 @@ def segment_star(
 
     ``model``: a registered version folder or its ``model.keras``; None: the latest version
     under ``models_root`` (default ``$PARTICLESEG_DATA/models``, else ``./data/models``).
+    ``log`` gets a line for unreadable (non-finite) images and one
+    :func:`~particleseg_model.cleaning.clean.no_signal_line` when the model is out of
+    distribution.
     """
     import zarr
 
-    from particleseg_model.model.predict import predict_labels
+    from particleseg_model.cleaning.clean import (
+        _scale_rows,
+        is_out_of_distribution,
+        no_signal_line,
+        scale_note,
+    )
+    from particleseg_model.corpus.labels import SIGNAL
+    from particleseg_model.model.predict import (
+        finite_images,
+        normalise_for_model,
+        predict_labels,
+        stack_scale,
+    )
     from particleseg_model.model.registry import load_model, resolve_model
     from particleseg_model.progress import progress as bar
 
@@ -73,6 +102,7 @@ def segment_star(
     version = resolve_model(model, models_root)
     network = load_model(version)
     size = version.input_size
+    from_signal = bool(version.manifest.get("edge_from_signal", False))
     particles = read_star(star_path).particles
     if particles.empty:
         raise ValueError(f"{star_path}: no particles")
@@ -88,10 +118,21 @@ def segment_star(
             f"{size} and the masks back to {box}"
         )
     n = len(particles)
+    # one scale for the stack, from a sample read before the stream (see normalise_for_model)
+    try:
+        sample = read_particles_table(particles.iloc[_scale_rows(n)], base_dir=base_dir)
+    except MrcError:  # a bad row among them: the stream below names it; the first one will do
+        sample = first
+    scale = stack_scale(sample)
+    note = scale_note(scale)
+    if note:
+        say(note)
     # a Zarr folder, built under a temporary name and renamed: a folder swap, not a file write
     tmp = out_path.with_name(f"{out_path.name}.tmp-{uuid.uuid4().hex[:8]}")
     chunk = max(1, min(n, (4 << 20) // (box * box)))
     started = time.perf_counter()
+    readable = np.ones(n, bool)
+    no_signal = 0
     try:
         group = zarr.open_group(tmp, mode="w", zarr_format=3)
         labels = group.create_array(
@@ -107,8 +148,38 @@ def segment_star(
                         f"{images.shape[2]} x {images.shape[1]} images, the first "
                         f"particle {box} x {box}"
                     )
-                labels[start : start + len(rows)] = predict_labels(network, images)
+                finite = finite_images(images)
+                batch_labels = np.zeros(images.shape, np.uint8)
+                if finite.any():
+                    batch_labels[finite] = predict_labels(
+                        network,
+                        normalise_for_model(images[finite], scale=scale),
+                        edge_from_signal=from_signal,
+                    )
+                readable[start : start + len(rows)] = finite
+                no_signal += int((~(batch_labels[finite] == SIGNAL).any(axis=(1, 2))).sum())
+                labels[start : start + len(rows)] = batch_labels
                 shown.update(len(rows))
+        unreadable = int((~readable).sum())
+        if unreadable:
+            first = ", ".join(str(int(r)) for r in np.flatnonzero(~readable)[:3])
+            say(
+                f"{unreadable} of {n} particles have NaN or infinite pixels: unreadable, their "
+                f"labels left 0 and marked in 'readable' (rows {first}"
+                + (" ..." if unreadable > 3 else "")
+                + ")"
+            )
+        out_of_distribution = is_out_of_distribution(no_signal, n - unreadable)
+        if out_of_distribution:
+            say(
+                no_signal_line(
+                    version.version,
+                    no_signal,
+                    n - unreadable,
+                    "the masks are not meaningful",
+                )
+            )
+        group.create_array("readable", shape=(n,), chunks=(n,), dtype="bool")[:] = readable
         seconds = time.perf_counter() - started
         group.attrs.update(
             {
@@ -121,13 +192,27 @@ def segment_star(
                 "particles": n,
                 "resized": box != size,
                 "label_codes": {"0": "background", "1": "signal", "2": "edge"},
+                "edge_from_signal": from_signal,
+                "unreadable": unreadable,
+                "no_signal_share": round(no_signal / max(n - unreadable, 1), 4),
+                "out_of_distribution": out_of_distribution,
             }
         )
         os.rename(tmp, out_path)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
-    return SegmentResult(out_path, n, box, size, version.version, seconds)
+    return SegmentResult(
+        out_path,
+        n,
+        box,
+        size,
+        version.version,
+        seconds,
+        unreadable=unreadable,
+        no_signal=no_signal,
+        out_of_distribution=out_of_distribution,
+    )
 
 
 def read_labels(path: str | os.PathLike) -> tuple[np.ndarray, dict]:

@@ -4,6 +4,11 @@ Images are float32 ``(N, S, S)`` particles normalised per particle; they are res
 model's input (area averaging when shrinking) and the class maps resized back to ``S``
 (bilinear), so labels come at the particles' own box. Label codes: 0 background, 1 signal,
 2 edge.
+
+:func:`normalise_for_model` puts a stack in any units on the scale the corpus trained on
+(what ``particleseg clean`` and ``segment`` do before predicting); ``edge_from_signal`` derives
+the edge from the predicted signal with the label rule itself (the paper's edge is a function
+of its signal).
 """
 
 from __future__ import annotations
@@ -12,9 +17,139 @@ from typing import Any
 
 import numpy as np
 
-from particleseg_model.corpus.labels import resize_images
+from particleseg_model.corpus.labels import labels_from_projection, resize_images
 
-__all__ = ["predict_labels", "predict_probabilities"]
+__all__ = [
+    "BG_RADIUS_FRACTION",
+    "SCALE_SAMPLE",
+    "finite_images",
+    "normalise_for_model",
+    "predict_labels",
+    "predict_probabilities",
+    "stack_scale",
+]
+
+BG_RADIUS_FRACTION = 0.375
+"""The background disc's radius as a fraction of the box: RELION's default ``--bg_radius``
+(37.5 % of the box), which ``relion.extract`` and ``simulation.normalise_images`` use."""
+
+
+def finite_images(images: np.ndarray) -> np.ndarray:
+    """Which images hold finite pixels only.
+
+    Parameters
+    ----------
+    images
+        ``(N, S, S)`` particle images, any float dtype.
+
+    Returns
+    -------
+    numpy.ndarray
+        ``(N,)`` bool: False for an image with a NaN or infinite pixel (it cannot be scored).
+    """
+    data = np.asarray(images)
+    return np.isfinite(data.reshape(len(data), -1)).all(axis=1)
+
+
+SCALE_SAMPLE = 1024
+"""Particles read, evenly spaced through a stack, for its :func:`stack_scale` (the median of
+a thousand per-particle spreads is within a few % of the whole stack's)."""
+
+
+def _plane_removed(images: np.ndarray, bg_radius_px: float | None) -> np.ndarray:
+    """``(N, S*S)`` float64: each image minus the least-squares plane through its background
+    disc (pixels farther than ``bg_radius_px`` from the centre) and minus its mean."""
+    data = np.asarray(images, dtype=np.float64)
+    if data.ndim != 3 or data.shape[1] != data.shape[2]:
+        raise ValueError(f"particle images must be (N, S, S) squares, got {data.shape}")
+    n, ny, nx = data.shape
+    radius = BG_RADIUS_FRACTION * nx if bg_radius_px is None else float(bg_radius_px)
+    y, x = np.mgrid[:ny, :nx]
+    y = (y - ny // 2).astype(np.float64).ravel()
+    x = (x - nx // 2).astype(np.float64).ravel()
+    background = (x**2 + y**2) > radius**2
+    flat = data.reshape(n, -1)
+    if n and background.sum() >= 3:
+        design = np.stack([x, y, np.ones_like(x)], axis=1)
+        # the planes of all images at once: (X_b^T X_b)^-1 X_b^T v_b
+        coef = flat[:, background] @ np.linalg.pinv(design[background]).T  # (n, 3)
+        flat = flat - coef @ design.T
+    return flat - flat.mean(axis=1, keepdims=True)
+
+
+def stack_scale(images: np.ndarray, *, bg_radius_px: float | None = None) -> float | None:
+    """One scale for a whole stack: the median over its finite images of the standard
+    deviation left after :func:`normalise_for_model`'s plane and mean removal.
+
+    Parameters
+    ----------
+    images
+        ``(N, S, S)`` particle images (a sample of the stack: :data:`SCALE_SAMPLE`), any units.
+    bg_radius_px
+        As :func:`normalise_for_model`.
+
+    Returns
+    -------
+    float or None
+        The scale in the images' units; None without a finite, non-constant image.
+    """
+    data = np.asarray(images)
+    finite = finite_images(data) if len(data) else np.zeros(0, bool)
+    if not finite.any():
+        return None
+    spread = _plane_removed(data[finite], bg_radius_px).std(axis=1)
+    spread = spread[spread > 0]
+    return float(np.median(spread)) if len(spread) else None
+
+
+def normalise_for_model(
+    images: np.ndarray, *, scale: float | None = None, bg_radius_px: float | None = None
+) -> np.ndarray:
+    """Particle images on the scale the corpus trained on, whatever their units.
+
+    The corpus normalised every particle twice: at extraction as RELION does (``relion.extract``
+    ``--norm``, ``simulation.normalise_images``: the least-squares plane through the background
+    disc, the pixels farther than ``bg_radius_px`` from the centre, subtracted, the background
+    scaled to std 1), then in the store (``corpus.store``'s ``NORMALISATION``: mean 0, std 1 over
+    the whole box). The background scaling is undone by the second step, so the composition is:
+    subtract the background plane, then bring the whole box to mean 0 and std 1 (``scale``
+    None: exactly the corpus' normalisation, to float32 rounding).
+
+    ``particleseg clean`` and ``segment`` pass one ``scale`` for the whole stack
+    (:func:`stack_scale`) instead of each particle's own: it removes the stack's unit as well,
+    and a box without contrast (empty ice in a normalised stack, a padded box) stays without
+    contrast rather than being blown up into noise in which a network finds specks. On a stack
+    that is already normalised per particle the two agree (the median spread is 1). Either way
+    the result is affine-invariant: ``a x + b`` (``a > 0``; the scale taken from it) gives the
+    same images, so a stack in arbitrary units (std 0.0015, mean 12) gives the labels of the same
+    stack normalised. Computed in float64 (a mean of 12 against an std of 0.0015 needs it).
+
+    Parameters
+    ----------
+    images
+        ``(N, S, S)`` particle images (any units; contrast as the corpus: particles bright).
+    scale
+        Divide every image by this (the images' units, > 0); None: by its own standard
+        deviation after the plane removal (a constant image becomes all 0).
+    bg_radius_px
+        Radius of the background disc in pixels; None: :data:`BG_RADIUS_FRACTION` x box.
+
+    Returns
+    -------
+    numpy.ndarray
+        ``(N, S, S)`` float32. An image with a non-finite pixel becomes all NaN (check
+        :func:`finite_images` first).
+    """
+    data = np.asarray(images)
+    flat = _plane_removed(data, bg_radius_px)
+    if scale is None:
+        std = flat.std(axis=1, keepdims=True)
+        flat = flat / np.where(std > 0, std, 1.0)
+    elif not (np.isfinite(scale) and scale > 0):
+        raise ValueError(f"scale must be a positive number, got {scale!r}")
+    else:
+        flat = flat / float(scale)
+    return flat.reshape(data.shape).astype(np.float32)
 
 
 def _class_maps(model: Any, images: np.ndarray) -> np.ndarray:
@@ -48,13 +183,50 @@ def predict_probabilities(model: Any, images: np.ndarray, *, batch: int = 64) ->
     return out
 
 
-def predict_labels(model: Any, images: np.ndarray, *, batch: int = 64) -> np.ndarray:
-    """Label codes ``(N, S, S)`` uint8 (0 background, 1 signal, 2 edge) at the images' box:
-    the argmax of :func:`predict_probabilities` (the first class wins a tie)."""
+def predict_labels(
+    model: Any,
+    images: np.ndarray,
+    *,
+    batch: int = 64,
+    edge_from_signal: bool = False,
+    edge_px: int = 11,
+) -> np.ndarray:
+    """Label codes of particle images at their own box.
+
+    Parameters
+    ----------
+    model
+        A Keras model ``(b, size, size, 1) -> (b, size, size, classes)`` softmax.
+    images
+        Float32 ``(N, S, S)`` particle images normalised per particle.
+    batch
+        Images per model call.
+    edge_from_signal
+        False: the argmax of :func:`predict_probabilities` (the first class wins a tie). True:
+        signal where the signal probability is > 0.5 (signal against not-signal, i.e. against
+        background and edge together), the edge made from it by the label rule itself
+        (``corpus.labels.labels_from_projection``: the ``edge_px`` x ``edge_px`` dilation of
+        the signal minus the signal, at the particle's box ``S``), so the edge is a function of
+        the signal as in the paper; the model's edge class is not used.
+    edge_px
+        The label rule's dilation square (odd; the corpus' 11: a 5 px band), with
+        ``edge_from_signal`` only.
+
+    Returns
+    -------
+    numpy.ndarray
+        ``(N, S, S)`` uint8: 0 background, 1 signal, 2 edge.
+    """
     data = _checked_images(images)
     labels = np.empty(data.shape, dtype=np.uint8)
     for start in range(0, len(data), batch):
         maps = _class_maps(model, data[start : start + batch])
+        if edge_from_signal:
+            signal = (maps[:, 1] > 0.5).view(np.uint8)
+            labels[start : start + len(maps)] = labels_from_projection(
+                signal, threshold=0.5, edge_px=edge_px
+            )
+            continue
         if maps.shape[1] != 3:
             labels[start : start + len(maps)] = maps.argmax(axis=1)
             continue

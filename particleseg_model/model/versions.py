@@ -23,6 +23,9 @@ The manifest of a trained version (``manifest.json``; the registry adds ``format
 ``version``, ``created`` and ``code_version``), in this key order::
 
     arch, input_size, channels   the network (channels: 1)
+    edge_from_signal             only when True: prediction derives the edge from the predicted
+                                 signal by the label rule (``predict_labels(edge_from_signal=)``;
+                                 cleaning and segmenting follow it); absent means False
     parent                       the version an incremental run started from, else None
     mode                         "full" or "incremental"
     partitions                   training particles per partition, the parent's included
@@ -333,6 +336,7 @@ def model_manifest(
     calibration: dict[str, Any] | None,
     settings: dict[str, Any],
     run_id: str | None = None,
+    edge_from_signal: bool = False,
 ) -> dict[str, Any]:
     """The manifest of a trained version (the keys of the module docstring, in that order)
     for :func:`~particleseg_model.model.registry.register_model`.
@@ -347,6 +351,9 @@ def model_manifest(
         :func:`~particleseg_model.model.calibration.mask_calibration` of the trained network.
     settings
         Recorded as ``config`` as given (JSON-serialisable).
+    edge_from_signal
+        Recorded as ``edge_from_signal: true`` after ``channels`` when True (omitted when
+        False, so older manifests read the same).
     run_id
         Recorded as ``dagster_run_id``.
 
@@ -357,10 +364,11 @@ def model_manifest(
     parent = plan.parent if plan.incremental else None
     partitions = dict(parent.partitions) if parent is not None else {}
     partitions.update(result.train_particles)
-    return {
+    manifest: dict[str, Any] = {
         "arch": config.arch,
         "input_size": config.size,
         "channels": 1,
+        **({"edge_from_signal": True} if edge_from_signal else {}),
         "parent": parent.version if parent is not None else None,
         "mode": result.mode,
         "partitions": partitions,
@@ -378,6 +386,7 @@ def model_manifest(
         "calibration": calibration,
         "dagster_run_id": run_id,
     }
+    return manifest
 
 
 def train_and_register(
@@ -390,6 +399,7 @@ def train_and_register(
     mode: str = "auto",
     settings: dict[str, Any] | None = None,
     run_id: str | None = None,
+    edge_from_signal: bool = False,
     log: Log = print,
 ) -> TrainingOutcome:
     """Plan, train, evaluate, calibrate and register a new model version.
@@ -409,6 +419,10 @@ def train_and_register(
         and the fields of ``config``.
     run_id
         Recorded as the manifest's ``dagster_run_id``.
+    edge_from_signal
+        Record that this model's edge is derived from its predicted signal at prediction
+        (:func:`model_manifest`); training is the same (the edge class still teaches the
+        outline).
     log
         Receives the progress lines (one per epoch, one per evaluated partition).
 
@@ -492,6 +506,7 @@ def train_and_register(
             calibration=calibration,
             settings=settings,
             run_id=run_id,
+            edge_from_signal=edge_from_signal,
         )
         version = register_model(models_root, staged, manifest)
     except BaseException:
@@ -515,6 +530,7 @@ def register_keras(
     *,
     corpus_root: str | os.PathLike | None = None,
     arch: str = "custom",
+    edge_from_signal: bool = False,
 ) -> ModelVersion:
     """Register a ``.keras`` network trained elsewhere as the next version (the latest).
 
@@ -534,6 +550,8 @@ def register_keras(
         ``calibrated`` cleaning score is then unavailable).
     arch
         Recorded as the manifest's ``arch``.
+    edge_from_signal
+        Recorded as the manifest's ``edge_from_signal: true`` when True (else omitted).
 
     Returns
     -------
@@ -547,6 +565,7 @@ def register_keras(
     manifest: dict[str, Any] = {
         "input_size": int(model.input_shape[1]),
         "arch": arch,
+        **({"edge_from_signal": True} if edge_from_signal else {}),
         "partitions": {},
         "source": str(keras_file),
     }
