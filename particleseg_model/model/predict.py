@@ -48,7 +48,7 @@ def finite_images(images: np.ndarray) -> np.ndarray:
         ``(N,)`` bool: False for an image with a NaN or infinite pixel (it cannot be scored).
     """
     data = np.asarray(images)
-    return np.isfinite(data.reshape(len(data), -1)).all(axis=1)
+    return np.asarray(np.isfinite(data.reshape(len(data), -1)).all(axis=1))
 
 
 SCALE_SAMPLE = 1024
