@@ -24,6 +24,8 @@ reply), side by side:
 - ``wget -r``: ``wget -r -np -nH --cut-dirs=N -q`` of the entry's archive folder and of the
   EMDB entry folder, everything under them, as a user without the platform downloads it.
 
+Each row is measured ``--repeat`` times (the machines are shared): the median wall time.
+
 Bytes are counted on the server (status line, headers and bodies written to the socket),
 requests from the server's request log; both split by host part (the EMPIAR archive, EMDB's
 files, the APIs, other: wget's ``robots.txt``). Times are wall seconds of the whole fetch.
@@ -353,6 +355,7 @@ class Row:
     files: int = 0  # files the fetch left on disk
     map_gz_bytes: int = 0  # bytes of the EMDB .map.gz transferred
     note: str = ""
+    wall_s_runs: list[float] = field(default_factory=list)  # every repeat; wall_s: the median
 
     @property
     def total_bytes(self) -> int:
@@ -510,9 +513,34 @@ def measure_partition(
     row.files, row.map_gz_bytes = info["files"], info["map_gz_bytes"]
     row.note = f"{info['listings']} directory listings among the files"
     rows.append(row)
-    for folder in ("fresh", "second", "wget", "fresh_stacks", "second_stacks"):
+    for folder in ("fresh", "second", "wget", "fresh_stacks", "second_stacks", "emdb"):
         shutil.rmtree(work / folder, ignore_errors=True)
     return rows
+
+
+def combine(repeats: Sequence[Sequence[Row]]) -> list[Row]:
+    """Rows of repeated measurements as one: the first's counts (the same in every repeat:
+    checked), the median wall time, every wall time in ``wall_s_runs``."""
+    combined = []
+    for rows in zip(*repeats, strict=True):
+        first = rows[0]
+        for other in rows[1:]:
+            if other.requests_by_host != first.requests_by_host:
+                raise RuntimeError(f"{first.label}: requests differ between repeats")
+        times = [r.wall_s for r in rows]
+        combined.append(
+            Row(
+                first.label,
+                first.bytes_by_host,
+                first.requests_by_host,
+                float(np.median(times)),
+                first.files,
+                first.map_gz_bytes,
+                first.note,
+                times,
+            )
+        )
+    return combined
 
 
 def via_for(partition: Partition, via: str) -> str:
@@ -592,10 +620,18 @@ def run(args: argparse.Namespace, log: Callable[[str], None] = print) -> dict[st
                     server.faults.append(Fault(".", "slow", delay_s=latency / 1000, times=-1))
                 for part in partitions:
                     via = via_for(part, args.via)
-                    rows = measure_partition(
-                        server, traffic, part, Path(tmp) / f"work_{latency:g}_{part.number}",
-                        via=via,
-                    )  # fmt: skip
+                    rows = combine(
+                        [
+                            measure_partition(
+                                server,
+                                traffic,
+                                part,
+                                Path(tmp) / f"work_{latency:g}_{part.number}",
+                                via=via,
+                            )
+                            for _ in range(args.repeat)
+                        ]
+                    )
                     if log is print:
                         print_table(part, latency, rows)
                     figures["partitions"][part.empiar_id]["by_latency_ms"][f"{latency:g}"] = {
@@ -638,6 +674,7 @@ def parser() -> argparse.ArgumentParser:
         "particles and writes its manifest), or the library calls alone (the micrograph entry "
         "always uses those: fetch_stacks would extract particles with RELION)",
     )
+    p.add_argument("--repeat", type=int, default=3, help="measurements per row (median time)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--json", type=Path, default=RESULTS_DIR / "dataset_fetch.json")
     return p

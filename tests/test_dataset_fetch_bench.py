@@ -36,11 +36,15 @@ def measured(tmp_path_factory: pytest.TempPathFactory):
             }
             for p in partitions
         }
-    return partitions, rows
+        # a repeat in the same work folder starts from nothing again (as run() repeats)
+        again = bench.measure_partition(
+            server, traffic, partitions[0], tmp / partitions[0].number, via=args.via
+        )
+    return partitions, rows, again
 
 
 def test_mirror_is_shaped_like_a_real_entry(measured) -> None:
-    partitions, _ = measured
+    partitions, *_ = measured
     particles = partitions[0]
     assert particles.empiar_id == "EMPIAR-10028" and particles.emdb_id == "EMD-2660"
     assert "data/Particles/shiny_2sets.star" in particles.needed
@@ -55,7 +59,7 @@ def test_mirror_is_shaped_like_a_real_entry(measured) -> None:
 
 
 def test_ours_downloads_less_than_wget(measured) -> None:
-    partitions, rows = measured
+    partitions, rows, _ = measured
     for part in partitions:
         ours, wget = rows[part.empiar_id]["ours"], rows[part.empiar_id]["wget -r"]
         assert 0 < ours.total_bytes < wget.total_bytes
@@ -76,7 +80,7 @@ def test_ours_downloads_less_than_wget(measured) -> None:
 
 
 def test_cached_run_fetches_no_map_bytes(measured) -> None:
-    partitions, rows = measured
+    partitions, rows, _ = measured
     for part in partitions:
         first = rows[part.empiar_id]["ours"]
         cached = rows[part.empiar_id]["ours, map cached"]
@@ -93,6 +97,24 @@ def test_cached_run_fetches_no_map_bytes(measured) -> None:
         assert rerun.bytes_by_host["archive"] < first.bytes_by_host["archive"] - 0.9 * bodies
         assert rerun.bytes_by_host["emdb_files"] == 0
         assert rerun.files == first.files
+
+
+def test_a_repeat_counts_the_same(measured) -> None:
+    partitions, rows, again = measured
+    first = rows[partitions[0].empiar_id]
+    for row in again:
+        assert row.requests_by_host == first[row.label].requests_by_host
+        assert abs(row.total_bytes - first[row.label].total_bytes) < 1024  # Date headers
+    assert bench.combine([list(first.values()), again])[0].map_gz_bytes > 0
+
+
+def test_combine_takes_the_median_time() -> None:
+    def row(wall: float) -> bench.Row:
+        return bench.Row("ours", {"archive": 10}, {"archive": 2}, wall)
+
+    (combined,) = bench.combine([[row(3.0)], [row(1.0)], [row(2.0)]])
+    assert combined.wall_s == 2.0 and combined.wall_s_runs == [3.0, 1.0, 2.0]
+    assert combined.total_bytes == 10 and combined.total_requests == 2
 
 
 def test_host_of() -> None:
