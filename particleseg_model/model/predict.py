@@ -48,7 +48,7 @@ def finite_images(images: np.ndarray) -> np.ndarray:
         ``(N,)`` bool: False for an image with a NaN or infinite pixel (it cannot be scored).
     """
     data = np.asarray(images)
-    return np.asarray(np.isfinite(data.reshape(len(data), -1)).all(axis=1))
+    return np.asarray(np.isfinite(data).all(axis=tuple(range(1, data.ndim))))
 
 
 SCALE_SAMPLE = 1024
