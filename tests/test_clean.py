@@ -809,3 +809,14 @@ def test_a_model_that_finds_the_particles_is_not_out_of_distribution(
     assert not result.out_of_distribution and result.dropped == 6
     assert "out_of_distribution" not in result.summary()
     assert not any("out of distribution" in line for line in lines)
+
+
+def test_a_batch_with_no_readable_image_is_skipped_whole(models: Path, tmp_path: Path) -> None:
+    images, _ = disc_particles(12, seed=10)
+    images[:4] = np.nan  # the whole first batch
+    names = [f"{i}@Particles/stack.mrcs" for i in range(1, 13)]
+    names[4:8] = ["1@Particles/gone.mrcs"] * 4  # the whole second batch, no such stack
+    star = write_project(tmp_path / "project", images, names=names)
+    _, scores = score_particles(star, models_root=models, batch=4, progress=False)
+    assert np.flatnonzero(~scores["readable"].to_numpy()).tolist() == list(range(8))
+    assert scores["signal_px"].notna().sum() == 4
