@@ -263,7 +263,14 @@ def layout(tmp_path: Path) -> Path:
     return root
 
 
-def _fetch(root: Path, work: Path, entry=None) -> build.StacksResult:
+class _Api:
+    """The EMDB API's resolutions of the linked maps (no server needed)."""
+
+    def resolution_a(self, emd: str) -> float:
+        return float(LINKED[emd])
+
+
+def _fetch(root: Path, work: Path, entry=None, emdb=None) -> build.StacksResult:
     entry = entry or parse_entry(EMPIAR_ID, Mirror(root).entry(EMPIAR_ID)[EMPIAR_ID])
     return build.fetch_stacks(
         entry,
@@ -271,6 +278,7 @@ def _fetch(root: Path, work: Path, entry=None) -> build.StacksResult:
         work / "downloads",
         work / "particle_stacks",
         emdb_files_url=str(root / "emdb_files"),
+        emdb=emdb,
         map_cache=work / "emdb",
     )
 
@@ -294,6 +302,37 @@ def test_relion30_entry_completed_and_map_from_emdb(layout: Path, tmp_path: Path
     assert reference is not None and reference.chosen == "the entry's only linked map"
     assert reference.resolution_a == pytest.approx(3.1)  # from the header XML
     assert reference.voxel_size_a == pytest.approx(MAP_VOXEL_A, abs=1e-5)
+
+
+def test_a_map_deposited_in_the_archive_is_used_and_recorded(layout: Path, tmp_path: Path) -> None:
+    """Some entries deposit a map beside the particles: used as it is, recorded as such; of
+    several, the best-resolution one named after a linked map; several unnamed: EMDB decides."""
+    deposited = layout / "archive/10076/data/Map"
+    deposited.mkdir()
+    with gzip.open(layout / "emdb_files/structures/EMD-98077/map/emd_98077.map.gz") as packed:
+        ring = packed.read()
+    (deposited / "emd_98077.map").write_bytes(ring)
+    (deposited / "emd_98077_mask.mrc").write_bytes(ring)  # a mask is never the density
+    stacks = _fetch(layout, tmp_path / "one").manifest
+    reference = stacks.reference
+    assert reference is not None
+    assert (reference.source, reference.chosen) == ("archive", "deposited in the archive")
+    assert reference.emdb_id == "EMD-98077" and reference.path.parent.name == "Map"
+    assert reference.sha256 == hashlib.sha256(ring).hexdigest()
+    assert stacks.density_map() == reference.path
+    assert not (tmp_path / "one" / "emdb").exists()  # nothing fetched from EMDB
+
+    (deposited / "emd_98076.map").write_bytes(ring)  # two named after linked maps
+    several = _fetch(layout, tmp_path / "two", emdb=_Api()).manifest.reference
+    assert several is not None and several.emdb_id == "EMD-98076"
+    assert several.chosen == "deposited in the archive, best of 2 named after linked maps"
+    assert several.candidates == {"EMD-98076": 3.1, "EMD-98077": 4.5}
+    for name in ("emd_98076.map", "emd_98077.map"):
+        (deposited / name).rename(deposited / name.replace("emd_", "map_"))
+    unnamed = _fetch(layout, tmp_path / "three", emdb=_Api()).manifest.reference
+    assert unnamed is not None  # neither file says which map it is: EMDB's, best of 2
+    assert (unnamed.source, unnamed.emdb_id) == ("emdb", "EMD-98076")
+    assert unnamed.chosen == "best of 2 linked maps"
 
 
 def _manifest_bytes(work: Path) -> bytes:

@@ -675,8 +675,9 @@ def refine_poses(
     log: Log | None = None,
 ) -> RefineResult:
     """Particle poses (step 2): the depositors' STAR file when it has poses, otherwise RELION
-    3D auto-refine (``relion_refine_mpi`` under ``mpirun``) from the entry's map, low-pass
-    filtered.
+    3D auto-refine (``relion_refine_mpi`` under ``mpirun``) from the entry's reference map
+    (:meth:`StacksManifest.density_map`; resampled to the particles' pixel size and box by
+    ``auto_refine``), low-pass filtered.
 
     A refinement runs in a fresh folder ``out_dir/refine-<run_id[:8]>``: the manifest names the
     one in use, so a killed or failed refinement never touches the files readers see; once the
@@ -841,8 +842,10 @@ def make_mask_volume(
     log: Log | None = None,
 ) -> MaskResult:
     """The MaskCreate-style mask (threshold, extend, soft edge) of the refined map (or of the
-    deposited map when the poses are the depositors'), at the particles' box and pixel size
-    (step 3), as ``out_dir/mask.mrc``.
+    reference map, :attr:`StacksManifest.reference`, when the poses are the depositors'), at
+    the particles' box and pixel size (step 3), as ``out_dir/mask.mrc``. A map at another voxel
+    size or box (EMDB's maps usually are) is Fourier-resampled and padded or cropped first, and
+    the log says so with both voxel sizes.
 
     Parameters
     ----------

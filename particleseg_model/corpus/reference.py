@@ -7,6 +7,8 @@ no field ties an imageset to a map: see the deposition schema), so the choice is
 1. ``"deposited in the archive"``: a density map in the entry's ``data/Map/`` folder (the
    depositors put it beside the particles; a file named "mask" is not a density map). Its
    EMDB id is the linked one whose number its file name carries (``emd_<n>.map``), if any.
+   Of several such files, the best-resolution one named after a linked map; several none of
+   which is named after one are left to the rules below.
 2. ``"named in the imageset's details"``: the linked maps that the particle (or micrograph)
    imageset's ``name`` or ``details`` name (``EMD-1234``); the best-resolution one when the
    text names several.
@@ -222,29 +224,51 @@ def _sha256(path: Path) -> str:
     return digest.hexdigest()
 
 
-def _deposited(entry: Entry, files: EntryFiles, ask: Callable[[str], float | None]):
-    density = [p for p in files.maps if "mask" not in p.name.lower()]
+def _deposited(
+    entry: Entry, files: EntryFiles, ask: Callable[[str], float | None]
+) -> ReferenceMap | None:
+    """The density map deposited in the archive (rule 1), None when there is none or no way to
+    tell which of several it is (then the linked EMDB maps decide)."""
+    density = sorted(p for p in files.maps if "mask" not in p.name.lower())
     if not density:
         return None
+    linked = {normalize_emd_id(e) for e in entry.emdb_ids}
+    named: dict[Path, str] = {}
+    for path in density:
+        match = _EMD_IN_NAME.search(path.name)
+        if match and f"EMD-{match.group(1)}" in linked:
+            named[path] = f"EMD-{match.group(1)}"
+    resolutions: dict[str, float | None] = {}
+    if len(density) == 1:
+        path, chosen = density[0], DEPOSITED
+    elif named:
+        resolutions = {emd: ask(emd) for emd in named.values()}
+        unknown = float("inf")  # a map without a known resolution ranks last
+
+        def rank(path: Path) -> tuple[float, int]:
+            found = resolutions[named[path]]
+            return (found if found is not None else unknown, density.index(path))
+
+        best = min(named, key=rank)
+        path, chosen = best, f"{DEPOSITED}, best of {len(named)} named after linked maps"
+    else:
+        return None  # several files, none named after a linked map: rules 2-4 choose
     from particleseg_model.em import maps
 
-    path = sorted(density)[0] if len(density) > 1 else density[0]
     volume = maps.load_map(path)
-    match = _EMD_IN_NAME.search(path.name)
-    linked = {normalize_emd_id(e) for e in entry.emdb_ids}
-    emd = f"EMD-{match.group(1)}" if match else None
-    emd = emd if emd in linked else None
+    emd = named.get(path)
+    resolution = resolutions.get(emd) if emd in resolutions else (ask(emd) if emd else None)
     return ReferenceMap(
         path=path,
         source="archive",
-        chosen=DEPOSITED if len(density) == 1 else f"{DEPOSITED} (first of {len(density)})",
+        chosen=chosen,
         emdb_id=emd,
-        resolution_a=ask(emd) if emd else None,
+        resolution_a=resolution,
         voxel_size_a=float(volume.pixel_size_a),
         box_px=int(volume.box),
         sha256=_sha256(path),
         url=path.as_uri(),
-        candidates={emd: None} if emd else {},
+        candidates=resolutions or ({emd: resolution} if emd else {}),
     )
 
 
