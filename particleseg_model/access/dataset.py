@@ -21,6 +21,7 @@ URL and the status.
 
 from __future__ import annotations
 
+import contextvars
 import fnmatch
 import os
 import posixpath
@@ -99,9 +100,26 @@ def _clean(directory: str) -> str:
     return "/".join(parts)
 
 
+_LISTINGS: contextvars.ContextVar[dict[str, list[RemoteFile]] | None] = contextvars.ContextVar(
+    "particleseg_dataset_listings", default=None
+)
+"""The folders listed by the :func:`fetch_entry_files` call in progress (``data/`` is both a
+parent of the particle folder and where the side files are: one request, not two)."""
+
+
 def _list(url: str, http: HttpClient | None) -> list[RemoteFile]:
     """The folder's files; an absent folder (404, or missing locally) is empty, any other
     failure raises :class:`ListingError` with the URL and status (after the retries)."""
+    cache = _LISTINGS.get()
+    if cache is not None and url in cache:
+        return cache[url]
+    listing = _list_uncached(url, http)
+    if cache is not None:
+        cache[url] = listing
+    return listing
+
+
+def _list_uncached(url: str, http: HttpClient | None) -> list[RemoteFile]:
     try:
         return list_directory(url, http)
     except (NotFoundError, FileNotFoundError, NotADirectoryError):
@@ -189,11 +207,12 @@ def _particle_file(
     )
 
 
-def _stack_url(entry: str, star_relative: str, stack_path: str) -> list[str]:
-    """Where a stack named in a particle file may be: relative to its folder, or to the
-    entry's ``data/`` folder (RELION paths are relative to the project directory), or, last,
-    by its bare name in the particle file's folder (cryoSPARC paths are relative to a
-    cryoSPARC project, ``J12/extract/...``, which depositors seldom keep)."""
+_STACK_RULES = ("beside the particle file", "under data/", "as written", "by name beside it")
+
+
+def _stack_candidates(entry: str, star_relative: str, stack_path: str) -> list[tuple[str, str]]:
+    """``(rule, URL)`` of where a stack named in a particle file may be (see
+    :func:`_stack_url`), duplicates and paths climbing out of the entry left out."""
     clean = stack_path.lstrip("/")
     star_dir = posixpath.dirname(star_relative)
     candidates = [
@@ -202,7 +221,19 @@ def _stack_url(entry: str, star_relative: str, stack_path: str) -> list[str]:
         posixpath.normpath(clean),
         posixpath.normpath(posixpath.join(star_dir, posixpath.basename(clean))),
     ]
-    return [entry + c for c in dict.fromkeys(candidates) if not c.startswith("..")]
+    seen: dict[str, str] = {}
+    for rule, relative in zip(_STACK_RULES, candidates, strict=True):
+        if not relative.startswith("..") and relative not in seen:
+            seen[relative] = rule
+    return [(rule, entry + relative) for relative, rule in seen.items()]
+
+
+def _stack_url(entry: str, star_relative: str, stack_path: str) -> list[str]:
+    """Where a stack named in a particle file may be: relative to its folder, or to the
+    entry's ``data/`` folder (RELION paths are relative to the project directory), or, last,
+    by its bare name in the particle file's folder (cryoSPARC paths are relative to a
+    cryoSPARC project, ``J12/extract/...``, which depositors seldom keep)."""
+    return [url for _, url in _stack_candidates(entry, star_relative, stack_path)]
 
 
 def _fetch_particles(
@@ -224,15 +255,20 @@ def _fetch_particles(
         files.particles_cs = star_path
         table = read_cs(star_path).particles
     star_relative = star_path.relative_to(dest).as_posix()
+    found_by: str | None = None  # the rule that found the last stack: tried first for the next
     for stack in sorted(table["stack_path"].unique()):
         target = star_path.parent / stack
         if target.exists() and target.stat().st_size > 0:
             files.stacks.append(target)
             continue
         errors = []
-        for url in _stack_url(entry, star_relative, stack):
+        candidates = _stack_candidates(entry, star_relative, stack)
+        # the stacks of one file sit the same way: one 404 per entry, not one per stack
+        candidates.sort(key=lambda candidate: candidate[0] != found_by)
+        for rule, url in candidates:
             try:
                 files.stacks.append(download(url, target, http=http, progress=progress))
+                found_by = rule
                 break
             except DownloadError as exc:
                 absent = exc.status == 404 or isinstance(exc.__cause__, FileNotFoundError)
@@ -288,7 +324,16 @@ def fetch_entry_files(
     Particles are preferred over micrographs when an entry ships both (no extraction needed).
     Raises :class:`NothingToFetch` naming the entry when neither can be found.
     """
-    dest = Path(dest)
+    token = _LISTINGS.set({})
+    try:
+        return _fetch_entry_files(entry, archive_base, Path(dest), http, progress)
+    finally:
+        _LISTINGS.reset(token)
+
+
+def _fetch_entry_files(
+    entry: Entry, archive_base: str, dest: Path, http: HttpClient | None, progress: bool
+) -> EntryFiles:
     dest.mkdir(parents=True, exist_ok=True)
     if "://" not in archive_base:  # a plain mirror path: listings name files by file:// URI
         archive_base = Path(archive_base).absolute().as_uri()
