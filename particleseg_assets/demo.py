@@ -42,7 +42,7 @@ from particleseg_model.access.catalog import read_catalog
 from particleseg_model.access.fixtures import write_fixture_mirror
 from particleseg_model.access.mirror import Mirror
 from particleseg_model.access.server import serve
-from particleseg_model.cli import print_eligible
+from particleseg_model.cli import explain_eligible, print_eligible
 from particleseg_model.corpus.store import open_corpus
 from particleseg_model.em.star import read_star
 from particleseg_model.model.registry import latest_model
@@ -226,6 +226,7 @@ def main() -> int:
         f"(best EMDB map better than 3.5 A, particles or coordinates deposited):\n"
     )
     print_eligible(eligible)
+    print("\n" + "\n".join(explain_eligible(catalog, eligible)))
     if len(errors):
         print(f"\n{len(errors)} entries carry an error (kept, not eligible):")
         for row in errors.itertuples(index=False):

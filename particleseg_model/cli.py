@@ -71,6 +71,7 @@ def catalog(args: argparse.Namespace) -> int:
         f"updated) -> {args.out}; {len(eligible)} eligible"
     )
     print_eligible(eligible)
+    print("\n".join(explain_eligible(refresh.table, eligible)))
     return 0
 
 
@@ -90,6 +91,53 @@ def print_eligible(eligible: pd.DataFrame) -> None:
             f"{row.empiar_id:<13} {row.best_emdb_id:<10} {row.best_resolution_a:>5.2f} "
             f"{size_text:>9}  {ships:<11} {str(row.title)[:70]}"
         )
+
+
+def explain_eligible(catalog: pd.DataFrame, eligible: pd.DataFrame) -> list[str]:
+    """Lines saying where an eligible count comes from and why the other entries are not.
+
+    Parameters
+    ----------
+    catalog
+        The whole catalog table (``empiar_entries``).
+    eligible
+        The entries the rule selected (``eligible_entries``).
+
+    Returns
+    -------
+    list of str
+        Eligible entries by origin (real, synthetic fixture, simulated demo: from the title's
+        ``[fixture]`` / ``[simulated]`` tag), the catalog's other entries by reason, and each
+        entry that passes on resolution but has no fetchable particle set, with its reason.
+    """
+    from particleseg_model.access.catalog import select_not_fetchable
+
+    def origin(title: object) -> str:
+        text = str(title)
+        return (
+            "simulated"
+            if text.startswith("[simulated]")
+            else ("synthetic fixture" if text.startswith("[fixture]") else "real")
+        )
+
+    by_origin = eligible["title"].map(origin).value_counts()
+    parts = [f"{by_origin.get(k, 0)} {k}" for k in ("real", "synthetic fixture", "simulated")]
+    lines = [f"eligible: {len(eligible)} of {len(catalog)} ({', '.join(parts)})"]
+    not_fetchable = select_not_fetchable(catalog)
+    rest = catalog[~catalog["empiar_id"].isin(set(eligible["empiar_id"]))]
+    status = rest["status"].fillna("").str.upper()
+    errors = rest["error"].fillna("") != ""
+    obsolete = status.str.startswith("OBS")
+    counts = {
+        "obsolete": int(obsolete.sum()),
+        "with an error": int((errors & ~obsolete).sum()),
+        "no fetchable particle set": len(not_fetchable),
+    }
+    counts["map not better than the limit (or none)"] = len(rest) - sum(counts.values())
+    lines.append("not eligible: " + ", ".join(f"{n} {why}" for why, n in counts.items() if n))
+    for row in not_fetchable.itertuples(index=False):
+        lines.append(f"  {row.empiar_id}: {row.not_fetchable_reason}")
+    return lines
 
 
 def download(args: argparse.Namespace) -> int:
