@@ -38,6 +38,7 @@ from particleseg_model.access.mirror import Mirror, emdb_header_xml
 from particleseg_model.corpus import build
 from particleseg_model.corpus.manifests import StacksManifest
 from particleseg_model.corpus.reference import choose_linked_map
+from particleseg_model.corpus.store import open_corpus
 from particleseg_model.em.maps import DensityMap, generate_map, make_mask, write_mrc
 from particleseg_model.em.particles import ParticleTableError
 from particleseg_model.em.star import format_loop_blocks, read_star
@@ -392,11 +393,12 @@ def test_bad_input_names_the_file_and_keeps_the_manifest(layout: Path, tmp_path:
         _fetch(layout, fresh, entry)
     assert _manifest_bytes(fresh) == before
 
-    # several optics groups with different pixel sizes: refused, naming the file and groups
+    # two optics groups at different pixel sizes in one box (sessions of one deposition): one
+    # partition, each set labelled at its own pixel size
     optics = pd.DataFrame(
         {
             "rlnOpticsGroup": [1, 2],
-            "rlnImagePixelSize": [PIXEL_A, 2 * PIXEL_A],
+            "rlnImagePixelSize": [PIXEL_A, 1.01 * PIXEL_A],
             "rlnImageSize": [BOX, BOX],
             "rlnVoltage": [VOLTAGE_KV, VOLTAGE_KV],
         }
@@ -404,17 +406,28 @@ def test_bad_input_names_the_file_and_keeps_the_manifest(layout: Path, tmp_path:
     groups = block.assign(rlnOpticsGroup=[1 + (i % 2) for i in range(N_PARTICLES)])
     star_file.write_text(format_loop_blocks({"optics": optics, "particles": groups}))
     fresh = _fresh(tmp_path, "groups", before)
-    with pytest.raises(ParticleTableError) as refused:
-        _fetch(layout, fresh, entry)
-    message = str(refused.value)
-    assert (
-        STAR_NAME in message
-        and "2 sets of particles with different boxes or pixel sizes" in message
+    said: list[str] = []
+    two = build.fetch_stacks(
+        entry,
+        str(layout / "archive"),
+        fresh / "downloads",
+        fresh / "particle_stacks",
+        emdb_files_url=str(layout / "emdb_files"),
+        map_cache=fresh / "emdb",
+        log=said.append,
+    ).manifest
+    assert two.box_px == BOX and two.pixel_size_a == PIXEL_A
+    assert any("2 pixel sizes in one box" in line for line in said)
+    refined = build.refine_poses(two, fresh / "refined_particles").manifest
+    mask = build.make_mask_volume(two, refined, fresh / "mask_volume").manifest
+    labels = build.label_partition(two, refined, mask, fresh / "corpus", fresh / "masks")
+    corpus = open_corpus(fresh / "corpus", EMPIAR_ID.split("-")[1])
+    assert labels.manifest.n_particles == N_PARTICLES == corpus.n_particles
+    assert corpus.attrs["pixel_sizes_a"] == pytest.approx([PIXEL_A, 1.01 * PIXEL_A])
+    assert sorted(set(corpus.table["pixel_size_a"].round(4))) == pytest.approx(
+        [round(PIXEL_A, 4), round(1.01 * PIXEL_A, 4)]
     )
-    assert "optics groups 1: 16 particles of 128 px" in message
-    assert "optics groups 2: 16 particles of 128 px" in message
-    assert _manifest_bytes(fresh) == before
-    assert sorted(p.name for p in (fresh / "particle_stacks").iterdir()) == ["manifest.json"]
+    assert (corpus.labels[:] == 1).any(axis=(1, 2)).all()
     star_file.write_text(real_star)
 
 
@@ -467,7 +480,6 @@ def test_real_layout_through_dataset_job(layout: Path, tmp_path: Path, dagster_h
     from dagster import AssetKey, DagsterInstance
 
     from particleseg_model.access.server import serve
-    from particleseg_model.corpus.store import open_corpus
 
     expected = {
         "sha256": hashlib.sha256(
@@ -532,3 +544,21 @@ def test_real_layout_through_dataset_job(layout: Path, tmp_path: Path, dagster_h
     refined = instance.get_latest_materialization_event(AssetKey("refined_particles"))
     assert refined is not None and refined.asset_materialization is not None
     assert refined.asset_materialization.metadata["source"].value == "deposited"
+
+
+def test_different_boxes_in_one_table_are_refused_by_name() -> None:
+    """Particles of two boxes cannot share a partition's Zarr arrays: one line names them."""
+    table = pd.DataFrame(
+        {
+            "image_size_px": [128, 128, 256],
+            "pixel_size_a": [1.31, 1.31, 1.31],
+            "optics_group": [1, 1, 2],
+        }
+    )
+    with pytest.raises(ParticleTableError) as refused:
+        build._one_group(table, Path("run_data.star"))
+    message = str(refused.value)
+    assert message.startswith("run_data.star: 2 sets of particles with different boxes")
+    assert "optics groups 1: 2 particles of 128 px" in message
+    assert "optics groups 2: 1 particles of 256 px" in message
+    assert build._one_group(table.iloc[:2], Path("x.star")) == (128, 1.31)

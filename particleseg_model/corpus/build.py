@@ -30,6 +30,7 @@ messages. ``log`` callables receive one progress line at a time (no trailing new
 from __future__ import annotations
 
 import contextlib
+import itertools
 import json
 import shutil
 import time
@@ -316,13 +317,19 @@ def _star_from_table(particles: pd.DataFrame, source: Path) -> ParticleStar:
     )
 
 
-def _one_group(particles: pd.DataFrame, source: Path) -> tuple[int, float]:
-    """(box px, pixel size A) of a table whose particles share both; else ParticleTableError
-    naming the file and the groups (the corpus holds one box and pixel size per partition)."""
+def _one_group(
+    particles: pd.DataFrame, source: Path, log: Callable[[str], None] | None = None
+) -> tuple[int, float]:
+    """(box px, nominal pixel size A) of a table whose particles share one box.
+
+    Optics groups at different pixel sizes in one box (sessions of one deposition, 1.24 and
+    1.25 A say) are one partition: :func:`label_partition` projects each set at its own pixel
+    size, and the nominal pixel size (the mask's sampling, the manifest's) is the largest
+    set's; ``log`` says so. Different boxes raise ParticleTableError naming the file and the
+    sets (the corpus stores one box per partition).
+    """
     groups = particle_groups(particles)
-    if len(groups) == 1 and groups[0].box_px is not None and groups[0].pixel_size_a is not None:
-        return groups[0].box_px, groups[0].pixel_size_a
-    if len(groups) == 1:
+    if any(g.pixel_size_a is None for g in groups) and all(g.box_px is not None for g in groups):
         raise ParticleTableError(
             f"{source}: no pixel size: neither the STAR file (rlnImagePixelSize, rlnPixelSize "
             "or rlnDetectorPixelSize with rlnMagnification) nor the stacks' MRC headers give one"
@@ -332,9 +339,20 @@ def _one_group(particles: pd.DataFrame, source: Path) -> tuple[int, float]:
         f"{g.box_px} px at {g.pixel_size_a} A"
         for g in groups
     )
+    boxes = {g.box_px for g in groups}
+    if len(boxes) == 1 and None not in boxes:
+        main = max(groups, key=len)
+        if len(groups) > 1 and log is not None:
+            log(
+                f"{source.name}: {len(groups)} pixel sizes in one box ({described}): each set "
+                f"is labelled at its own pixel size; the partition's nominal one is "
+                f"{main.pixel_size_a} A (the largest set's)"
+            )
+        assert main.box_px is not None and main.pixel_size_a is not None
+        return main.box_px, main.pixel_size_a
     raise ParticleTableError(
-        f"{source}: {len(groups)} sets of particles with different boxes or pixel sizes "
-        f"({described}); a partition holds one box and pixel size: deposit or select one set"
+        f"{source}: {len(groups)} sets of particles with different boxes ({described}); a "
+        "partition holds one box: deposit or select one set"
     )
 
 
@@ -481,7 +499,7 @@ def fetch_stacks(
         star.particles["image_size_px"].isna().any() or star.particles["pixel_size_a"].isna().any()
     )
     particles = complete_from_stacks(star.particles, base_dir, source=star_path)
-    box, pixel = _one_group(particles, Path(star_path))
+    box, pixel = _one_group(particles, Path(star_path), log)
     if incomplete or rewrite:
         log(
             f"{Path(star_path).name}: RELION {star.version if not rewrite else 'cryoSPARC'} "
@@ -1234,15 +1252,32 @@ def label_partition(
     columns = [c for c in _TABLE_COLUMNS if c in particles.columns]
     stages: dict[str, float] = dict.fromkeys(("project", "read images", "labels", "write"), 0.0)
     began = time.perf_counter()  # the projector's set-up counts as projection
-    projections = project_masks(
-        volume.data,
-        particles,
-        pixel_size_a=volume.pixel_size_a,
-        batch=options.batch,
-        threshold=options.threshold,
-        edge_px=options.edge_px,
-        rescale=True,
-    )
+    # one projector per pixel size (optics groups of one box at different pixel sizes), the
+    # particles ordered by it so that the projections come in table order
+    subsets = [particles]
+    if "pixel_size_a" in particles and particles["pixel_size_a"].nunique() > 1:
+        pixel_sizes = particles["pixel_size_a"].astype(float)
+        particles = particles.iloc[np.argsort(pixel_sizes.to_numpy(), kind="stable")]
+        particles = particles.reset_index(drop=True)
+        attrs["pixel_sizes_a"] = sorted(float(p) for p in pixel_sizes.unique())
+        subsets = [
+            subset.reset_index(drop=True)
+            for _, subset in particles.groupby("pixel_size_a", sort=False)
+        ]
+    # made before the corpus is opened, so that poses that cannot be projected fail first
+    streams = [
+        project_masks(
+            volume.data,
+            subset,
+            pixel_size_a=volume.pixel_size_a,
+            batch=options.batch,
+            threshold=options.threshold,
+            edge_px=options.edge_px,
+            rescale=True,
+        )
+        for subset in subsets
+    ]
+    projections = streams[0] if len(streams) == 1 else itertools.chain.from_iterable(streams)
     stages["project"] += time.perf_counter() - began
     done = 0
     mode = "a" if options.append else "w"
