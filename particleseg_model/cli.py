@@ -6,6 +6,7 @@ import argparse
 import logging
 import sys
 from pathlib import Path
+from typing import Any
 
 import pandas as pd
 
@@ -205,6 +206,16 @@ def demo_archive(args: argparse.Namespace) -> int:
     return 0
 
 
+def _out_of_distribution(result: Any, consequence: str = "") -> str:
+    """The summary line's suffix when the model found no signal in most particles."""
+    if not result.out_of_distribution:
+        return ""
+    return (
+        f"; out of distribution: no signal in {100 * result.no_signal_share:.1f}% of the "
+        f"readable particles{consequence}"
+    )
+
+
 def segment(args: argparse.Namespace) -> int:
     """Segment every particle of a RELION STAR file: label masks (Zarr, STAR row order)."""
     from particleseg_model.cleaning.segment import segment_star
@@ -220,12 +231,7 @@ def segment(args: argparse.Namespace) -> int:
         log=lambda line: print(line, file=sys.stderr),
     )
     unreadable = f"; {result.unreadable} unreadable" if result.unreadable else ""
-    ood = (
-        f"; out of distribution: no signal in {100 * result.no_signal_share:.1f}% of the "
-        "readable particles"
-        if result.out_of_distribution
-        else ""
-    )
+    ood = _out_of_distribution(result)
     print(
         f"{result.particles} particles segmented with model {result.model_version} in "
         f"{result.seconds:.1f} s ({result.particles_per_s:.0f} particles/s): {result.out}"
@@ -256,12 +262,7 @@ def clean(args: argparse.Namespace) -> int:
         log=lambda line: print(line, file=sys.stderr),
     )
     report = f"; report: {Path(args.report)}" if args.report else ""
-    ood = (
-        f"; out of distribution: no signal in {100 * result.no_signal_share:.1f}% of the "
-        "readable particles, none dropped"
-        if result.out_of_distribution
-        else ""
-    )
+    ood = _out_of_distribution(result, ", none dropped")
     print(
         f"kept {result.kept}/{result.total} particles ({result.score} score, cut "
         f"{result.cut:.4g}), dropped {result.dropped}, skipped {result.skipped} unreadable, "
