@@ -240,10 +240,101 @@ def segment(args: argparse.Namespace) -> int:
     return 0
 
 
+def _clean_cs(args: argparse.Namespace) -> int:
+    """``clean`` of a cryoSPARC .cs file: the kept rows and their passthrough file as .cs."""
+    from particleseg_model.cleaning.cs_clean import clean_cs
+
+    if args.classify:
+        print(
+            "particleseg clean: error: --classify needs a RELION STAR input (RELION runs the "
+            f"classification); {args.star} is a cryoSPARC .cs file",
+            file=sys.stderr,
+        )
+        return 1
+    result, written, passthrough = clean_cs(
+        args.star,
+        args.out,
+        particles_dir=args.particles_dir,
+        scores_out=args.scores,
+        overwrite=args.overwrite,
+        model=args.model,
+        models_root=args.models_root,
+        drop=args.drop,
+        keep_above=args.keep_above,
+        score=args.score,
+        report_dir=args.report,
+        on_bad=args.on_bad,
+        batch=args.batch,
+        progress=False if args.no_progress else None,
+        log=lambda line: print(line, file=sys.stderr),
+    )
+    print(
+        f"kept {result.kept}/{result.total} particles ({result.score} score, cut "
+        f"{result.cut:.4g}), model {result.model_version}: {written} (every field as read) "
+        f"and {passthrough}; scores: {result.scores_path}"
+    )
+    return 0
+
+
+def _classify_cleaning(args: argparse.Namespace, scores_path: Path) -> str:
+    """``clean --classify K``: classify the input, the cleaned set and a random drop of the
+    same size with the same parameters; returns the summary lines."""
+    from particleseg_model.cleaning.compare import classify_before_after
+
+    scores = (
+        pd.read_csv(scores_path)
+        if scores_path.suffix.lower() == ".csv"
+        else pd.read_parquet(scores_path)
+    )
+    out = Path(args.classify_out or Path(args.out).with_name(f"{Path(args.out).stem}_classify"))
+    comparison = classify_before_after(
+        args.star,
+        scores["keep"].to_numpy(dtype=bool),
+        out,
+        classes=args.classify,
+        iterations=args.classify_iterations,
+        threads=args.threads,
+        truth=args.truth,
+        particles_dir=args.particles_dir,
+        overwrite=args.overwrite,
+        log=lambda line: print(line, file=sys.stderr),
+    )
+    lines = [f"2D classification before/after (K={args.classify}): {comparison.gallery}"]
+    for row in comparison.table.to_dict(orient="records"):
+        text = f"  {row['condition']:<12} {row['particles']:>7} particles, {row['seconds']:.0f} s"
+        if "particles_in_good_classes" in row:
+            text += (
+                f", {row['particles_in_good_classes']} in {row['good_classes']} good classes "
+                f"({100 * row['good_class_share']:.1f}%), {row['good_in_good_classes']} good "
+                "particles recovered"
+            )
+        lines.append(text)
+    ratios = comparison.ratios()
+    if ratios:
+        lines.append(
+            f"  particles in good classes after/before: x{ratios['after']:.2f} cleaning, "
+            f"x{ratios['random_drop']:.2f} random drop (paper: x1.39)"
+        )
+    lines.append(f"  summary: {comparison.summary_csv}")
+    return "\n".join(lines)
+
+
 def clean(args: argparse.Namespace) -> int:
     """Clean a RELION particle set: score each particle's predicted mask, drop the worst."""
     from particleseg_model.cleaning.clean import clean_star
 
+    if str(args.star).endswith(".cs"):
+        return _clean_cs(args)
+    if args.classify is not None:  # refused before the cleaning: too few for K classes
+        from particleseg_model.em.star import read_star
+        from particleseg_model.relion.classify import minimum_particles
+
+        n = len(read_star(args.star).particles)
+        if n < minimum_particles(args.classify):
+            raise ValueError(
+                f"{args.star}: {n} particles are too few for --classify {args.classify}: "
+                f"2D classification needs at least {minimum_particles(args.classify)}"
+            )
     result = clean_star(
         args.star,
         args.out,
@@ -269,7 +360,63 @@ def clean(args: argparse.Namespace) -> int:
         f"model {result.model_version}, {result.particles_per_s:.0f} particles/s: "
         f"{result.out} (RELION {result.version}); scores: {result.scores_path}{report}{ood}"
     )
+    if args.classify is not None:
+        from particleseg_model.relion.classify import ClassifyError
+
+        try:
+            print(_classify_cleaning(args, result.scores_path))
+        except ClassifyError as exc:  # RELION's own error text and the kept run folder
+            print(f"particleseg clean: error: {exc}", file=sys.stderr)
+            return 1
     return 0
+
+
+def classify(args: argparse.Namespace) -> int:
+    """RELION 2D classification of a particle STAR file: classes, averages, gallery."""
+    from particleseg_model.relion.classify import ClassifyError, classify_2d
+
+    try:
+        result = classify_2d(
+            args.star,
+            args.out,
+            classes=args.classes,
+            iterations=args.iterations,
+            diameter_a=args.diameter_a,
+            threads=args.threads,
+            mpi=args.mpi,
+            truth=args.truth,
+            particles_dir=args.particles_dir,
+            seed=args.seed,
+            overwrite=args.overwrite,
+            progress=False if args.no_progress else None,
+            log=lambda line: print(line, file=sys.stderr),
+        )
+    except ClassifyError as exc:  # RELION's own error text and the kept run folder
+        print(f"particleseg classify: error: {exc}", file=sys.stderr)
+        return 1
+    summary = result.summary()
+    good = (
+        f"; {summary['particles_in_good_classes']} particles in {len(summary['good_classes'])} "
+        f"good classes ({100 * summary['good_class_share']:.1f}%), "
+        f"{summary['good_in_good_classes']} of {summary['good_particles']} good particles "
+        f"recovered"
+        if result.truth is not None
+        else ""
+    )
+    print(
+        f"{summary['particles']} particles in {result.k} classes ({result.iterations} "
+        f"iterations, {result.seconds:.0f} s; largest class "
+        f"{int(result.classes['particles'].iloc[0])}){good}: {result.star} (RELION "
+        f"{result.version}), {result.table}, {result.gallery}"
+    )
+    return 0
+
+
+def relion_external(args: argparse.Namespace) -> int:
+    """ParticleSeg cleaning as a RELION External job (--o JOB --in_parts STAR [--param value])."""
+    from particleseg_model.cleaning.external import run_external
+
+    return run_external(args)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -357,7 +504,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=segment)
 
     p = sub.add_parser("clean", help=clean.__doc__)
-    p.add_argument("star", help="RELION particle STAR file (3.0, 3.1 or 5.0)")
+    p.add_argument(
+        "star", help="RELION particle STAR file (3.0, 3.1 or 5.0) or cryoSPARC .cs file"
+    )
     p.add_argument(
         "--out",
         required=True,
@@ -427,8 +576,73 @@ def build_parser() -> argparse.ArgumentParser:
         action="store_true",
         help="replace an existing --out and --scores (never the input)",
     )
+    p.add_argument(
+        "--classify",
+        type=int,
+        default=None,
+        metavar="K",
+        help="then 2D-classify (RELION) the input, the cleaned set and a random drop of the "
+        "same size into K classes, same parameters: galleries side by side and a summary",
+    )
+    p.add_argument(
+        "--classify-out",
+        default=None,
+        metavar="DIR",
+        help="folder of the classifications (default <out stem>_classify beside --out)",
+    )
+    p.add_argument(
+        "--classify-iterations", type=int, default=25, help="RELION --iter (default 25)"
+    )
+    p.add_argument("--threads", type=int, default=2, help="RELION --j (default 2)")
+    p.add_argument(
+        "--truth",
+        default=None,
+        help="ground truth CSV for --classify (image_name, is_good; default "
+        "ground_truth.csv beside the STAR)",
+    )
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
     p.set_defaults(func=clean)
+
+    p = sub.add_parser("classify", help=classify.__doc__)
+    p.add_argument("star", help="RELION particle STAR file (3.0, 3.1 or 5.0) with CTF")
+    p.add_argument("--classes", "-K", type=int, required=True, help="number of classes K")
+    p.add_argument(
+        "--out", required=True, help="output folder (must not exist unless --overwrite)"
+    )
+    p.add_argument("--iterations", type=int, default=25, help="RELION --iter (default 25)")
+    p.add_argument(
+        "--diameter-a",
+        type=float,
+        default=None,
+        help="mask diameter in Angstrom (default 90%% of the box)",
+    )
+    p.add_argument("--threads", type=int, default=2, help="RELION --j (default 2)")
+    p.add_argument(
+        "--mpi",
+        type=int,
+        default=None,
+        help="run relion_refine_mpi with this many MPI ranks (slower on 2 cores)",
+    )
+    p.add_argument(
+        "--truth",
+        default=None,
+        help="ground truth CSV (image_name, is_good; default ground_truth.csv beside the STAR)",
+    )
+    p.add_argument(
+        "--particles-dir",
+        default=None,
+        help="where the stacks' paths start (default: the STAR file's folder)",
+    )
+    p.add_argument("--seed", type=int, default=0, help="RELION --random_seed")
+    p.add_argument("--overwrite", action="store_true", help="replace an existing --out")
+    p.add_argument("--no-progress", action="store_true", help="no progress bar")
+    p.set_defaults(func=classify)
+
+    from particleseg_model.cleaning.external import add_external_arguments
+
+    p = sub.add_parser("relion-external", help=relion_external.__doc__)
+    add_external_arguments(p)
+    p.set_defaults(func=relion_external)
 
     p = sub.add_parser("star-info", help=star_info.__doc__)
     p.add_argument("star")

@@ -1,7 +1,8 @@
 """Pictures a biologist looks at before reading numbers: particles beside their label masks.
 
 PNGs are written without Pillow or matplotlib (8-bit grayscale, see
-:func:`write_png`).
+:func:`write_png`), except the class-average galleries (:func:`class_gallery`,
+:func:`galleries_side_by_side`), whose captions need text: matplotlib, imported inside them.
 """
 
 from __future__ import annotations
@@ -18,6 +19,8 @@ from particleseg_model.atomic import atomic_write_bytes
 
 __all__ = [
     "LABEL_GRAY",
+    "class_gallery",
+    "galleries_side_by_side",
     "markdown_image",
     "particle_grid",
     "particles_with_masks",
@@ -100,3 +103,83 @@ def markdown_image(path: str | os.PathLike, alt: str = "figure") -> str:
     """Markdown that shows a (small) PNG inline in the Dagster UI, as a data URI."""
     data = base64.b64encode(Path(path).read_bytes()).decode("ascii")
     return f"![{alt}](data:image/png;base64,{data})"
+
+
+def _gallery_axes(figure: object, images: np.ndarray, labels: list[str], columns: int) -> None:
+    """Draw ``images`` (each contrast-stretched) with ``labels`` as titles into ``figure``."""
+    n = len(images)
+    rows = max(1, -(-n // columns))
+    for i in range(rows * columns):
+        axes = figure.add_subplot(rows, columns, i + 1)  # pyright: ignore[reportAttributeAccessIssue]
+        axes.set_axis_off()
+        if i < n:
+            tile = _to_uint8(np.asarray(images[i], dtype=np.float32))
+            axes.imshow(tile, cmap="gray", vmin=0, vmax=255)
+            axes.set_title(labels[i], fontsize=7)
+
+
+def _save_figure(figure: object, path: Path, metadata: dict[str, str]) -> Path:
+    import io
+
+    buffer = io.BytesIO()
+    figure.savefig(buffer, format="png", metadata=metadata)  # pyright: ignore[reportAttributeAccessIssue]
+    return atomic_write_bytes(path, buffer.getvalue())
+
+
+def class_gallery(
+    path: str | os.PathLike,
+    averages: np.ndarray,
+    labels: list[str],
+    *,
+    title: str = "",
+    columns: int = 5,
+) -> Path:
+    """Write a gallery of 2D class averages, one tile each with its caption (class number,
+    particle count): the picture a cryo-EM user judges a classification by.
+
+    ``averages`` is ``(K, S, S)`` in the order to show (largest class first); ``labels`` one
+    caption per average. The PNG's ``Tiles`` text chunk holds K. Written atomically.
+    """
+    import matplotlib
+
+    matplotlib.use("Agg")
+    from matplotlib.figure import Figure
+
+    if len(labels) != len(averages):
+        raise ValueError(f"{len(labels)} labels for {len(averages)} class averages")
+    columns = max(1, min(columns, len(averages)))
+    rows = max(1, -(-len(averages) // columns))
+    figure = Figure(figsize=(1.6 * columns, 1.75 * rows + (0.3 if title else 0)), dpi=80)
+    _gallery_axes(figure, averages, labels, columns)
+    if title:
+        figure.suptitle(title, fontsize=8)
+    figure.tight_layout()
+    return _save_figure(figure, Path(path), {"Title": title, "Tiles": str(len(averages))})
+
+
+def galleries_side_by_side(
+    path: str | os.PathLike,
+    panels: list[tuple[str, np.ndarray, list[str]]],
+    *,
+    columns: int = 4,
+) -> Path:
+    """Several class-average galleries in one PNG, side by side: ``panels`` holds
+    ``(heading, averages, labels)`` each (e.g. before cleaning, after, random drop). The
+    PNG's ``Tiles`` text chunk lists the tiles per panel (``"10,10,10"``)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    from matplotlib.figure import Figure
+
+    if not panels:
+        raise ValueError("no galleries to show")
+    columns = max(1, columns)
+    rows = max(max(1, -(-len(p[1]) // columns)) for p in panels)
+    figure = Figure(figsize=(1.5 * columns * len(panels), 1.7 * rows + 0.4), dpi=80)
+    subfigures = figure.subfigures(1, len(panels), squeeze=False)[0]
+    for sub, (heading, averages, labels) in zip(subfigures, panels, strict=True):
+        _gallery_axes(sub, averages, labels, min(columns, max(1, len(averages))))
+        sub.suptitle(heading, fontsize=9)
+    return _save_figure(
+        figure, Path(path), {"Tiles": ",".join(str(len(p[1])) for p in panels)}
+    )

@@ -28,6 +28,14 @@ Conversions (the table's units and conventions are :mod:`.star`'s):
 
 The array as read stays in :attr:`CryosparcParticles.raw`, so a writer can update fields and
 save it again without losing any.
+
+Writing back (:func:`write_cs_subset`): a subset of the rows goes back to cryoSPARC without
+re-extraction as cryoSPARC's own jobs hand particles on: ``<name>.cs`` holds the kept rows
+with every field and the dtype as read, and ``<name>_passthrough.cs`` the fields passed
+through (``uid`` first, then the stack, CTF and micrograph-location fields: ``blob/*``,
+``ctf/*``, ``location/*``, and the pick's ``pick_stats/*``), or, when the input came with
+its own passthrough file (cryoSPARC's ``J12_passthrough_particles.cs`` beside
+``J12_particles.cs``), that file's rows for the kept ``uid`` values, in the same order.
 """
 
 from __future__ import annotations
@@ -40,6 +48,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
+from particleseg_model.atomic import atomic_path
 from particleseg_model.em.geometry import euler_matrices
 from particleseg_model.em.star import CANONICAL_COLUMNS
 
@@ -49,8 +58,11 @@ __all__ = [
     "CryosparcParticles",
     "IMAGE_FIELDS",
     "euler_to_pose",
+    "passthrough_path",
     "pose_to_euler",
     "read_cs",
+    "write_cs",
+    "write_cs_subset",
 ]
 
 IMAGE_FIELDS: tuple[str, ...] = ("blob/path", "blob/idx", "blob/psize_A")
@@ -279,3 +291,87 @@ def read_cs(
         )
         table[column] = values
     return CryosparcParticles(particles=table[list(CANONICAL_COLUMNS)], raw=raw, source=path)
+
+
+PASSTHROUGH_PREFIXES: tuple[str, ...] = ("blob/", "ctf/", "location/", "pick_stats/")
+
+
+def write_cs(path: str | os.PathLike, rows: np.ndarray) -> Path:
+    """Write a structured array as a cryoSPARC ``.cs`` file (``np.save`` format, no pickle),
+    atomically; the name is kept as given (``np.save`` would add ``.npy``)."""
+    path = Path(path)
+    if rows.dtype.names is None or rows.ndim != 1:
+        raise CryosparcError(f"{path}: a .cs file holds a 1-D structured array")
+    with atomic_path(path) as tmp, open(tmp, "wb") as handle:
+        np.save(handle, rows, allow_pickle=False)
+    return path
+
+
+def passthrough_path(path: str | os.PathLike) -> Path:
+    """The passthrough file that goes with ``path``: cryoSPARC names a job's
+    ``J12_particles.cs`` companion ``J12_passthrough_particles.cs``; other names get
+    ``<stem>_passthrough.cs``."""
+    path = Path(path)
+    stem = path.stem
+    parts = stem.split("_", 1)
+    if len(parts) == 2 and parts[0][:1] == "J" and parts[0][1:].isdigit():
+        return path.with_name(f"{parts[0]}_passthrough_{parts[1]}.cs")
+    return path.with_name(f"{stem}_passthrough.cs")
+
+
+def write_cs_subset(
+    particles: CryosparcParticles,
+    keep: np.ndarray,
+    out: str | os.PathLike,
+    *,
+    passthrough_in: str | os.PathLike | None = None,
+) -> tuple[Path, Path]:
+    """Write the rows ``keep`` (a boolean mask over ``particles.raw``) to ``out`` and their
+    passthrough file; returns both paths.
+
+    ``out`` gets every field of the kept rows, same dtype and order as read. The passthrough
+    file (:func:`passthrough_path` of ``out``) gets, when ``passthrough_in`` (default: the
+    input's own :func:`passthrough_path`, if it exists) is given, that file's rows for the
+    kept ``uid`` values; else ``uid`` and the :data:`PASSTHROUGH_PREFIXES` fields of the kept
+    rows. Raises :class:`CryosparcError` naming the file when the rows have no ``uid`` while
+    a passthrough file is to be matched, or when a kept ``uid`` is missing from it.
+    """
+    out = Path(out)
+    raw = particles.raw
+    keep = np.asarray(keep, dtype=bool)
+    if keep.shape != raw.shape:
+        raise CryosparcError(
+            f"{particles.source}: a keep mask of {keep.shape} for {len(raw)} rows"
+        )
+    kept = raw[keep]
+    names = raw.dtype.names or ()
+    source_pass = (
+        Path(passthrough_in) if passthrough_in is not None else passthrough_path(particles.source)
+    )
+    if passthrough_in is not None or source_pass.is_file():
+        if "uid" not in names:
+            raise CryosparcError(
+                f"{particles.source}: no uid field, needed to match rows of {source_pass}"
+            )
+        try:
+            with open(source_pass, "rb") as handle:
+                given = np.load(handle, allow_pickle=False)
+        except Exception as exc:
+            raise CryosparcError(f"{source_pass}: not a cryoSPARC .cs file: {exc}") from exc
+        if given.dtype.names is None or "uid" not in given.dtype.names:
+            raise CryosparcError(f"{source_pass}: passthrough file without a uid field")
+        order = np.argsort(given["uid"], kind="stable")
+        found = np.searchsorted(given["uid"][order], kept["uid"])
+        found = np.clip(found, 0, max(len(given) - 1, 0))
+        if len(given) == 0 or (given["uid"][order][found] != kept["uid"]).any():
+            raise CryosparcError(f"{source_pass}: some kept particles' uid values are missing")
+        passed = given[order][found]
+    else:
+        fields = [n for n in names if n == "uid" or n.startswith(PASSTHROUGH_PREFIXES)]
+        passed = np.empty(len(kept), dtype=np.dtype([(n, raw.dtype[n]) for n in fields]))
+        for name in fields:
+            passed[name] = kept[name]
+    pass_out = passthrough_path(out)
+    write_cs(pass_out, passed)
+    write_cs(out, kept)
+    return out, pass_out
