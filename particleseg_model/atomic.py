@@ -3,13 +3,20 @@
 The one policy of the project, used by every site that writes a file in place of another:
 
 1. the new content goes to a temporary name in the *same folder* as the target (the same file
-   system, so the rename below is atomic), ``.<name>.<random>.tmp``: hidden, and recognisable
-   by :func:`is_temporary` for clean-up;
+   system, so the rename below is atomic), ``.<name>.<host>-<pid>-<random>.tmp``: hidden,
+   recognisable by :func:`is_temporary`, and naming the process that writes it, so that
+   :func:`remove_stale_temporaries` can tell a write killed on this host (its process is gone)
+   from one in progress;
 2. the temporary file is flushed and ``fsync``-ed, so the rename never publishes a file whose
    blocks are not on disk yet;
 3. ``os.replace`` puts it in place (atomic on POSIX, replaces an existing target), then the
    folder is ``fsync``-ed so that the rename itself survives a power cut;
-4. on any exception the temporary file is removed and the target is untouched.
+4. on any exception the temporary file is removed and the target is untouched; an ``OSError``
+   that names no file (``ENOSPC`` from a ``write``) is raised again naming the target.
+
+A kill (SIGKILL, a power cut) skips step 4: the next run of the command calls
+:func:`remove_stale_temporaries` on its targets, which removes the temporaries of processes that
+are gone from this host, and any older than :data:`STALE_TEMPORARY_S` (another host's).
 
 Folders (a Zarr version, a model version) follow the same idea one level up: they are built
 under a temporary name and renamed (see :mod:`particleseg_model.corpus.store` and
@@ -19,9 +26,12 @@ under a temporary name and renamed (see :mod:`particleseg_model.corpus.store` an
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import json
 import os
 import secrets
+import socket
+import time
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -34,16 +44,93 @@ __all__ = [
     "atomic_write_text",
     "fsync_dir",
     "is_temporary",
+    "remove_stale_temporaries",
     "temporary_name",
 ]
 
 TEMPORARY_SUFFIX = ".tmp"
+STALE_TEMPORARY_S = 24 * 3600.0
+"""A temporary file of another host (whose processes cannot be asked) is stale after a day."""
+
+
+def _host_tag() -> str:
+    """Six hex digits naming this host in temporary names (a hash: host names hold dots)."""
+    return hashlib.sha1(socket.gethostname().encode()).hexdigest()[:6]
 
 
 def temporary_name(target: str | os.PathLike[str]) -> Path:
-    """A fresh temporary path beside ``target``: ``<folder>/.<name>.<16 hex>.tmp``."""
+    """A fresh temporary path beside ``target``:
+    ``<folder>/.<name>.<host>-<pid>-<16 hex>.tmp`` (host: :func:`_host_tag`)."""
     target = Path(target)
-    return target.with_name(f".{target.name}.{secrets.token_hex(8)}{TEMPORARY_SUFFIX}")
+    tag = f"{_host_tag()}-{os.getpid()}-{secrets.token_hex(8)}"
+    return target.with_name(f".{target.name}.{tag}{TEMPORARY_SUFFIX}")
+
+
+def _process_gone(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return True
+    except PermissionError:  # alive, another user's
+        return False
+    return False
+
+
+def remove_stale_temporaries(
+    target: str | os.PathLike[str], *, max_age_s: float = STALE_TEMPORARY_S
+) -> list[Path]:
+    """Remove the temporaries of ``target`` that a killed write left beside it.
+
+    A temporary (:func:`temporary_name`, or a folder named so) is stale when it names a process
+    of this host that no longer runs, or, whatever it names (another host's, or the old
+    ``.<name>.<16 hex>.tmp`` form), when it was last modified over ``max_age_s`` seconds ago.
+    A write in progress, here or on another host sharing the folder, is never touched.
+
+    Parameters
+    ----------
+    target
+        The file (or folder) whose temporaries to look for; a missing folder has none.
+    max_age_s
+        Age in seconds past which any temporary of ``target`` is stale.
+
+    Returns
+    -------
+    list of Path
+        The temporaries removed.
+    """
+    import shutil
+
+    target = Path(target)
+    prefix = f".{target.name}."
+    try:
+        candidates = [
+            p for p in target.parent.iterdir() if p.name.startswith(prefix) and is_temporary(p)
+        ]
+    except (FileNotFoundError, NotADirectoryError):
+        return []
+    host, now, removed = _host_tag(), time.time(), []
+    for path in candidates:
+        tag = path.name[len(prefix) : -len(TEMPORARY_SUFFIX)].split("-")
+        ours = len(tag) == 3 and tag[0] == host and tag[1].isdigit()
+        try:
+            age = now - path.lstat().st_mtime
+        except FileNotFoundError:
+            continue
+        if not ((ours and _process_gone(int(tag[1]))) or age > max_age_s):
+            continue
+        if path.is_dir() and not path.is_symlink():
+            shutil.rmtree(path, ignore_errors=True)
+        else:
+            path.unlink(missing_ok=True)
+        removed.append(path)
+    return removed
+
+
+def _naming(exc: OSError, target: Path) -> OSError:
+    """``exc`` naming ``target`` when it names no file (a full disk's ``write``)."""
+    if exc.filename is not None or exc.errno is None:  # named, or a message of our own
+        return exc
+    return type(exc)(exc.errno, exc.strerror or os.strerror(exc.errno), str(target))
 
 
 def is_temporary(path: str | os.PathLike[str]) -> bool:
@@ -111,6 +198,12 @@ def atomic_path(target: str | os.PathLike[str], *, mkdir: bool = True) -> Iterat
             raise FileNotFoundError(f"{target}: nothing was written to {tmp.name}")
         _fsync_file(tmp)
         os.replace(tmp, target)
+    except OSError as exc:
+        tmp.unlink(missing_ok=True)
+        named = _naming(exc, target)
+        if named is exc:
+            raise
+        raise named from exc
     except BaseException:
         tmp.unlink(missing_ok=True)
         raise

@@ -31,7 +31,7 @@ def test_catalog_command_reports_an_outage_in_one_line(server_env, tmp_path, cap
     monkeypatch.setenv("PARTICLESEG_HTTP_RETRIES", "1")
     code = main(["catalog", "--out", str(tmp_path / "c.parquet")])
     err = capsys.readouterr().err
-    assert code == 1
+    assert code == 3  # EXIT_ENVIRONMENT: the server failed, not the input
     assert err.startswith("particleseg catalog: error: GET ") and "503" in err
     assert not (tmp_path / "c.parquet").exists()
 

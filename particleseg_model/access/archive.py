@@ -7,7 +7,9 @@ The public archive is ``https://ftp.ebi.ac.uk/empiar/world_availability/<id>/...
   layouts) into :class:`RemoteFile` s; a ``file://`` URL or a plain path lists a local folder.
   Sizes from a web page are Apache's rounded ones (``1.2K``, ``254M``): approximate; a local
   listing has exact sizes.
-* :func:`download` streams into ``<dest>.part``, resumes a ``.part`` with ``Range``, survives
+* :func:`download` streams into ``<dest>.part``, resumes a ``.part`` with ``Range`` (one left
+  by an earlier run only once its last :data:`VERIFY_BYTES` match the remote file's: a stale
+  or foreign ``.part`` is thrown away, never completed into a corrupt file), survives
   connection cuts (it resumes from what it has), checks the final size against what the server
   said (``Content-Length``/``Content-Range``/``HEAD``) and ``expected_size``, and only then
   renames the ``.part`` to ``dest``: ``dest`` is either absent, the previous file, or complete.
@@ -56,6 +58,9 @@ log = logging.getLogger("particleseg.archive")
 _UNITS = {"": 1, "K": 1 << 10, "M": 1 << 20, "G": 1 << 30, "T": 1 << 40, "P": 1 << 50}
 _SIZE = re.compile(r"(\d+(?:\.\d+)?)([KMGTP]?)(?:i?B)?", re.IGNORECASE)
 _ROW_END = "\x00"  # marks the end of a listing row in the text the parser collects
+VERIFY_BYTES = 64 << 10
+"""A ``.part`` left by an earlier run is resumed only when its last bytes (this many, or all of
+a smaller one) are the remote file's: the resumed GET starts that far back and compares."""
 # a mid-body failure: requests wraps some, raw urllib3 streams raise the others
 _STREAM_ERRORS = (requests.RequestException, urllib3.exceptions.HTTPError, OSError)
 
@@ -365,7 +370,9 @@ def download(  # noqa: C901 - to split (pyproject: mccabe)
     """Download ``url`` to ``dest`` (a file, or a folder to put it in); returns the file.
 
     Resumable and atomic: data goes to ``<dest>.part`` (resumed with ``Range`` when it exists)
-    and becomes ``dest`` only once its size matches what the server announced and
+    (a ``.part`` of an earlier run only when its last :data:`VERIFY_BYTES` are the remote
+    file's, else it is started over) and becomes ``dest`` only once its size matches what the
+    server announced and
     ``expected_size``. A connection cut mid-body is resumed from the ``.part``; after
     ``http.retries`` attempts in a row that bring no new byte, :class:`DownloadError` is raised
     and the ``.part`` stays for the next call to resume. A ``dest`` that already has the remote
@@ -426,6 +433,9 @@ def download(  # noqa: C901 - to split (pyproject: mccabe)
     )
     failures = 0  # attempts in a row that brought no new byte
     last_error = ""
+    # a .part found on disk (not one this call wrote) is checked against the remote file
+    # before it is resumed: the GET starts VERIFY_BYTES before its end
+    unverified = bool(_size(part))
     try:
         while True:
             if failures > retries:
@@ -447,8 +457,9 @@ def download(  # noqa: C901 - to split (pyproject: mccabe)
             bar.reset(total=total)
             bar.update(offset)
             headers = {"Accept-Encoding": "identity"}
+            overlap = min(offset, VERIFY_BYTES) if unverified else 0
             if offset:
-                headers["Range"] = f"bytes={offset}-"
+                headers["Range"] = f"bytes={offset - overlap}-"
             try:
                 response = client.request("GET", url, headers=headers, stream=True)
             except HttpError as exc:
@@ -472,10 +483,31 @@ def download(  # noqa: C901 - to split (pyproject: mccabe)
                     continue
                 if status == 206:
                     start, size = _content_range(response.headers.get("Content-Range"))
-                    if start != offset:
+                    if start != offset - overlap:
                         raise fail(
-                            f"asked for bytes from {offset}, the server sent from {start}", status
+                            f"asked for bytes from {offset - overlap}, the server sent from "
+                            f"{start}",
+                            status,
                         )
+                    if overlap:
+                        try:
+                            same = _same_tail(response, part, overlap)
+                        except _STREAM_ERRORS as exc:
+                            failures += 1
+                            last_error = f"connection cut while checking {part.name} ({exc})"
+                            continue
+                        if not same:
+                            log.warning(
+                                "%s does not match the remote file in its last %d bytes: not "
+                                "a partial download of %s; starting over",
+                                part,
+                                overlap,
+                                url,
+                            )
+                            part.unlink()
+                            unverified = False
+                            continue
+                    unverified = False
                     mode = "ab"
                 elif status == 200:
                     if offset:
@@ -535,6 +567,22 @@ def download(  # noqa: C901 - to split (pyproject: mccabe)
             log.warning("%s: %s; resuming", url, last_error)
     finally:
         bar.close()
+
+
+def _same_tail(response: requests.Response, part: Path, overlap: int) -> bool:
+    """Whether the first ``overlap`` bytes of the reply are the last ``overlap`` of ``part``
+    (the reply asked for them again, to tell a real partial download from a stale or foreign
+    file); the reply's remaining bytes are left for :func:`_stream_into`."""
+    received = b""
+    while len(received) < overlap:
+        chunk = response.raw.read(overlap - len(received), decode_content=False)
+        if not chunk:
+            break
+        received += chunk
+    with open(part, "rb") as handle:
+        handle.seek(-overlap, os.SEEK_END)
+        kept = handle.read(overlap)
+    return received == kept
 
 
 def _stream_into(

@@ -13,6 +13,7 @@ from __future__ import annotations
 import logging
 import os
 import random
+import re
 import threading
 import time
 from typing import Any
@@ -56,6 +57,17 @@ class ServerError(HttpError):
 
 class BadPayloadError(HttpError):
     """A reply whose body is not what the API documents (invalid JSON, wrong shape)."""
+
+
+def connection_reason(exc: BaseException) -> str:
+    """What went wrong with a connection, in the words of the socket: "Connection refused",
+    "Name or service not known", "Remote end closed connection without response", rather
+    than requests' nested reprs."""
+    text = str(exc)
+    found = re.search(r"\[Errno -?\d+\] ([^'\")\]]+)", text) or re.search(
+        r"(?:RemoteDisconnected|ProtocolError|ConnectionResetError)\('([^']+)'", text
+    )
+    return found.group(1).strip() if found else (text or type(exc).__name__)
 
 
 def _retry_after_s(response: requests.Response) -> float | None:
@@ -134,15 +146,7 @@ class HttpClient:
         for attempt in range(self.retries + 1):
             if attempt:
                 delay = self._backoff(attempt - 1, getattr(last, "retry_after", None))
-                log.warning(
-                    "%s %s: %s; retry %d/%d in %.2f s",
-                    method,
-                    url,
-                    last,
-                    attempt,
-                    self.retries,
-                    delay,
-                )
+                log.warning("%s; retry %d/%d in %.2f s", last, attempt, self.retries, delay)
                 time.sleep(delay)
             self._wait_politely()
             self.requests_made += 1
@@ -161,7 +165,9 @@ class HttpClient:
                 last.__cause__ = exc
                 continue
             except requests.ConnectionError as exc:
-                last = ServerError(f"{method} {url}: connection failed ({exc})", url=url)
+                last = ServerError(
+                    f"{method} {url}: connection failed ({connection_reason(exc)})", url=url
+                )
                 last.__cause__ = exc
                 continue
             status = response.status_code

@@ -35,6 +35,7 @@ import json
 import math
 import os
 import time
+import zlib
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -43,7 +44,8 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
-from particleseg_model.atomic import atomic_path
+from particleseg_model.atomic import atomic_path, remove_stale_temporaries
+from particleseg_model.cleaning.inputs import INPUT_STAR, check_outputs, check_writable
 from particleseg_model.corpus.labels import EDGE, SIGNAL
 from particleseg_model.em.mrc import MrcError, read_particles, read_particles_table
 from particleseg_model.em.star import ParticleStar, read_star, write_star_as_read
@@ -58,6 +60,7 @@ __all__ = [
     "no_signal_line",
     "score_particles",
     "select_particles",
+    "tie_order",
 ]
 
 DEFAULT_DROP = 0.3  # the paper's share of particles dropped (EMPIAR-10406)
@@ -271,7 +274,9 @@ def _score(
     on_bad: str,
     progress: bool | None,
     log: Log | None,
+    guard: Callable[[dict[Path, str]], None] | None = None,
 ) -> _Scored:
+    from particleseg_model.cleaning.inputs import check_one_box, read_paths
     from particleseg_model.model.predict import (
         finite_images,
         normalise_for_model,
@@ -289,10 +294,14 @@ def _score(
     if particles.empty:
         raise ValueError(f"{star_path}: no particles")
     version = resolve_model(model, models_root)
+    base_dir = Path(particles_dir) if particles_dir else star_path.parent
+    # before the model loads and anything is read: one box, and nothing read is an output
+    check_one_box(star_path, particles, base_dir)
+    if guard is not None:
+        guard(read_paths(star_path, particles, base_dir, version.path))
     network = load_model(version)
     size = version.input_size
     from_signal = bool(version.manifest.get("edge_from_signal", False))
-    base_dir = Path(particles_dir) if particles_dir else star_path.parent
 
     n = len(particles)
     # one scale for the stack, from a sample read before the stream (see normalise_for_model)
@@ -305,7 +314,8 @@ def _score(
     edge_px = np.zeros(n, np.int64)
     errors = [""] * n
     box: int | None = None
-    with bar(total=n, desc="score", unit="particle", disable=progress) as shown:
+    disable = None if progress is None else not progress
+    with bar(total=n, desc="score", unit="particle", disable=disable) as shown:
         for start in range(0, n, batch):
             rows = particles.iloc[start : start + batch]
             images, ok, batch_errors = _read_batch(rows, base_dir, box)
@@ -325,8 +335,7 @@ def _score(
             if len(bad) and on_bad == "stop":
                 row = start + int(bad[0])
                 raise MrcError(
-                    f"{star_path}: particle row {row + 1} of {n} (0-based {row}), "
-                    f"image {particles['image_name'].iloc[row]!r} cannot be read: "
+                    f"{star_path}: particle row {row + 1} of {n} cannot be read: "
                     f"{batch_errors[bad[0]]}"
                 )
             for i in bad:
@@ -351,7 +360,7 @@ def _score(
             shown.update(len(rows))
     skipped = int((~readable).sum())
     if skipped:
-        first = [f"row {r} ({errors[r]})" for r in np.flatnonzero(~readable)[:3]]
+        first = [f"row {r + 1} ({errors[r]})" for r in np.flatnonzero(~readable)[:3]]
         say(
             f"{skipped} of {n} particles cannot be read and are skipped (dropped): "
             + "; ".join(first)
@@ -368,7 +377,7 @@ def _score(
     ets = np.divide(edge_px, signal, out=np.zeros(n), where=signal > 0)
     scores = pd.DataFrame(
         {
-            "row": np.arange(n, dtype=np.int64),
+            "row": np.arange(1, n + 1, dtype=np.int64),  # the STAR row, 1-based
             "image_name": particles["image_name"].astype(str).to_numpy(),
             "readable": readable,
             "error": errors,
@@ -421,7 +430,8 @@ def score_particles(
     are read ``batch`` at a time (one batch in memory); a box other than the model's input is
     resized by :func:`particleseg_model.model.predict.predict_labels` (logged once).
 
-    The score table has one row per STAR row, in order: ``row`` (0-based), ``image_name``,
+    The score table has one row per STAR row, in order: ``row`` (1-based, as every message
+    numbers rows), ``image_name``,
     ``readable`` (False for a missing or broken image), ``error`` (why not, else ""),
     ``signal_px`` and ``edge_px`` (predicted pixels at the particle's box), ``ets`` (edge /
     signal, 0 without signal), ``signal_fraction`` (signal pixels / box pixels) and
@@ -494,7 +504,11 @@ def select_particles(
     """Boolean keep mask over the rows of ``scores`` (a :func:`score_particles` table).
 
     ``drop``: drop the ``floor(drop * n)`` lowest-scored of the ``n`` readable particles (the
-    paper: 339,043 -> 237,331 kept with 0.3), ties broken by row: the earlier row goes first.
+    paper: 339,043 -> 237,331 kept with 0.3). Ties at the cut (many particles share an ETS,
+    0 without signal) are broken by :func:`tie_order`: a hash of the image name, so the kept
+    set is the same whatever the order of the rows (a file sorted by micrograph or defocus
+    does not lose its first micrographs) and on every run; a table without ``image_name``
+    breaks them by row.
     ``keep_above``: keep the readable particles whose score is > ``keep_above``. At most one of
     the two; neither means ``drop`` = :data:`DEFAULT_DROP`. Unreadable particles are always
     dropped. Raises ValueError for a drop outside [0, 1) or an unknown score.
@@ -513,10 +527,35 @@ def select_particles(
     candidates = np.flatnonzero(readable)
     # the 1e-9 keeps 0.3 * 10 (2.9999...) from dropping one particle too few
     n_drop = int(math.floor(fraction * len(candidates) + 1e-9))
-    # lexsort: last key first; the earlier row ranks lower among equal scores
-    order = candidates[np.lexsort((candidates, values[candidates]))]
+    # lexsort: last key first: the score, then the tie order, then the row
+    ties = tie_order(scores)
+    order = candidates[np.lexsort((candidates, ties[candidates], values[candidates]))]
     keep[order[n_drop:]] = True
     return keep
+
+
+def tie_order(scores: pd.DataFrame) -> np.ndarray:
+    """The rank among equal scores (lower goes first): CRC-32 of each ``image_name``
+    (``"N@stack"`` as in the STAR file), independent of the row order; zeros (row order)
+    for a table without names.
+
+    Parameters
+    ----------
+    scores
+        A :func:`score_particles` table.
+
+    Returns
+    -------
+    numpy.ndarray
+        uint32, one per row.
+    """
+    if "image_name" not in scores:
+        return np.zeros(len(scores), np.uint32)
+    return np.fromiter(
+        (zlib.crc32(str(name).encode()) for name in scores["image_name"]),
+        dtype=np.uint32,
+        count=len(scores),
+    )
 
 
 def _cut(scores: pd.DataFrame, keep: np.ndarray, score: str, keep_above: float | None) -> float:
@@ -529,13 +568,38 @@ def _cut(scores: pd.DataFrame, keep: np.ndarray, score: str, keep_above: float |
 # ----------------------------------------------------------------------------------- cleaning
 
 
-def _same_file(a: Path, b: Path) -> bool:
-    if a.resolve() == b.resolve():
-        return True
-    try:
-        return a.exists() and b.exists() and os.path.samefile(a, b)
-    except OSError:
-        return False
+def _existing_ancestor(path: Path) -> Path:
+    """``path`` or its nearest ancestor that exists (where a folder made for it would go)."""
+    path = path.absolute()
+    while not path.exists() and path != path.parent:
+        path = path.parent
+    return path
+
+
+def _refuse_keeping_none(
+    star: Path, scores: pd.DataFrame, keep: np.ndarray, score: str, keep_above: float | None
+) -> None:
+    """A rule that keeps none of the readable particles is a mistake, not a cleaning: refuse
+    it (nothing is written) with the range of the scores, so the user picks a cut in it."""
+    readable = scores["readable"].to_numpy(dtype=bool)
+    if keep.any() or not readable.any():
+        return
+    values = scores[score].to_numpy(dtype=np.float64, na_value=np.nan)[readable]
+    finite = values[np.isfinite(values)]
+    span = (
+        f"their {score} scores run from {finite.min():.4g} to {finite.max():.4g}"
+        if len(finite)
+        else f"none has a finite {score} score"
+    )
+    rule = (
+        f"keeping the particles scoring above {keep_above:g}"
+        if keep_above is not None
+        else "the rule"
+    )
+    raise ValueError(
+        f"{star}: {rule} keeps none of the {int(readable.sum())} readable particles ({span}); "
+        "nothing written: choose a lower cut"
+    )
 
 
 def default_scores_path(out: str | os.PathLike) -> Path:
@@ -595,20 +659,26 @@ def clean_star(
     _check_options(
         batch=batch, on_bad=on_bad, score=score, drop=drop, keep_above=keep_above, selecting=True
     )
-    for what, path in (("--out", out_path), ("--scores", scores_path)):
-        if _same_file(path, star_path):
-            raise ValueError(
-                f"{path}: {what} is the input STAR file; never overwriting it: choose another name"
-            )
-    if _same_file(scores_path, out_path):
-        raise ValueError(f"{scores_path}: the scores and the cleaned STAR need different names")
-    if not overwrite:
-        for what, path in (("--out", out_path), ("--scores", scores_path)):
-            if path.exists():
-                raise FileExistsError(f"{path} exists: choose another {what} or remove it")
-    for path in (out_path, scores_path):
-        if not path.parent.is_dir():
-            raise FileNotFoundError(f"{path.parent}: no such folder for {path.name}")
+    outputs = {"--out": out_path, "--scores": scores_path}
+    if report_dir is not None:
+        outputs.update(
+            {
+                f"--report {name}": Path(report_dir) / name
+                for name in ("score_histogram.png", "gallery.png", "report.json")
+            }
+        )
+    files = {what: path for what, path in outputs.items() if what in ("--out", "--scores")}
+
+    def guard(reads: list[Path]) -> None:
+        # the report's files are replaced (documented); --out and --scores only with overwrite
+        check_outputs(files, reads, overwrite=overwrite)
+        check_outputs(outputs, reads, overwrite=True, folders=False)
+        if report_dir is not None:
+            check_writable(_existing_ancestor(Path(report_dir)), "--report")
+
+    guard({star_path: INPUT_STAR})  # before any work: the input STAR, the outputs' folders
+    for path in outputs.values():
+        remove_stale_temporaries(path)  # what a killed run of this command left
 
     scored = _score(
         star_path,
@@ -619,6 +689,7 @@ def clean_star(
         on_bad=on_bad,
         progress=progress,
         log=log,
+        guard=guard,
     )
     scores = scored.scores
     if scored.out_of_distribution:
@@ -640,6 +711,7 @@ def clean_star(
     else:
         keep = select_particles(scores, score=score, drop=drop, keep_above=keep_above)
         cut = _cut(scores, keep, score, keep_above)
+        _refuse_keeping_none(scored.star.source, scores, keep, score, keep_above)
     scores["keep"] = keep
     total = len(scores)
     readable = scores["readable"].to_numpy(dtype=bool)

@@ -19,13 +19,14 @@ from __future__ import annotations
 import os
 import shutil
 import time
-import uuid
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 
+from particleseg_model.atomic import remove_stale_temporaries, temporary_name
+from particleseg_model.cleaning.inputs import INPUT_STAR, check_one_box, check_outputs, read_paths
 from particleseg_model.em.mrc import MrcError, read_particles_table
 from particleseg_model.em.star import read_star
 
@@ -95,18 +96,21 @@ def segment_star(
 
     say = log or (lambda line: None)
     star_path, out_path = Path(star), Path(out)
-    if out_path.exists():
-        raise FileExistsError(f"{out_path} exists: choose another --out or remove it")
     if batch < 1:
         raise ValueError(f"batch must be positive, got {batch}")
-    version = resolve_model(model, models_root)
-    network = load_model(version)
-    size = version.input_size
-    from_signal = bool(version.manifest.get("edge_from_signal", False))
+    # before any work: the folder takes --out, which is no input and does not exist yet
+    check_outputs({"--out": out_path}, {star_path: INPUT_STAR})
+    remove_stale_temporaries(out_path)  # what a killed run of this command left
     particles = read_star(star_path).particles
     if particles.empty:
         raise ValueError(f"{star_path}: no particles")
+    version = resolve_model(model, models_root)
     base_dir = Path(particles_dir) if particles_dir else star_path.parent
+    check_one_box(star_path, particles, base_dir)
+    check_outputs({"--out": out_path}, read_paths(star_path, particles, base_dir, version.path))
+    network = load_model(version)
+    size = version.input_size
+    from_signal = bool(version.manifest.get("edge_from_signal", False))
     first = read_particles_table(particles.head(1), base_dir=base_dir)
     box_y, box_x = first.shape[1:]
     if box_y != box_x:
@@ -128,7 +132,7 @@ def segment_star(
     if note:
         say(note)
     # a Zarr folder, built under a temporary name and renamed: a folder swap, not a file write
-    tmp = out_path.with_name(f"{out_path.name}.tmp-{uuid.uuid4().hex[:8]}")
+    tmp = temporary_name(out_path)
     chunk = max(1, min(n, (4 << 20) // (box * box)))
     started = time.perf_counter()
     readable = np.ones(n, bool)
@@ -138,7 +142,8 @@ def segment_star(
         labels = group.create_array(
             "labels", shape=(n, box, box), chunks=(chunk, box, box), dtype="uint8"
         )
-        with bar(total=n, desc="segment", unit="particle", disable=progress) as shown:
+        disable = None if progress is None else not progress
+        with bar(total=n, desc="segment", unit="particle", disable=disable) as shown:
             for start in range(0, n, batch):
                 rows = particles.iloc[start : start + batch]
                 images = read_particles_table(rows, base_dir=base_dir)
@@ -162,7 +167,7 @@ def segment_star(
                 shown.update(len(rows))
         unreadable = int((~readable).sum())
         if unreadable:
-            first = ", ".join(str(int(r)) for r in np.flatnonzero(~readable)[:3])
+            first = ", ".join(str(int(r) + 1) for r in np.flatnonzero(~readable)[:3])
             say(
                 f"{unreadable} of {n} particles have NaN or infinite pixels: unreadable, their "
                 f"labels left 0 and marked in 'readable' (rows {first}"

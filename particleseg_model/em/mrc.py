@@ -128,7 +128,11 @@ def open_stack(path: str | os.PathLike) -> np.ndarray:
     except MrcError as exc:
         if Path(path) == resolved:
             raise
-        raise MrcError(f"{path}: {exc}") from None  # name the link as given, then its target
+        # name the path as given, once; a link's target after it
+        reason = str(exc).removeprefix(f"{resolved}: ")
+        linked = os.path.realpath(os.path.abspath(path)) != os.path.abspath(path)
+        named = f"{path} (a link to {resolved})" if linked else str(path)
+        raise MrcError(f"{named}: {reason}") from None
 
 
 def clear_cache() -> None:

@@ -239,7 +239,9 @@ def read_star(path: str | os.PathLike) -> ParticleStar:
             blocks[name] = table
         else:
             raise StarError(f"{path}: block data_{name} is malformed (no loop_ and no values)")
+    _check_labels(path, blocks)
     _check_last_row(path, blocks)
+    _check_short_rows(path, blocks)
 
     particles_block = _find_particles_block(blocks, path)
     parts = blocks[particles_block]
@@ -254,6 +256,78 @@ def read_star(path: str | os.PathLike) -> ParticleStar:
         blocks=blocks,
         particles_block=particles_block,
     )
+
+
+def _check_labels(path: Path, blocks: dict[str, pd.DataFrame]) -> None:
+    """A label given twice in one block: RELION keeps one of the two columns silently; refuse
+    it, naming the label."""
+    for name, block in blocks.items():
+        twice = block.columns[block.columns.duplicated()]
+        if len(twice):
+            labels = ", ".join(dict.fromkeys(f"_{label}" for label in twice))
+            raise StarError(
+                f"{path}: data_{name} names the column {labels} more than once; "
+                "each label may appear once in a block"
+            )
+
+
+def _row_lines(path: Path, block: str) -> list[tuple[int, str]]:
+    """(line number, text) of each data row of the loop of ``data_<block>``, in order."""
+    rows: list[tuple[int, str]] = []
+    current, state = None, ""
+    with open(path, encoding="utf-8", errors="replace") as fh:
+        for number, raw in enumerate(fh, start=1):
+            line = raw.strip()
+            if line.startswith("data_"):
+                if current == block and state == "rows":
+                    break
+                current, state = line[5:], ""
+                continue
+            if current != block or not line or line.startswith("#"):
+                continue
+            if line.startswith("loop_"):
+                state = "labels"
+            elif line.startswith("_"):
+                if state == "rows":
+                    break
+            elif state in ("labels", "rows"):
+                state = "rows"
+                rows.append((number, line))
+    return rows
+
+
+def _values(line: str) -> int:
+    """How many values a loop row holds (quoted values count once)."""
+    if '"' not in line and "'" not in line:
+        return len(line.split("#", 1)[0].split())
+    try:
+        return len(shlex.split(line, comments=True))
+    except ValueError:  # an unbalanced quote: count plain words instead
+        return len(line.split("#", 1)[0].split())
+
+
+def _check_short_rows(path: Path, blocks: dict[str, pd.DataFrame]) -> None:
+    """A row with fewer values than the loop has labels reads as values shifted into NaN
+    (RELION refuses such a file): refuse it, naming the row. Only rows whose last value is
+    missing are looked up in the file, so a normal file is not read again."""
+    for name, block in blocks.items():
+        if block.attrs.get(_PAIRS_ATTR) or block.shape[1] < 2:
+            continue
+        suspects = np.flatnonzero(block.iloc[:, -1].isna().to_numpy())
+        if not len(suspects):
+            continue
+        lines = _row_lines(path, name)
+        if len(lines) != len(block):
+            continue  # a layout this scan does not follow; starfile's table stands
+        for row in suspects:
+            number, text = lines[row]
+            count = _values(text)
+            if count < block.shape[1]:
+                raise StarError(
+                    f"{path}: data_{name}, row {row + 1} (line {number}) has {count} of "
+                    f"{block.shape[1]} values (the labels' count): a value is missing "
+                    "(RELION refuses such a file)"
+                )
 
 
 def _check_last_row(path: Path, blocks: dict[str, pd.DataFrame]) -> None:

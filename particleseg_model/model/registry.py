@@ -260,7 +260,14 @@ def list_models(root: str | os.PathLike) -> list[ModelVersion]:
 
 def get_model(root: str | os.PathLike, version: str) -> ModelVersion:
     """A version by name (``"v0002"`` or ``"2"``)."""
-    name = version if version.startswith("v") else f"v{int(version):04d}"
+    text = str(version).strip()
+    if not re.fullmatch(r"v?\d+", text):
+        known = ", ".join(v.version for v in list_models(root)) or "none"
+        raise ModelError(
+            f"model {version!r}: not a version name (v0002 or 2) of the registry {root} "
+            f"(known: {known})"
+        )
+    name = f"v{int(text.removeprefix('v')):04d}"
     if is_remote(root):
         found = _remote_version(root, name)
         if found is None:
@@ -286,7 +293,16 @@ def latest_model(root: str | os.PathLike) -> ModelVersion | None:
     pointer = local_path(root) / LATEST_FILE
     if not pointer.exists():
         return None
-    return get_model(root, pointer.read_text().strip())
+    name = pointer.read_text().strip()
+    try:
+        return get_model(root, name)
+    except ModelError as exc:
+        known = ", ".join(v.version for v in list_models(root)) or "none"
+        raise ModelError(
+            f"{pointer}: {LATEST_FILE} names {name!r}, which is not a registered version "
+            f"here (known: {known}); write the latest version's name into {LATEST_FILE} "
+            f"or give --model"
+        ) from exc
 
 
 @contextmanager
@@ -348,14 +364,20 @@ def resolve_model(
 ) -> ModelVersion:
     """The version a user asked for: ``model`` (a version folder or its ``model.keras``; a
     path or a registry URL), or the latest under ``models_root`` (default
-    ``$PARTICLESEG_DATA/models``, else ``./data/models``); FileNotFoundError when nothing is
-    registered there."""
+    ``$PARTICLESEG_DATA/models``, else ``./data/models``), or, when nothing is registered
+    there, the pretrained model shipped in the package (:mod:`particleseg_model.model.pretrained`,
+    version ``"pretrained"``, checksum verified); FileNotFoundError when there is neither."""
     if model is None:
         root = models_root or join(os.environ.get("PARTICLESEG_DATA") or "data", "models")
         version = latest_model(root)
         if version is None:
+            from particleseg_model.model.pretrained import PRETRAINED_DIR, pretrained_model
+
+            if (PRETRAINED_DIR / MANIFEST_FILE).is_file() or (PRETRAINED_DIR / MODEL_FILE).exists():
+                return pretrained_model()  # the shipped model; altered: a ModelError
             raise FileNotFoundError(
-                f"no model registered under {root}: train one (dagster train_job) or give --model"
+                f"no model registered under {root} and no pretrained model installed: "
+                "train one (dagster train_job, make pretrained) or give --model"
             )
         return version
     if is_remote(model):
@@ -363,9 +385,54 @@ def resolve_model(
         url = url.removesuffix(f"/{MODEL_FILE}")
         parent, name = url.rsplit("/", 1)
         return get_model(parent, name)
-    where = local_path(model)
+    return _model_at(local_path(model))
+
+
+def _model_at(where: Path) -> ModelVersion:
+    """The model at a local path: any folder holding a valid ``manifest.json`` (a registry's
+    ``vNNNN``, or a copy of one anywhere, under any name), the ``.keras`` file in such a
+    folder, or a registry root (its ``LATEST``)."""
+    if not where.exists():
+        raise ModelError(
+            f"{where}: no such model folder or file (a model is a folder holding "
+            f"{MODEL_FILE} and {MANIFEST_FILE}, e.g. data/models/v0001)"
+        )
     folder = where if where.is_dir() else where.parent
-    return get_model(folder.parent, folder.name)
+    if where.is_file() and where.suffix != ".keras":
+        raise ModelError(f"{where}: not a model: give its folder or its {MODEL_FILE}")
+    if (folder / MANIFEST_FILE).is_file():
+        manifest = _read_manifest(folder)
+        return ModelVersion(str(manifest.get("version") or folder.name), folder, manifest)
+    if where.is_dir() and (where / LATEST_FILE).is_file():
+        latest = latest_model(where)
+        if latest is not None:
+            return latest
+    raise ModelError(
+        f"{folder}: not a particleSeg model: no {MANIFEST_FILE} there (a model is a folder "
+        f"holding {MODEL_FILE} and {MANIFEST_FILE}, e.g. data/models/v0001, or a registry "
+        f"with {LATEST_FILE})"
+    )
+
+
+def _check_archive(path: Path) -> None:
+    """A ``.keras`` file is a zip archive: one cut short (an interrupted copy or download) or
+    overwritten has no complete central directory. Say so, rather than Keras' message."""
+    import zipfile
+
+    size = path.stat().st_size
+    try:
+        with zipfile.ZipFile(path) as archive:
+            broken = archive.testzip()
+    except (zipfile.BadZipFile, OSError, EOFError) as exc:
+        raise ModelError(
+            f"{path}: model file is corrupt or truncated ({size:,} bytes, not a complete "
+            f".keras archive: {exc}); copy or download it again"
+        ) from None
+    if broken is not None:
+        raise ModelError(
+            f"{path}: model file is corrupt ({broken} in the archive fails its checksum); "
+            "copy or download it again"
+        )
 
 
 def load_model(model: str | os.PathLike | ModelVersion, *, expect_size: int | None = None):
@@ -385,6 +452,7 @@ def load_model(model: str | os.PathLike | ModelVersion, *, expect_size: int | No
         path = folder / MODEL_FILE if path.is_dir() else path
     if not path.is_file():
         raise ModelError(f"{path}: no such model file")
+    _check_archive(path)
     manifest = _read_manifest(folder)
     size = int(manifest["input_size"])
     if expect_size is not None and size != expect_size:
