@@ -36,6 +36,7 @@ import os
 from collections.abc import Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
+from typing import Any
 
 import numpy as np
 import pandas as pd
@@ -394,6 +395,21 @@ class SimulationConfig:
     ice_texture: float = 0.3  # low-frequency ice background std relative to the white noise
     apply_ctf: bool = True
     normalise: bool = True
+    # realism (docs/realism.md measures real images against these; defaults: the old simulator)
+    snr_range: tuple[float, float] | None = None
+    """Per-particle SNR drawn log-uniformly from ``(low, high)`` (real stacks spread over
+    more than a decade); ``None``: every particle at ``snr``. With a range, ``snr`` is
+    unused and the junk's amplitudes refer to the range's geometric mean."""
+    bfactor_a2: float = 0.0
+    """CTF envelope ``exp(-B u^2 / 4)`` (A^2): the loss of high resolution to motion, drift
+    and the detector; real data: 50-150 A^2."""
+    noise_exponent_range: tuple[float, float] = (0.0, 0.0)
+    """Coloured noise: per image, noise power ~ ``f^-a`` with ``a`` uniform in this range
+    (0: white). Dose weighting and the detector's MTF take power from high frequencies."""
+    blur_px_range: tuple[float, float] = (0.0, 0.0)
+    """Per image, a Gaussian blur of sigma (px) uniform in this range on the whole image
+    (signal and noise): binning, heavy low-pass filtering or denoising, as in micrographs
+    prepared for pickers."""
 
     def __post_init__(self) -> None:
         if not 0.0 <= self.junk_fraction < 1.0 or not math.isfinite(self.junk_fraction):
@@ -410,9 +426,41 @@ class SimulationConfig:
             raise ValueError(f"n_particles must be positive, got {self.n_particles}")
         if not self.snr > 0:
             raise ValueError(f"snr must be positive, got {self.snr}")
+        if self.snr_range is not None and not 0 < self.snr_range[0] <= self.snr_range[1]:
+            raise ValueError(f"bad snr_range {self.snr_range} (0 < low <= high)")
+        for name in ("noise_exponent_range", "blur_px_range"):
+            low, high = getattr(self, name)
+            if not 0 <= low <= high or not math.isfinite(high):
+                raise ValueError(f"bad {name} {(low, high)} (0 <= low <= high)")
+        if self.bfactor_a2 < 0:
+            raise ValueError(f"bfactor_a2 must be >= 0, got {self.bfactor_a2}")
         low, high = self.defocus_range_a
         if not 0 < low <= high:
             raise ValueError(f"bad defocus range {self.defocus_range_a} (Angstrom, low <= high)")
+
+    @property
+    def reference_snr(self) -> float:
+        """The SNR that sets the noise level of the scene (``snr``, or the geometric mean of
+        ``snr_range``)."""
+        if self.snr_range is None:
+            return self.snr
+        return math.sqrt(self.snr_range[0] * self.snr_range[1])
+
+    @classmethod
+    def realistic(cls, **overrides: Any) -> SimulationConfig:
+        """The simulator calibrated on real images (``benchmarks/realism.py``,
+        docs/realism.md): SNR spread over two decades, a B-factor, noise from white to
+        strongly coloured and blur from none to a denoised micrograph's, so that raw
+        particles and denoised or binned ones both lie inside the training distribution."""
+        values: dict[str, Any] = {
+            "snr_range": (0.02, 1.0),
+            "bfactor_a2": 80.0,
+            "noise_exponent_range": (0.0, 3.5),
+            "blur_px_range": (0.0, 2.0),
+            "ice_texture": 0.5,
+        }
+        values.update(overrides)
+        return cls(**values)
 
     def optics(self, pixel_size_a: float, box: int) -> dict[str, float | int | str]:
         """The RELION 3.1 optics row of the simulated data."""
@@ -494,7 +542,7 @@ class _Scene:
             diameter_px = particle_diameter_px((density.data >= self.threshold).astype(np.float32))
         self.diameter_px = float(min(max(diameter_px, 4.0), self.box))
         self.signal_sigma = self._signal_sigma()
-        self.noise_sigma = self.signal_sigma / math.sqrt(config.snr)
+        self.noise_sigma = self.signal_sigma / math.sqrt(config.reference_snr)
         self.white_sigma = self.noise_sigma / math.sqrt(1 + config.ice_texture**2)
 
     def ctf(
@@ -512,6 +560,7 @@ class _Scene:
             voltage_kv=c.voltage_kv,
             cs_mm=c.cs_mm,
             amplitude_contrast=c.amplitude_contrast,
+            bfactor=c.bfactor_a2,
         )
 
     def _signal_sigma(self) -> float:
@@ -623,6 +672,62 @@ class _Scene:
         soft = np.clip((radius + 2 - r) / 4, 0, 1)  # 4-voxel linear edge
         cube *= (0.5 - 0.5 * np.cos(np.pi * soft)).astype(np.float32)
         return cube, centre, radius
+
+
+def _noise_gain(box: int, exponent: np.ndarray) -> np.ndarray:
+    """Amplitude gain ``(b, box, box // 2 + 1)`` of coloured noise, power ~ ``f^-a`` (``f``
+    floored at one Fourier pixel), scaled to keep unit variance."""
+    fy, fx = half_transform_freqs((box, box))
+    f = np.maximum(np.hypot(fx, fy), 1.0 / box)
+    gain = (f / 0.25)[None] ** (-exponent[:, None, None] / 2)
+    gain[:, 0, 0] = 0.0
+    # Parseval on the half transform: columns 1 .. n/2 - 1 count twice
+    weight = np.full(gain.shape[-1], 2.0)
+    weight[0] = 1.0
+    if box % 2 == 0:
+        weight[-1] = 1.0
+    power = (gain**2 * weight).sum(axis=(1, 2)) / (box * box)
+    return (gain / np.sqrt(power)[:, None, None]).astype(np.float32)
+
+
+def _add_noise(clean: np.ndarray, scene: _Scene, rng: np.random.Generator) -> np.ndarray:
+    """The recorded images: ``clean`` plus noise (white or coloured, and the ice texture) at
+    each particle's SNR, then each image's blur. In chunks of 256 images."""
+    config = scene.config
+    n, box = clean.shape[0], clean.shape[-1]
+    if config.snr_range is None:
+        scale = np.ones(n, dtype=np.float32)
+    else:  # noise of particle i: sigma * sqrt(reference / snr_i)
+        low, high = config.snr_range
+        snr = np.exp(rng.uniform(math.log(low), math.log(high), n))
+        scale = np.sqrt(config.reference_snr / snr).astype(np.float32)
+    # drawn only when asked for, so that the default keeps the old simulator's random stream
+    coloured, blurred = config.noise_exponent_range[1] > 0, config.blur_px_range[1] > 0
+    exponents = rng.uniform(*config.noise_exponent_range, n) if coloured else np.zeros(n)
+    blurs = rng.uniform(*config.blur_px_range, n) if blurred else np.zeros(n)
+    images = np.empty_like(clean)
+    chunk = 256
+    for start in range(0, n, chunk):
+        stop = min(start + chunk, n)
+        shape = (stop - start, box, box)
+        noise = rng.standard_normal(shape, dtype=np.float32)
+        if coloured:
+            spectrum = sfft.rfft2(noise, workers=_WORKERS) * _noise_gain(box, exponents[start:stop])
+            noise = sfft.irfft2(spectrum, s=(box, box), workers=_WORKERS).astype(np.float32)
+        noise *= scene.white_sigma
+        if config.ice_texture > 0:
+            noise += config.ice_texture * scene.white_sigma * _lowpass_noise(rng, shape, box / 12)
+        block = clean[start:stop] + noise * scale[start:stop, None, None]
+        if blurred:
+            sigma = blurs[start:stop]
+            fy, fx = half_transform_freqs((box, box))
+            gain = np.exp(-2 * np.pi**2 * sigma[:, None, None] ** 2 * (fx**2 + fy**2)[None])
+            for target in (block, clean[start:stop]):  # clean: the same signal, blurred
+                target[...] = sfft.irfft2(
+                    sfft.rfft2(target, workers=_WORKERS) * gain, s=(box, box), workers=_WORKERS
+                )
+        images[start:stop] = block
+    return images
 
 
 def _assign_kinds(n: int, config: SimulationConfig, rng: np.random.Generator) -> np.ndarray:
@@ -797,16 +902,7 @@ def simulate_particles(
                 f"piece_centre_voxel_zyx={voxel[0]},{voxel[1]},{voxel[2]};radius_px={radius:.1f}"
             )
 
-    # noise: white + ice texture, then RELION normalisation
-    images = np.empty_like(clean)
-    chunk = 256
-    for start in range(0, n, chunk):
-        stop = min(start + chunk, n)
-        shape = (stop - start, box, box)
-        noise = scene.white_sigma * rng.standard_normal(shape, dtype=np.float32)
-        if config.ice_texture > 0:
-            noise += config.ice_texture * scene.white_sigma * _lowpass_noise(rng, shape, box / 12)
-        images[start:stop] = clean[start:stop] + noise
+    images = _add_noise(clean, scene, rng)
     if config.normalise:
         images, _, std = normalise_images(images)
         clean /= std[:, None, None].astype(np.float32)
