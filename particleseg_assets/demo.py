@@ -63,6 +63,9 @@ DATASET_DEMO_KEYS = ("30001", "30002")
 # A small model that trains in a few minutes on two cores (the defaults of ModelConfig but
 # fewer epochs); 30002 is never trained on, so its report is the unseen-map figure.
 DEMO_TRAINING = {"holdout": ["30002"], "epochs": 12, "mode": "full"}
+# 2D classification of the cleaned demo set (600 particles) before/after/random drop: K=4 and 6
+# iterations keep it to minutes on two cores (benchmarks/classify_2d.py is the full experiment)
+DEMO_CLASSIFY = {"classify": 4, "classify_iterations": 6}
 
 
 def demo_clean_star(mirror_dir: Path) -> Path:
@@ -206,6 +209,9 @@ def main() -> int:
                             "drop": 0.3,
                             "score": "calibrated",
                             "name": "EMPIAR-30002",
+                            # the paper's test, small: RELION 2D classification before,
+                            # after and after a random drop (DEMO_CLASSIFY)
+                            **DEMO_CLASSIFY,
                         }
                     }
                 }
@@ -289,6 +295,22 @@ def main() -> int:
         f"particles are junk\n  cleaned STAR {storage.path('cleaned', 'EMPIAR-30002')}/"
         f"particles_cleaned.star\n  report {report}/score_histogram.png, gallery.png"
     )
+    summary = storage.path("cleaned", "EMPIAR-30002", "classify", "summary.csv")
+    if summary.is_file():
+        table = pd.read_csv(summary)
+        print(
+            f"\n2D classification (RELION, K={DEMO_CLASSIFY['classify']}, "
+            f"{DEMO_CLASSIFY['classify_iterations']} iterations) before / after cleaning / after "
+            "a random drop of as many:"
+        )
+        for row in table.to_dict(orient="records"):
+            print(
+                f"  {row['condition']:<12}{row['particles']:>5} particles, "
+                f"{row.get('particles_in_good_classes', 0)} in good classes "
+                f"({100 * row.get('good_class_share', 0):.1f}%), largest class "
+                f"{100 * row['largest_class_share']:.0f}%, {row['seconds']:.0f} s"
+            )
+        print(f"  class averages side by side: {summary.parent / 'galleries.png'}")
     print(
         "\nsegment or clean your own particles with it:\n  .venv/bin/particleseg segment "
         "particles.star --out labels.zarr\n  .venv/bin/particleseg clean particles.star "

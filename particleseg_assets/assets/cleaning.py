@@ -3,6 +3,7 @@
 from pathlib import Path
 
 from dagster import AssetExecutionContext, Config, MaterializeResult, MetadataValue, asset
+from pydantic import Field
 
 from particleseg_assets.assets.model import segmentation_model
 from particleseg_assets.resources import StorageResource
@@ -28,6 +29,16 @@ class CleanConfig(Config):
     """Rows whose image is missing or unreadable: "skip" (dropped and counted) or "stop"."""
     name: str = ""
     """Output folder under $PARTICLESEG_DATA/cleaned (empty: the STAR file's stem)."""
+    classify: int = Field(
+        default=0,
+        description="Then 2D-classify (RELION relion_refine) the input, the cleaned set and a "
+        "random drop of the same size into this many classes, same parameters: the class "
+        "averages side by side (0: no classification)",
+    )
+    classify_iterations: int = Field(
+        default=25, description="RELION --iter of the 2D classifications"
+    )
+    classify_threads: int = Field(default=2, description="RELION --j of the 2D classifications")
 
 
 @asset(group_name="cleaning", deps=[segmentation_model], kinds={"keras", "star"}, pool="train")
@@ -54,8 +65,10 @@ def cleaned_particles(
     )
     report = result.report
     gallery_alt = "lowest, median and highest scores with their masks"
+    classified = _classify(context, config, star, result) if config.classify > 0 else {}
     return MaterializeResult(
         metadata={
+            **classified,
             "source_star": MetadataValue.path(str(star.resolve())),
             "cleaned_star": MetadataValue.path(str(result.out)),
             "scores": MetadataValue.path(str(result.scores_path)),
@@ -66,3 +79,46 @@ def cleaned_particles(
             "gallery": MetadataValue.md(markdown_image(report["gallery.png"], gallery_alt)),
         }
     )
+
+
+def _classify(context: AssetExecutionContext, config: CleanConfig, star: Path, result) -> dict:
+    """``classify`` > 0: the 2D classifications before, after and after a random drop
+    (:func:`particleseg_model.cleaning.compare.classify_before_after`) into the cleaning's
+    folder; their galleries and summary table as metadata."""
+    import pandas as pd
+
+    from particleseg_model.cleaning.compare import classify_before_after
+
+    keep = pd.read_parquet(result.scores_path)["keep"].to_numpy(dtype=bool)
+    comparison = classify_before_after(
+        star,
+        keep,
+        result.out.parent / "classify",
+        classes=config.classify,
+        iterations=config.classify_iterations,
+        threads=config.classify_threads,
+        particles_dir=config.particles_dir or None,
+        overwrite=True,
+        log=context.log.info,
+    )
+    ratios = comparison.ratios()
+    return {
+        "class_averages": MetadataValue.md(
+            markdown_image(comparison.gallery, "2D class averages before, after, random drop")
+        ),
+        "class_averages_png": MetadataValue.path(str(comparison.gallery)),
+        "classification_summary": MetadataValue.md(
+            comparison.table.to_markdown(index=False)
+            if _has_tabulate()
+            else "```\n" + comparison.table.to_string(index=False) + "\n```"
+        ),
+        **{f"good_class_ratio_{k}": round(v, 3) for k, v in ratios.items()},
+    }
+
+
+def _has_tabulate() -> bool:
+    try:
+        import tabulate  # noqa: F401
+    except ImportError:
+        return False
+    return True

@@ -144,6 +144,7 @@ def classify_before_after(
     particles_dir: str | os.PathLike | None = None,
     seed: int = 0,
     control_seed: int = 0,
+    settings: dict[str, Any] | None = None,
     overwrite: bool = False,
     log: Log | None = None,
 ) -> Comparison:
@@ -166,6 +167,9 @@ def classify_before_after(
         Where the stacks' paths start (default the STAR file's folder).
     control_seed
         Seed of the random drop (:func:`random_keep`).
+    settings
+        Overrides of :data:`~particleseg_model.relion.classify.CLASSIFY_DEFAULTS`, the same
+        for all three.
 
     Raises
     ------
@@ -222,6 +226,7 @@ def classify_before_after(
                 truth=truth,
                 particles_dir=base,
                 seed=seed,
+                settings=settings,
                 run_root=out.parent,  # outside the staging folder: a failed run is kept
                 title=f"{name.replace('_', ' ')}: {inputs[name].name}",
                 progress=False,
