@@ -186,3 +186,65 @@ def test_good_class_figures_are_the_papers_counts() -> None:
     assert pytest.approx(1.3857, abs=1e-4) == PAPER_RATIO
     keep = random_keep(100, 70, seed=0)
     assert keep.sum() == 70 and (keep == random_keep(100, 70, seed=0)).all()
+
+
+@pytest.fixture(scope="module")
+def untrained_models(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A registry holding an untrained 32 px U-Net: the cleaning's scores are arbitrary, the
+    plumbing of the classifications is what is tested."""
+    from particleseg_model.model.registry import register_model, staging_dir
+    from particleseg_model.model.unet import build_unet
+
+    root = tmp_path_factory.mktemp("untrained") / "models"
+    staged = staging_dir(root)
+    build_unet("custom", size=32, base_filters=4).save(staged / "model.keras")
+    register_model(root, staged, {"input_size": 32, "arch": "custom", "partitions": {}})
+    return root
+
+
+def test_clean_job_classifies_before_after_and_shows_the_galleries(
+    entries, untrained_models: Path, tmp_path: Path, dagster_home
+) -> None:
+    from dagster import DagsterInstance
+
+    from particleseg_assets.definitions import defs
+    from particleseg_assets.resources import StorageResource
+
+    data = tmp_path / "data"
+    data.mkdir()
+    (data / "models").symlink_to(untrained_models, target_is_directory=True)
+    star = entries["3.1"] / "particles.star"
+    config = {
+        "ops": {
+            "cleaned_particles": {
+                "config": {
+                    "star": str(star),
+                    "drop": 0.3,
+                    "classify": 2,
+                    "classify_iterations": 1,
+                    "name": "sim",
+                }
+            }
+        }
+    }
+    result = defs.resolve_job_def("clean_job").execute_in_process(
+        run_config=config,
+        instance=DagsterInstance.get(),
+        resources={"storage": StorageResource(root=str(data))},
+    )
+    assert result.success
+    event = result.asset_materializations_for_node("cleaned_particles")[0]
+    md = {k: v.value for k, v in event.metadata.items()}
+    assert md["class_averages"].startswith("![2D class averages before, after, random drop]")
+    gallery = Path(md["class_averages_png"])
+    assert gallery == data / "cleaned" / "sim" / "classify" / "galleries.png"
+    assert png_text(gallery)["Tiles"] == "2,2,2"
+    summary = pd.read_csv(gallery.parent / "summary.csv")
+    assert summary["condition"].tolist() == ["before", "after", "random_drop"]
+    kept = md["particles_after"]
+    assert summary["particles"].tolist() == [N, kept, kept]
+    assert "good_class_ratio_after" in md and "good_class_ratio_random_drop" in md
+    for name in ("before", "after", "random_drop"):
+        table = pd.read_csv(gallery.parent / name / "classes.csv")
+        assert table["particles"].sum() == summary.set_index("condition").loc[name, "particles"]
+        assert table["good"].sum() <= table["particles"].sum()
