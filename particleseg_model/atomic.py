@@ -26,9 +26,11 @@ under a temporary name and renamed (see :mod:`particleseg_model.corpus.store` an
 from __future__ import annotations
 
 import contextlib
+import errno
 import hashlib
 import json
 import os
+import re
 import secrets
 import socket
 import time
@@ -127,10 +129,20 @@ def remove_stale_temporaries(
 
 
 def _naming(exc: OSError, target: Path) -> OSError:
-    """``exc`` naming ``target`` when it names no file (a full disk's ``write``)."""
-    if exc.filename is not None or exc.errno is None:  # named, or a message of our own
+    """``exc`` naming ``target`` when it names no file (a full disk's ``write``, pyarrow's
+    ``Error writing bytes``) or only a temporary name (a writer that writes atomically too)."""
+    named = exc.filename is not None and not is_temporary(exc.filename)
+    if named or (exc.filename is None and str(target) in str(exc)):  # named, or our own
         return exc
-    return type(exc)(exc.errno, exc.strerror or os.strerror(exc.errno), str(target))
+    code = exc.errno
+    if code is None:
+        found = re.search(r"errno (\d+)", str(exc), re.IGNORECASE)
+        code = int(found.group(1)) if found else errno.EIO
+    reason = exc.strerror if exc.errno == code and exc.strerror else os.strerror(code)
+    try:
+        return type(exc)(code, reason, str(target))
+    except Exception:  # an OSError subclass with another signature
+        return OSError(code, reason, str(target))
 
 
 def is_temporary(path: str | os.PathLike[str]) -> bool:

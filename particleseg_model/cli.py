@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import argparse
+import errno
 import logging
 import sys
+import traceback
 from pathlib import Path
 from typing import Any
 
@@ -420,7 +422,13 @@ def relion_external(args: argparse.Namespace) -> int:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="particleseg", description=__doc__)
+    parser = argparse.ArgumentParser(
+        prog="particleseg",
+        description=__doc__,
+        epilog="exit status: 0 done; 1 bad input (file, row or value named); 2 usage; 3 "
+        "environment (disk full, read-only folder, network, RELION); 4 internal error (a bug: "
+        "--verbose shows the traceback); 130 interrupted. Nothing a command reads is written.",
+    )
     parser.add_argument("-v", "--verbose", action="store_true", help="log debug messages")
     sub = parser.add_subparsers(dest="command", required=True)
 
@@ -651,21 +659,83 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+EXIT_BAD_INPUT = 1
+"""The input or an argument is wrong: a malformed STAR/MRC/model file, a path that does not
+exist (or exists already), a value out of range, a rule that keeps nothing."""
+EXIT_USAGE = 2
+"""The command line itself is wrong (argparse: unknown option, missing argument)."""
+EXIT_ENVIRONMENT = 3
+"""The machine or the network failed: a full disk, a read-only or unwritable folder, a server
+that refuses, is gone or answers 404, an external program (RELION) that fails."""
+EXIT_INTERNAL = 4
+"""A bug: an error the code does not expect (run with --verbose for the traceback)."""
+EXIT_INTERRUPTED = 130
+"""Ctrl-C (SIGINT), as a shell reports it; outputs are written atomically, so none is left half
+written."""
+
+# OSErrors that say a path given is wrong (the user's to fix), not that the machine failed
+_PATH_ERRNOS = {errno.ENOENT, errno.EEXIST, errno.EISDIR, errno.ENOTDIR, errno.ENAMETOOLONG}
+
+
+def error_line(exc: BaseException) -> tuple[str, int]:
+    """The one line a user sees for ``exc`` and the exit status (the ``EXIT_*`` codes).
+
+    Parameters
+    ----------
+    exc
+        What a subcommand raised.
+
+    Returns
+    -------
+    tuple of (str, int)
+        The message (naming the file, and the row where there is one: the library's errors
+        do) and the exit status.
+    """
+    from particleseg_model.access.archive import DownloadError
+    from particleseg_model.access.http import HttpError
+
+    if isinstance(exc, KeyboardInterrupt):
+        return "interrupted; no output is left half written", EXIT_INTERRUPTED
+    if isinstance(exc, HttpError | DownloadError):
+        return str(exc), EXIT_ENVIRONMENT
+    if isinstance(exc, OSError):
+        text = str(exc)
+        if exc.filename is not None:
+            where = f"{exc.filename}" + (f" -> {exc.filename2}" if exc.filename2 else "")
+            text = f"{where}: {exc.strerror or exc}"
+        wrong_path = exc.errno in _PATH_ERRNOS or exc.errno is None
+        code = EXIT_BAD_INPUT if wrong_path and not isinstance(exc, PermissionError) else (
+            EXIT_ENVIRONMENT
+        )
+        return text, code
+    if isinstance(exc, ValueError):
+        # StarError, MrcError, ModelError, EntryError, ...: they name their file or entry
+        return str(exc), EXIT_BAD_INPUT
+    if isinstance(exc, RuntimeError) and type(exc).__module__.startswith("particleseg_model"):
+        return str(exc), EXIT_ENVIRONMENT  # RelionError and kin: an external program failed
+    return (
+        f"internal error: {type(exc).__name__}: {exc} (a bug: run again with --verbose for "
+        "the traceback, and report it)",
+        EXIT_INTERNAL,
+    )
+
+
 def main(argv: list[str] | None = None) -> int:
+    """Run one subcommand; every failure is one line on stderr and an ``EXIT_*`` status
+    (``--verbose`` prints the traceback first)."""
     args = build_parser().parse_args(argv)
     logging.basicConfig(
         level=logging.DEBUG if args.verbose else logging.INFO,
         format="%(levelname)s %(name)s: %(message)s",
     )
-    from particleseg_model.access.http import HttpError
-
     try:
         return args.func(args)
-    except (OSError, ValueError, HttpError) as exc:
-        # Domain errors (StarError, MrcError, EntryError, DownloadError, HttpError...) name
-        # their file or entry; a traceback adds nothing for a user.
-        print(f"particleseg {args.command}: error: {exc}", file=sys.stderr)
-        return 1
+    except (Exception, KeyboardInterrupt) as exc:
+        if args.verbose:
+            traceback.print_exc()
+        line, code = error_line(exc)
+        print(f"particleseg {args.command}: error: {line}", file=sys.stderr)
+        return code
 
 
 if __name__ == "__main__":

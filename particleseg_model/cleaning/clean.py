@@ -669,14 +669,17 @@ def clean_star(
         )
     files = {what: path for what, path in outputs.items() if what in ("--out", "--scores")}
 
-    def guard(reads: list[Path]) -> None:
+    def guard(reads: dict[Path, str], *, existing: bool = True) -> None:
+        # inputs first (an existing stack is refused as an input, not as an existing file);
         # the report's files are replaced (documented); --out and --scores only with overwrite
-        check_outputs(files, reads, overwrite=overwrite)
         check_outputs(outputs, reads, overwrite=True, folders=False)
+        check_outputs(files, reads, overwrite=overwrite or not existing)
         if report_dir is not None:
             check_writable(_existing_ancestor(Path(report_dir)), "--report")
 
-    guard({star_path: INPUT_STAR})  # before any work: the input STAR, the outputs' folders
+    # before any work: the input STAR and the outputs' folders; once the STAR is read (its
+    # stacks known) and the model found, every input and the existing outputs (_score)
+    guard({star_path: INPUT_STAR}, existing=False)
     for path in outputs.values():
         remove_stale_temporaries(path)  # what a killed run of this command left
 

@@ -170,7 +170,10 @@ def check_outputs(
             if path.exists():
                 raise FileExistsError(f"{path} exists: choose another {what} or remove it")
     if folders:
-        for folder, what in {path.parent.resolve(): what for what, path in items}.items():
+        folders_of: dict[Path, str] = {}
+        for what, path in items:
+            folders_of.setdefault(path.parent.resolve(), what)  # named by its first output
+        for folder, what in folders_of.items():
             check_writable(folder, what)
 
 
@@ -228,7 +231,9 @@ def check_one_box(star: Path, particles: pd.DataFrame, base_dir: Path) -> int | 
         except MrcError:
             continue
         if shape[0] != shape[1]:
-            raise StarError(f"{file}: particle images are {shape[1]} x {shape[0]} px, not square")
+            raise StarError(
+                f"{file}: particle images are {shape[1]} x {shape[0]} pixels, not square"
+            )
         size = int(shape[0])
         if box is not None and size != box:
             raise StarError(
