@@ -286,9 +286,14 @@ def test_segment_command_writes_labels_in_star_order(
 
 
 def test_segment_refuses_non_square_images_and_no_model(
-    registry: Path, tmp_path: Path, capsys
+    registry: Path, tmp_path: Path, capsys, monkeypatch
 ) -> None:
     import mrcfile
+
+    from particleseg_model.model import pretrained
+
+    # no registered model and no shipped one (the shipped one is the fallback otherwise)
+    monkeypatch.setattr(pretrained, "PRETRAINED_DIR", tmp_path / "no-pretrained")
 
     from particleseg_model.cli import main
 

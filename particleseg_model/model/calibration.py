@@ -150,6 +150,7 @@ def mask_calibration(
     split: str = "val",
     max_particles: int = 2000,
     batch: int = 64,
+    edge_from_signal: bool = False,
 ) -> dict[str, Any]:
     """The distribution of the model's masks on good particles of ``split`` (ETS and signal
     share, :func:`fit_calibration`): the reference of the calibrated
@@ -162,7 +163,7 @@ def mask_calibration(
         if not len(rows):
             continue
         images = np.asarray(dataset.images.get_orthogonal_selection((rows,)), np.float32)
-        labels = predict_labels(model, images, batch=batch)
+        labels = predict_labels(model, images, batch=batch, edge_from_signal=edge_from_signal)
         signal = np.count_nonzero(labels == SIGNAL, axis=(1, 2))
         has = signal > 0
         features.append(mask_features(edge_to_signal(labels)[has], signal[has], dataset.box))

@@ -423,8 +423,10 @@ def evaluate_partition(
     batch: int = 64,
     examples: int = 8,
     max_particles: int = 0,
+    edge_from_signal: bool = False,
 ) -> Evaluation:
-    """The paper's scores of ``model`` on a split of one partition, at the particles' box."""
+    """The paper's scores of ``model`` on a split of one partition, at the particles' box
+    (``edge_from_signal``: the edge derived from the predicted signal, as the manifest says)."""
     dataset = open_corpus(corpus_root, empiar_id)
     rows = dataset.split_indices(split)
     if max_particles:
@@ -440,7 +442,7 @@ def evaluate_partition(
         index = rows[start : start + batch]
         images = np.asarray(dataset.images.get_orthogonal_selection((index,)), dtype=np.float32)
         truth = np.asarray(dataset.labels.get_orthogonal_selection((index,)))
-        predicted = predict_labels(model, images, batch=batch)
+        predicted = predict_labels(model, images, batch=batch, edge_from_signal=edge_from_signal)
         accumulator.update(truth, predicted)
         keep = good[start : start + batch]
         accumulator_good.update(truth[keep], predicted[keep])
