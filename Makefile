@@ -13,7 +13,7 @@ DEMO_PORT ?= 8765
 DEMO_ARCHIVE := $(PARTICLESEG_DATA)/demo/archive
 DEMO_URL := http://127.0.0.1:$(DEMO_PORT)
 
-.PHONY: setup relion postgres venv test test-fast lint demo dev serve env bench bench-refine bench-model \
+.PHONY: setup relion postgres venv test test-fast lint demo dev serve env bench bench-refine bench-model pretrained \
 	clean
 
 setup: relion postgres venv
@@ -116,6 +116,14 @@ bench-model: setup
 	$(PY) benchmarks/model_quality.py --work $(BENCH_MODEL)
 	$(PY) benchmarks/clean_quality.py --keras $(BENCH_MODEL)/model_64_16/model.keras \
 		--corpus $(BENCH_MODEL)/data/corpus --work $(PARTICLESEG_DATA)/bench/clean
+
+# The pretrained model shipped in the package (particleseg_model/pretrained/): the diverse
+# simulated corpus with real negatives, training, measurements, install (about 70 minutes on
+# 2 cores); then its figures on real particles and the realism comparison
+pretrained: setup
+	$(PY) scripts/build_pretrained.py --work $(PARTICLESEG_DATA)/pretrained-work
+	-$(PY) benchmarks/real_particles.py --no-topaz
+	-$(PY) benchmarks/realism.py
 
 # RELION auto-refine of 400 simulated particles: about 13 minutes on 2 cores
 bench-refine: setup

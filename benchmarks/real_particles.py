@@ -476,6 +476,53 @@ def merge(a: LabelledSet, b: LabelledSet) -> LabelledSet:
     return out
 
 
+def save_set(path: Path, labelled: LabelledSet) -> None:
+    """The labelled boxes in one ``.npz`` (per box size), written to a temporary name first."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    sizes = np.array(labelled.size)
+    arrays = {
+        f"boxes_{s}": labelled.images(np.flatnonzero(sizes == s))
+        for s in sorted(set(labelled.size))
+    }
+    tmp = path.with_name(path.name + ".part.npz")
+    np.savez(
+        tmp,
+        kind=np.array(labelled.kind),
+        micrograph=np.array(labelled.micrograph),
+        xy=np.array(labelled.xy),
+        size=sizes,
+        **arrays,
+    )
+    os.replace(tmp, path)
+
+
+def load_set(path: Path) -> LabelledSet:
+    data = np.load(path)
+    out = LabelledSet()
+    sizes = data["size"]
+    parts: list[np.ndarray | None] = [None] * len(sizes)
+    for s in sorted(set(sizes.tolist())):
+        rows = np.flatnonzero(sizes == s)
+        for i, b in zip(rows, data[f"boxes_{s}"], strict=True):
+            parts[i] = b
+    out._parts = [p for p in parts if p is not None]
+    out.kind = data["kind"].tolist()
+    out.micrograph = data["micrograph"].tolist()
+    out.xy = [tuple(map(float, xy)) for xy in data["xy"]]
+    out.size = sizes.tolist()
+    return out
+
+
+def subset(labelled: LabelledSet, rows: list[int]) -> LabelledSet:
+    out = LabelledSet()
+    out._parts = [labelled._parts[i] for i in rows]
+    out.kind = [labelled.kind[i] for i in rows]
+    out.micrograph = [labelled.micrograph[i] for i in rows]
+    out.xy = [labelled.xy[i] for i in rows]
+    out.size = [labelled.size[i] for i in rows]
+    return out
+
+
 # ------------------------------------------------------------------------------- Topaz
 
 
@@ -774,6 +821,18 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--json", type=Path, default=RESULTS_DIR / "real_particles.json")
     parser.add_argument("--png", type=Path, default=REPO / "docs" / "real_particles.png")
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument(
+        "--set-cache",
+        type=Path,
+        default=REPO / "data" / "bench" / "real_set.npz",
+        help="the labelled boxes, built once (with --no-topaz; Topaz needs the micrographs)",
+    )
+    parser.add_argument(
+        "--exclude-training-micrographs",
+        action="store_true",
+        help="leave out the 10017 micrographs whose negatives the model was trained on "
+        "(its manifest's provenance)",
+    )
     args = parser.parse_args(argv)
 
     from particleseg_model.model.registry import resolve_model
@@ -796,16 +855,34 @@ def main(argv: list[str] | None = None) -> int:
 
     rng = np.random.default_rng(args.seed)
     t0 = time.perf_counter()
-    part, mics = build_10017(root, rng)
-    mc, mc_mic = build_micrographcleaner(root)
-    labelled = merge(part, mc)
-    mics.append(mc_mic)
+    mics: list[Micrograph] = []
+    if args.set_cache is not None and args.set_cache.is_file() and args.no_topaz:
+        labelled = load_set(args.set_cache)
+    else:
+        part, mics = build_10017(root, rng)
+        mc, mc_mic = build_micrographcleaner(root)
+        labelled = merge(part, mc)
+        mics.append(mc_mic)
+        sizes = np.array(labelled.size)
+        for size in set(labelled.size):  # the corpus' normalisation, at each box size
+            rows = np.flatnonzero(sizes == size)
+            normalised = normalise_images(labelled.images(rows))[0]
+            for i, r in enumerate(rows):
+                labelled._parts[r] = normalised[i]
+        if args.set_cache is not None:
+            save_set(args.set_cache, labelled)
+    held_out_note = "all micrographs"
+    if args.exclude_training_micrographs:
+        trained = set(
+            version.manifest.get("provenance", {})
+            .get("negatives", {})
+            .get("neg-empiar-10017", {})
+            .get("micrographs", [])
+        )
+        keep = [i for i, m in enumerate(labelled.micrograph) if m not in trained]
+        labelled = subset(labelled, keep)
+        held_out_note = f"without the {len(trained)} micrographs whose negatives the model saw"
     sizes = np.array(labelled.size)
-    for size in set(labelled.size):  # the corpus' normalisation, at each box size
-        rows = np.flatnonzero(sizes == size)
-        normalised = normalise_images(labelled.images(rows))[0]
-        for i, r in enumerate(rows):
-            labelled._parts[r] = normalised[i]
     kind = np.array(labelled.kind)
     print(f"labelled set: {labelled.counts()} ({time.perf_counter() - t0:.0f} s)")
 
@@ -839,6 +916,7 @@ def main(argv: list[str] | None = None) -> int:
         "bin_10017": BIN,
         "particle_diameter_px_10017": DIAMETER,
         "topaz": topaz_note,
+        "micrographs": held_out_note,
         "comparisons": rows,
         "seconds": round(time.perf_counter() - t0, 1),
     }

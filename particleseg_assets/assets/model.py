@@ -21,7 +21,8 @@ from particleseg_model.model.versions import (
 class ModelConfig(Config):
     mode: str = "auto"
     """"auto": incremental from the latest version when partitions were added (same
-    architecture and size), else from scratch; "incremental" or "full" to force one."""
+    architecture and size), else from scratch; "incremental" or "full" to force one;
+    "pretrained": fine-tune the model shipped in the package (set arch and size to its own)."""
     partitions: list[str] = []
     """Train on these partitions; empty: every partition in the corpus but the held-out ones."""
     holdout: list[str] = []

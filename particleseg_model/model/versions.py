@@ -55,7 +55,7 @@ from particleseg_model.model.train import Evaluation, TrainConfig, TrainResult
 
 Log = Callable[[str], None]
 
-MODES = ("auto", "incremental", "full")
+MODES = ("auto", "incremental", "full", "pretrained")
 
 
 @dataclass(frozen=True)
@@ -193,7 +193,9 @@ def plan_training(
     mode
         ``"auto"``: incremental from the latest version when it has architecture ``arch`` and
         input size ``size`` (pixels) and some, not all, of the partitions are new to it, else
-        from scratch; ``"incremental"`` or ``"full"`` force one.
+        from scratch; ``"incremental"`` or ``"full"`` force one; ``"pretrained"``: fine-tune
+        the model shipped in the package (:mod:`particleseg_model.model.pretrained`) on every
+        partition (``arch`` and ``size`` must be its own).
     arch, size
         The network to train (``TrainConfig.arch``, ``TrainConfig.size``).
 
@@ -231,6 +233,16 @@ def plan_training(
             f"partitions {no_test} have no test particles: no IoU can be "
             "reported for them (add particles or hold the partition out)"
         )
+    if mode == "pretrained":
+        from particleseg_model.model.pretrained import pretrained_model
+
+        shipped = pretrained_model()
+        if shipped.manifest.get("arch") != arch or shipped.input_size != size:
+            raise ValueError(
+                f"mode 'pretrained' trains the shipped {shipped.manifest.get('arch')} network at "
+                f"{shipped.input_size} px; set arch and size to those (got {arch}, {size})"
+            )
+        return TrainingPlan(tuple(ids), tuple(held), tuple(ids), True, shipped, None)
     latest = latest_model(models_root)
     compatible = (
         latest is not None and latest.manifest.get("arch") == arch and latest.input_size == size
