@@ -84,3 +84,18 @@ def test_the_shipped_model_verifies_when_installed():
     assert manifest["provenance"]["maps"] and manifest["calibration"]
     assert (version.path / "LICENSE.md").is_file()
     assert (version.path / "model.keras").stat().st_size < 8 * 2**20
+
+
+def test_training_mode_pretrained_starts_from_the_shipped_model(installed, tmp_path, monkeypatch):
+    from helpers import write_partition
+
+    from particleseg_model.model.versions import plan_training
+
+    monkeypatch.setattr(pretrained_module, "PRETRAINED_DIR", installed)
+    corpus = tmp_path / "corpus"
+    write_partition(corpus, "40001", 60, seed=1)
+    plan = plan_training(corpus, tmp_path / "models", mode="pretrained", arch="unet", size=16)
+    assert plan.incremental and plan.parent is not None and plan.parent.version == "pretrained"
+    assert plan.new_ids == ("40001",)
+    with pytest.raises(ValueError, match="shipped unet network at 16 px"):
+        plan_training(corpus, tmp_path / "models", mode="pretrained", arch="custom", size=64)
