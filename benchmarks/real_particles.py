@@ -644,6 +644,7 @@ def model_scores(
 
     network = load_model(version)
     reference = version.manifest.get("calibration")
+    from_signal = bool(version.manifest.get("edge_from_signal", False))  # as clean does
     n = len(labelled.kind)
     ets, calibrated, signal = np.zeros(n), np.zeros(n), np.zeros(n, np.int64)
     labels: dict[int, np.ndarray] = {}
@@ -654,7 +655,9 @@ def model_scores(
         with progress(total=len(rows), desc=f"model {size}px", unit="box") as bar:
             for start in range(0, len(rows), 256):
                 chunk = rows[start : start + 256]
-                pred[start : start + len(chunk)] = predict_labels(network, labelled.images(chunk))
+                pred[start : start + len(chunk)] = predict_labels(
+                    network, labelled.images(chunk), edge_from_signal=from_signal
+                )
                 bar.update(len(chunk))
         labels[size] = pred
         s = np.count_nonzero(pred == SIGNAL, axis=(1, 2))
