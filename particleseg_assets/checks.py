@@ -3,11 +3,11 @@
 from __future__ import annotations
 
 import pandas as pd
-from dagster import AssetCheckResult, AssetCheckSeverity, AssetKey, DagsterInstance, asset_check
+from dagster import AssetCheckResult, AssetCheckSeverity, asset_check
 
 from particleseg_assets.assets.catalog import eligible_entries, empiar_entries
 from particleseg_assets.resources import StorageResource
-from particleseg_model.access.catalog import DEFAULT_MAX_RESOLUTION_A, read_catalog
+from particleseg_model.access.catalog import read_catalog
 
 
 @asset_check(asset=empiar_entries, description="Every EMPIAR id appears once.")
@@ -39,43 +39,42 @@ def few_catalog_errors(storage: StorageResource) -> AssetCheckResult:
     )
 
 
-def _eligibility_config(instance: DagsterInstance) -> tuple[float, bool]:
-    event = instance.get_latest_materialization_event(AssetKey("eligible_entries"))
-    metadata = event.asset_materialization.metadata if event and event.asset_materialization else {}
-    limit = metadata.get("max_resolution_a")
-    inclusive = metadata.get("inclusive")
-    return (
-        float(limit.value) if limit is not None else DEFAULT_MAX_RESOLUTION_A,
-        bool(inclusive.value) if inclusive is not None else False,
-    )
-
-
 @asset_check(
     asset=eligible_entries,
-    description="Every eligible entry meets the rule: not obsolete, map better than the "
-    "limit, particles or coordinates deposited, one partition key each.",
+    description="The eligible table is current with the catalog: every eligible entry is in "
+    "the stored catalog, not obsolete there, with the update date it was selected at (a "
+    "catalog refreshed without re-selecting fails), and each has one partition key.",
 )
-def eligible_rule_holds(context, storage: StorageResource) -> AssetCheckResult:
+def eligible_current(storage: StorageResource) -> AssetCheckResult:
     path = storage.eligible_path()
-    if not path.exists():
-        return AssetCheckResult(passed=False, metadata={"missing": str(path)})
-    eligible = pd.read_parquet(path)
-    limit, inclusive = _eligibility_config(context.instance)
-    resolution = eligible["best_resolution_a"]
-    too_coarse = resolution.isna() | ((resolution > limit) if inclusive else (resolution >= limit))
-    bad = eligible[
-        too_coarse
-        | ~(eligible["ships_particles"] | eligible["ships_coordinates"])
-        | eligible["status"].str.upper().str.startswith("OBS")
-    ]
+    catalog = read_catalog(storage.catalog_path())
+    if not path.exists() or catalog is None:
+        missing = path if not path.exists() else storage.catalog_path()
+        return AssetCheckResult(passed=False, metadata={"missing": str(missing)})
+    eligible = pd.read_parquet(path, columns=["empiar_id", "update_date", "partition_key"])
+    now = catalog.set_index("empiar_id")
+    ids = eligible["empiar_id"].astype(str)
+    absent = sorted(set(ids) - set(now.index.astype(str)))
+    present = eligible[ids.isin(now.index)]
+    changed = sorted(
+        present.loc[
+            present["update_date"].astype(str).to_numpy()
+            != now.loc[present["empiar_id"], "update_date"].astype(str).to_numpy(),
+            "empiar_id",
+        ]
+    )
+    status = now.loc[present["empiar_id"], "status"].fillna("").str.upper()
+    obsolete = sorted(present.loc[status.str.startswith("OBS").to_numpy(), "empiar_id"])
     duplicated = int(eligible["partition_key"].duplicated().sum())
+    stale = absent + changed + obsolete
     return AssetCheckResult(
-        passed=bad.empty and duplicated == 0 and len(eligible) > 0,
+        passed=not stale and duplicated == 0 and len(eligible) > 0,
         metadata={
             "eligible": len(eligible),
-            "violations": len(bad),
+            "not_in_catalog": len(absent),
+            "updated_since_selection": len(changed),
+            "obsolete_now": len(obsolete),
             "duplicate_keys": duplicated,
-            "max_resolution_a": limit,
-            "best_resolution_a_max": float(resolution.max()) if len(eligible) else 0.0,
+            "first": ", ".join(stale[:10]) or "none",
         },
     )

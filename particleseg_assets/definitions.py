@@ -15,7 +15,7 @@ from particleseg_assets.assets.corpus import (
     refined_particles,
 )
 from particleseg_assets.assets.model import iou_reports, segmentation_model
-from particleseg_assets.checks import eligible_rule_holds, entry_ids_unique, few_catalog_errors
+from particleseg_assets.checks import eligible_current, entry_ids_unique, few_catalog_errors
 from particleseg_assets.executors import executor_from_env
 from particleseg_assets.jobs import (
     catalog_job,
@@ -45,7 +45,7 @@ defs = Definitions(
         iou_reports,
         cleaned_particles,
     ],
-    asset_checks=[entry_ids_unique, few_catalog_errors, eligible_rule_holds],
+    asset_checks=[entry_ids_unique, few_catalog_errors, eligible_current],
     jobs=[catalog_job, dataset_job, train_job, report_job, clean_job, remove_dataset_job],
     schedules=[daily_catalog_refresh],
     sensors=[empiar_updates_sensor, eligible_partitions_sensor, model_reports_sensor],

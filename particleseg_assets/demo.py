@@ -34,6 +34,7 @@ from particleseg_assets.definitions import defs
 from particleseg_assets.partitions import EMPIAR_PARTITIONS_NAME
 from particleseg_assets.resources import EmpiarResource, StorageResource
 from particleseg_assets.sensors import (
+    dataset_run_key,
     eligible_partitions_sensor,
     empiar_updates_sensor,
     model_reports_sensor,
@@ -66,6 +67,18 @@ DEMO_TRAINING = {"holdout": ["30002"], "epochs": 12, "mode": "full"}
 # 2D classification of the cleaned demo set (600 particles) before/after/random drop: K=4 and 6
 # iterations keep it to minutes on two cores (benchmarks/classify_2d.py is the full experiment)
 DEMO_CLASSIFY = {"classify": 4, "classify_iterations": 6}
+
+
+def sensor_run_tags(sensor_name: str, run_key: str, partition: str) -> dict[str, str]:
+    """The tags a run requested by ``sensor_name`` gets from the daemon: a run the demo launches
+    itself for a sensor's request carries them too, so that the daemon of the first
+    ``make dev`` finds the run key done (its dedupe looks up ``dagster/run_key`` with
+    ``dagster/sensor_name``) and does not launch the same run again."""
+    return {
+        "dagster/partition": partition,
+        "dagster/run_key": run_key,
+        "dagster/sensor_name": sensor_name,
+    }
 
 
 def demo_clean_star(mirror_dir: Path) -> Path:
@@ -161,6 +174,7 @@ def main() -> int:
         # cores) and the fixture entries are real EMPIAR ids whose files the demo mirror lacks:
         # their partitions exist, their runs are one command away (printed below).
         for key in DATASET_DEMO_KEYS:
+            tags = sensor_run_tags(eligible_partitions_sensor.name, dataset_run_key(key), key)
             code = run_job(
                 storage,
                 env,
@@ -168,7 +182,7 @@ def main() -> int:
                 f"dataset_job_{key}",
                 "dataset_job",
                 "--tags",
-                json.dumps({"dagster/partition": key}),
+                json.dumps(tags),
             )
             if code:
                 return code
@@ -185,6 +199,7 @@ def main() -> int:
     with build_sensor_context(instance=instance, definitions=defs) as context:
         reports = model_reports_sensor(context)
     for request in getattr(reports, "run_requests", None) or []:
+        tags = sensor_run_tags(model_reports_sensor.name, request.run_key, request.partition_key)
         code = run_job(
             storage,
             env,
@@ -192,7 +207,7 @@ def main() -> int:
             f"report_job_{request.partition_key}",
             "report_job",
             "--tags",
-            json.dumps({"dagster/partition": request.partition_key}),
+            json.dumps(tags),
         )
         if code:
             return code

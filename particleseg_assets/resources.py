@@ -8,6 +8,7 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
+import pydantic
 from dagster import ConfigurableResource
 
 from particleseg_model.access.empiar import (
@@ -23,17 +24,31 @@ from particleseg_model.storage import is_remote, join, local_path, work_dir
 DATA_ENV = "PARTICLESEG_DATA"
 
 
-class EmpiarResource(ConfigurableResource):
+class DescribedResource(ConfigurableResource):
+    """A resource whose field docstrings are the launchpad's descriptions (Dagster shows a
+    pydantic field's description only)."""
+
+    model_config = pydantic.ConfigDict(use_attribute_docstrings=True)
+
+
+class EmpiarResource(DescribedResource):
     """EMPIAR, EMDB and archive endpoints. Unset URLs fall back to ``PARTICLESEG_*_URL`` at
     run time, so one definition serves EBI, a local mirror and the loopback test server."""
 
     empiar_url: str | None = None
+    """The EMPIAR API (empty: PARTICLESEG_EMPIAR_URL, else EBI's)."""
     emdb_url: str | None = None
+    """The EMDB API (empty: PARTICLESEG_EMDB_URL, else EBI's)."""
     archive_url: str | None = None
-    emdb_files_url: str | None = None  # EMDB's file tree (maps); PARTICLESEG_EMDB_FILES_URL
-    retries: int | None = None  # None: PARTICLESEG_HTTP_RETRIES, default 5
+    """The EMPIAR file archive (empty: PARTICLESEG_ARCHIVE_URL, else EBI's FTP over HTTPS)."""
+    emdb_files_url: str | None = None
+    """EMDB's file tree, where the maps are (empty: PARTICLESEG_EMDB_FILES_URL, else EBI's)."""
+    retries: int | None = None
+    """Retries of a failed request, with backoff (empty: PARTICLESEG_HTTP_RETRIES, else 5)."""
     timeout_s: float = 30.0
+    """Seconds a request may wait for the server."""
     polite_delay_s: float = 0.05
+    """Seconds between two requests to the same server."""
 
     def _options(self) -> dict:
         return {
@@ -58,7 +73,7 @@ class EmpiarResource(ConfigurableResource):
         return self.emdb_files_url or emdb_files_url()
 
 
-class StorageResource(ConfigurableResource):
+class StorageResource(DescribedResource):
     """The storage root of every asset (``PARTICLESEG_DATA``, default ``./data``): a local
     path or an fsspec URL (``s3://bucket/particleseg``, ``gs://...``, ``memory://...``,
     ``file://...``).
@@ -71,6 +86,8 @@ class StorageResource(ConfigurableResource):
     ``./data/work``; the model registry caches downloaded versions there too)."""
 
     root: str | None = None
+    """Where every asset is stored: a folder or an fsspec URL (empty: PARTICLESEG_DATA, else
+    ./data)."""
 
     def _root(self) -> str:
         return self.root or os.environ.get(DATA_ENV) or "data"
@@ -129,15 +146,18 @@ def _env_int(name: str, default: int) -> int:
     return value
 
 
-class RelionResource(ConfigurableResource):
+class RelionResource(DescribedResource):
     """How RELION runs here. Unset fields fall back to ``PARTICLESEG_RELION_BIN`` (a directory
     put first on PATH, for a RELION built from source), ``PARTICLESEG_RELION_MPI_RANKS``
     (default 3: a leader and one rank per half-set) and ``PARTICLESEG_RELION_THREADS``
     (default 1 per rank: 3 ranks x 1 thread already fill a 2-core host)."""
 
     bin_dir: str | None = None
+    """A folder put first on PATH for RELION's programs (empty: PARTICLESEG_RELION_BIN)."""
     mpi_ranks: int | None = None
+    """MPI ranks of a refinement (empty: PARTICLESEG_RELION_MPI_RANKS, else 3)."""
     threads: int | None = None
+    """Threads per rank (empty: PARTICLESEG_RELION_THREADS, else 1)."""
 
     def ranks(self) -> int:
         return self.mpi_ranks or _env_int(RELION_MPI_ENV, 3)

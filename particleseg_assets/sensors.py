@@ -16,7 +16,13 @@ from dagster import (
     sensor,
 )
 
-from particleseg_assets.jobs import catalog_job, dataset_job, report_job
+from particleseg_assets.jobs import (
+    REMOVED_FILE,
+    catalog_job,
+    dataset_job,
+    removed_partitions,
+    report_job,
+)
 from particleseg_assets.partitions import EMPIAR_PARTITIONS_NAME, empiar_partitions
 from particleseg_assets.resources import EmpiarResource, StorageResource
 from particleseg_model.access.catalog import UpdateCursor, find_updates, read_catalog
@@ -74,8 +80,8 @@ def dataset_run_key(key: str) -> str:
     minimum_interval_seconds=60,
     default_status=DefaultSensorStatus.RUNNING,
     description="After each eligible_entries materialization, adds one empiar_id partition "
-    "per new eligible entry and requests a dataset_job run for it (run key "
-    "dataset-<id>; PARTICLESEG_AUTO_RUN=off only adds the partitions).",
+    "per new eligible entry (never one remove_dataset_job removed) and requests a dataset_job "
+    "run for it (run key dataset-<id>; PARTICLESEG_AUTO_RUN=off only adds the partitions).",
 )
 def eligible_partitions_sensor(
     context: SensorEvaluationContext, storage: StorageResource
@@ -91,7 +97,17 @@ def eligible_partitions_sensor(
         return SkipReason(f"{path} is missing; re-materialize eligible_entries")
     eligible = pd.read_parquet(path, columns=["partition_key"])
     existing = set(context.instance.get_dynamic_partitions(EMPIAR_PARTITIONS_NAME))
-    new_keys = [k for k in eligible["partition_key"].astype(str) if k not in existing]
+    removed = removed_partitions(storage)
+    kept_out = sorted(set(eligible["partition_key"].astype(str)) & set(removed) - existing)
+    if kept_out:
+        context.log.info(
+            f"{len(kept_out)} eligible partitions were removed by remove_dataset_job and are "
+            f"not added back: {', '.join(kept_out[:20])} (to let one return, delete it from "
+            f"{storage.path(*REMOVED_FILE)})"
+        )
+    new_keys = [
+        k for k in eligible["partition_key"].astype(str) if k not in existing and k not in removed
+    ]
     gone = sorted(existing - set(eligible["partition_key"].astype(str)))
     if gone:
         # Removing a dataset deletes its lineage: leave that to a person (UI or CLI).

@@ -115,7 +115,7 @@ def run_catalog(instance, tmp_path, **config):
 
     from particleseg_assets.assets.catalog import eligible_entries, empiar_entries
     from particleseg_assets.checks import (
-        eligible_rule_holds,
+        eligible_current,
         entry_ids_unique,
         few_catalog_errors,
     )
@@ -126,7 +126,7 @@ def run_catalog(instance, tmp_path, **config):
             eligible_entries,
             entry_ids_unique,
             few_catalog_errors,
-            eligible_rule_holds,
+            eligible_current,
         ],
         instance=instance,
         resources=resources(tmp_path),

@@ -110,10 +110,11 @@ def test_particle_entry_becomes_a_labelled_corpus(served, tmp_path: Path) -> Non
         "poses_for_every_particle": True,
         "resolution_reported": True,
         "masks_not_empty": True,
-        "zarr_parquet_rows_agree": True,
+        "corpus_complete": True,
+        "label_shares_like_the_others": True,
     }
-    rows = checks["zarr_parquet_rows_agree"].metadata
-    assert rows["images"].value == rows["parquet"].value == N_PARTICLES
+    rows = checks["corpus_complete"].metadata
+    assert rows["particles_in_corpus"].value == rows["parquet_rows"].value == N_PARTICLES
     assert checks["poses_for_every_particle"].metadata["without_pose"].value == 0
     assert labels_md["particles_with_masks"].startswith("![")
 
@@ -234,7 +235,7 @@ def test_checks_fail_on_empty_masks_and_missing_poses(served, tmp_path: Path) ->
     checks = {e.check_name: e for e in result.get_asset_check_evaluations()}
     assert checks["masks_not_empty"].passed is False
     assert checks["masks_not_empty"].metadata["particles_without_signal"].value == N_PARTICLES
-    assert checks["zarr_parquet_rows_agree"].passed is True
+    assert checks["corpus_complete"].passed is True
 
     from particleseg_assets.assets.corpus import _poses_check
     from particleseg_model.corpus.build import poses_check

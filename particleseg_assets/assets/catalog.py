@@ -3,12 +3,12 @@
 import pandas as pd
 from dagster import (
     AssetExecutionContext,
-    Config,
     MaterializeResult,
     MetadataValue,
     asset,
 )
 
+from particleseg_assets.bridge import LaunchpadConfig
 from particleseg_assets.resources import EmpiarResource, StorageResource
 from particleseg_model.access.catalog import (
     DEFAULT_MAX_RESOLUTION_A,
@@ -29,12 +29,12 @@ PREVIEW_COLUMNS = [
 ]
 
 
-class CatalogConfig(Config):
+class CatalogConfig(LaunchpadConfig):
     full_refresh: bool = False
     """Ignore the stored catalog and fetch every entry again."""
 
 
-class EligibilityConfig(Config):
+class EligibilityConfig(LaunchpadConfig):
     max_resolution_a: float = DEFAULT_MAX_RESOLUTION_A
     """Best EMDB map must be better (lower) than this, in Angstrom."""
     inclusive: bool = False

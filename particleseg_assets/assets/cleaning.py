@@ -2,18 +2,20 @@
 
 from pathlib import Path
 
-from dagster import AssetExecutionContext, Config, MaterializeResult, MetadataValue, asset
+from dagster import AssetExecutionContext, MaterializeResult, MetadataValue, asset
 from pydantic import Field
 
 from particleseg_assets.assets.model import segmentation_model
+from particleseg_assets.bridge import LaunchpadConfig
 from particleseg_assets.resources import StorageResource
 from particleseg_model.cleaning.clean import clean_to_folder
 from particleseg_model.figures import markdown_image
 
 
-class CleanConfig(Config):
-    star: str
-    """The RELION particle STAR file to clean (3.0, 3.1 or 5.0); it is never modified."""
+class CleanConfig(LaunchpadConfig):
+    star: str = ""
+    """The RELION particle STAR file to clean (3.0, 3.1 or 5.0), an absolute path; it is never
+    modified. Required: a run without it stops at once, saying so."""
     model_version: str = ""
     """A registered version ("v0002" or "2"); empty: the latest."""
     drop: float = 0.3
@@ -49,6 +51,11 @@ def cleaned_particles(
     calibrated score), the lowest dropped, and the cleaned STAR written in the input's RELION
     version with every column and the optics table, beside the score table of all particles,
     the score histogram with the cut and a gallery of low, median and high scores."""
+    if not config.star.strip():
+        raise ValueError(
+            "clean_job needs the STAR file to clean: set ops.cleaned_particles.config.star "
+            "(an absolute path) in the launchpad"
+        )
     star = Path(config.star).expanduser()
     result = clean_to_folder(
         star,

@@ -23,6 +23,13 @@ from dagster import (
 
 from particleseg_assets.assets.catalog import eligible_entries
 from particleseg_assets.bridge import check_result, launchpad_config, metadata, options_from
+from particleseg_assets.partition_checks import (
+    COMPLETE_SHARE,
+    SHARE_FACTOR,
+    corpus_complete,
+    label_shares_like_the_others,
+    partition_check,
+)
 from particleseg_assets.partitions import empiar_partitions
 from particleseg_assets.resources import EmpiarResource, RelionResource, StorageResource
 from particleseg_model.corpus import build
@@ -53,7 +60,8 @@ LabelConfig = launchpad_config(build.LabelOptions, __name__)
 
 
 def _check(name: str, asset: str, description: str) -> AssetCheckSpec:
-    return AssetCheckSpec(name, asset=asset, description=description)
+    """A check per empiar_id partition (one partition's failure leaves the others green)."""
+    return partition_check(name, asset, description)
 
 
 _corpus_asset = functools.partial(asset, partitions_def=empiar_partitions, group_name="corpus")
@@ -170,10 +178,17 @@ def mask_volume(
             f"most {build.MAX_EMPTY_SHARE:.0%} of the particles without signal.",
         ),
         _check(
-            "zarr_parquet_rows_agree",
+            "corpus_complete",
             "particle_masks",
-            "The Zarr images, labels and the Parquet particle table have one row per particle "
-            "each.",
+            f"The partition read back from the corpus holds at least {COMPLETE_SHARE:.0%} of "
+            "the particles the EMPIAR catalog announces for the entry, and as many Zarr rows as "
+            "Parquet rows.",
+        ),
+        _check(
+            "label_shares_like_the_others",
+            "particle_masks",
+            f"The signal share and the edge-to-signal ratio of this partition within a factor "
+            f"{SHARE_FACTOR:g} of the other partitions' medians.",
         ),
     ],
 )
@@ -200,8 +215,10 @@ def particle_masks(
         log=context.log.info,
         warn=context.log.warning,
     )
+    others = sorted(context.instance.get_dynamic_partitions(empiar_partitions.name or ""))
     checks = [
         check_result("masks_not_empty", result.masks),
-        check_result("zarr_parquet_rows_agree", result.rows),
+        corpus_complete(storage, key, result.manifest),
+        label_shares_like_the_others(storage, key, result.manifest, others),
     ]
     return MaterializeResult(metadata=metadata(result.summary()), check_results=checks)

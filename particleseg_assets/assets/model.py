@@ -3,9 +3,10 @@
 
 from typing import Any
 
-from dagster import AssetExecutionContext, Config, MaterializeResult, MetadataValue, asset
+from dagster import AssetExecutionContext, MaterializeResult, MetadataValue, asset
 
 from particleseg_assets.assets.corpus import particle_masks
+from particleseg_assets.bridge import LaunchpadConfig
 from particleseg_assets.partitions import empiar_partitions
 from particleseg_assets.resources import StorageResource
 from particleseg_model.figures import markdown_image
@@ -18,7 +19,7 @@ from particleseg_model.model.versions import (
 )
 
 
-class ModelConfig(Config):
+class ModelConfig(LaunchpadConfig):
     mode: str = "auto"
     """"auto": incremental from the latest version when partitions were added (same
     architecture and size), else from scratch; "incremental" or "full" to force one;
@@ -28,18 +29,29 @@ class ModelConfig(Config):
     holdout: list[str] = []
     """Partitions never trained on: evaluated as unseen datasets (an unseen map)."""
     arch: str = "custom"
+    """The U-Net: "custom" (the paper's) or a keras.applications encoder name."""
     size: int = 64
+    """Model input in pixels (the paper: 256); every particle is resized to it."""
     base_filters: int = 16
+    """Filters of the first convolution block (doubled at each level down)."""
     weights: str = ""
     """Local ImageNet weights of a keras.applications encoder (empty: from scratch)."""
     optimizer: str = "rmsprop"
+    """"rmsprop" (the paper's) or "adam"."""
     learning_rate: float = 1e-3
+    """The optimizer's learning rate."""
     batch_size: int = 16
+    """Images per training step (the global batch when distributed)."""
     epochs: int = 30
+    """At most this many epochs (early stopping ends sooner)."""
     patience: int = 3
+    """Early stopping: epochs without a lower validation loss before stopping (the paper: 3)."""
     seed: int = 0
+    """Seed of the weights' initialisation and of the batches' order."""
     replay: float = 0.5
+    """Incremental training: old-partition particles per new one in every batch."""
     max_train_particles: int = 0
+    """Use at most this many train particles per epoch (0: all); for quick runs."""
     junk: str = "background"
     """Particles the corpus knows to be junk (simulated ground truth): "background" (kept with
     an all-background label), "drop" or "keep" (as labelled)."""

@@ -15,6 +15,7 @@ no fetchable particle set carries the reason in ``not_fetchable_reason``
 
 from __future__ import annotations
 
+import hashlib
 import json
 import logging
 import time
@@ -337,21 +338,36 @@ def read_catalog(path: str | Path) -> pd.DataFrame | None:
 
 @dataclass
 class UpdateCursor:
-    """Where the last look at the API stopped: the newest ``update_date`` seen and the ids seen
-    with that date (the window is inclusive, so they come back and must not count as new)."""
+    """Where the last look at the API stopped: the newest ``update_date`` seen, the ids seen
+    with that date (the window is inclusive, so they come back and must not count as new) and
+    a digest of each one's record, so that a second update of an id on that same date (the
+    API's dates have no time) is found by its changed record, not missed."""
 
     update_date: str
     ids: list[str] = field(default_factory=list)
+    digests: dict[str, str] = field(default_factory=dict)
+    """id -> :func:`record_digest` of its record at ``update_date`` (empty for a cursor made
+    from a stored catalog, whose records are not kept: those ids count as seen)."""
 
     def to_json(self) -> str:
-        return json.dumps({"update_date": self.update_date, "ids": sorted(self.ids)})
+        return json.dumps(
+            {
+                "update_date": self.update_date,
+                "ids": sorted(self.ids),
+                "digests": dict(sorted(self.digests.items())),
+            }
+        )
 
     @classmethod
     def from_json(cls, text: str | None) -> UpdateCursor | None:
         if not text:
             return None
         data = json.loads(text)
-        return cls(update_date=data["update_date"], ids=list(data.get("ids", [])))
+        return cls(
+            update_date=data["update_date"],
+            ids=list(data.get("ids", [])),
+            digests=dict(data.get("digests", {})),
+        )
 
     @classmethod
     def from_catalog(cls, catalog: pd.DataFrame | None) -> UpdateCursor | None:
@@ -361,28 +377,45 @@ class UpdateCursor:
         return cls(newest, catalog.loc[catalog["update_date"] == newest, "empiar_id"].tolist())
 
 
+def record_digest(record: Any) -> str:
+    """A short fingerprint of an entry's search record (sha1 of its sorted JSON)."""
+    text = json.dumps(record, sort_keys=True, default=str)
+    return hashlib.sha1(text.encode()).hexdigest()[:16]
+
+
 def find_updates(
     empiar: EmpiarClient, cursor: UpdateCursor | None
 ) -> tuple[list[str], UpdateCursor | None]:
     """Entries created or updated since ``cursor`` (one search query, no EMDB call), and the
-    cursor to store next. Nothing new gives an empty list and the same cursor."""
+    cursor to store next. Nothing new gives an empty list and the same cursor.
+
+    The window starts at the cursor's date, inclusive: an id seen on that date counts again
+    when its record differs from the digest the cursor keeps (a second update the same day).
+    """
     since = cursor.update_date if cursor else None
     seen = set(cursor.ids) if cursor else set()
+    digests = dict(cursor.digests) if cursor else {}
     changed: list[str] = []
     newest = since or ""
     at_newest: set[str] = set(seen)
+    newest_digests = dict(digests)
     for empiar_id, record in empiar.updated(since=since):
         date = (
             str(record.get("update_date") or record.get("release_date") or "")[:10]
             if isinstance(record, dict)
             else ""
         )
-        if since is None or date > since or empiar_id not in seen:
+        digest = record_digest(record)
+        known = digests.get(empiar_id)
+        again = date == since and known is not None and known != digest
+        if since is None or date > since or empiar_id not in seen or again:
             changed.append(empiar_id)
         if date > newest:
-            newest, at_newest = date, {empiar_id}
+            newest, at_newest, newest_digests = date, {empiar_id}, {empiar_id: digest}
         elif date == newest:
             at_newest.add(empiar_id)
+            newest_digests[empiar_id] = digest
     if not changed:
         return [], cursor
-    return sorted(changed), UpdateCursor(newest, sorted(at_newest))
+    kept = {k: v for k, v in newest_digests.items() if k in at_newest}
+    return sorted(changed), UpdateCursor(newest, sorted(at_newest), kept)

@@ -317,6 +317,30 @@ def _star_from_table(particles: pd.DataFrame, source: Path) -> ParticleStar:
     )
 
 
+def pose_errors_line(errors: dict[str, float]) -> str:
+    """A :func:`~particleseg_model.relion.refine.summarise_pose_errors` summary as a person
+    reads it in a run log (not a Python dict).
+
+    Parameters
+    ----------
+    errors
+        The summary (angles in degrees, shifts in Angstrom).
+
+    Returns
+    -------
+    str
+        E.g. "500 particles: angle error median 1.2 deg (mean 2.3), 91.0% within 5 deg;
+        shift error median 0.8 A (mean 1.1)".
+    """
+    return (
+        f"{int(errors['n_particles'])} particles: angle error median "
+        f"{errors['median_angle_error_deg']:.3g} deg (mean {errors['mean_angle_error_deg']:.3g}), "
+        f"{100 * errors['fraction_within_deg']:.1f}% within {errors['within_deg']:g} deg; shift "
+        f"error median {errors['median_shift_error_a']:.3g} A (mean "
+        f"{errors['mean_shift_error_a']:.3g})"
+    )
+
+
 def _one_group(
     particles: pd.DataFrame, source: Path, log: Callable[[str], None] | None = None
 ) -> tuple[int, float]:
@@ -787,7 +811,7 @@ def refine_poses(
         truth = pd.read_csv(stacks.ground_truth)
         truth = truth[truth["is_good"].astype(bool)]  # junk has no pose worth scoring
         errors = summarise_pose_errors(relion_pose_errors(particles, truth))
-        log(f"poses against the ground truth: {errors}")
+        log(f"poses against the ground truth: {pose_errors_line(errors)}")
     manifest = RefinedManifest(
         empiar_id=stacks.empiar_id,
         source=source,
