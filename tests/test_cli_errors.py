@@ -408,19 +408,33 @@ def test_a_read_only_output_folder_is_found_before_the_run(models, tmp_path, cap
 
 
 def test_a_full_disk_names_the_file_and_leaves_nothing(models, tmp_path, capsys) -> None:
+    from particleseg_model.atomic import atomic_write_bytes
+
     if not can_mount():
         pytest.skip("no tmpfs can be mounted here (needs root with CAP_SYS_ADMIN)")
     star = project(tmp_path / "p", n=200)
     with small_mount(tmp_path / "full", size="8k") as folder:
+        # clean: too little space for its outputs is found before the run
         code, out, err = run(
             capsys, "clean", str(star), "--out", str(folder / "c.star"), "--models-root",
             str(models),
         )  # fmt: skip
         left = sorted(p.name for p in folder.iterdir())
+        # a write that fills the disk half way: ENOSPC names the file, nothing is left
+        with pytest.raises(OSError) as full:
+            atomic_write_bytes(folder / "big.bin", b"x" * 65536)
+        after = sorted(p.name for p in folder.iterdir())
     assert code == EXIT_ENVIRONMENT and out == ""
-    line = assert_one_error(err, "clean", "No space left on device")
-    assert str(folder / "c.star") in line or str(folder / "c_scores.parquet") in line
-    assert left == []  # no output, no temporary file
+    line = assert_one_error(err, "clean", str(folder / "c.star"), "No space left on device")
+    assert "nothing was run" in line and "calibrated score" not in err
+    assert left == [] and after == []  # no output, no temporary file
+    assert full.value.errno == 28 and full.value.filename == str(folder / "big.bin")
+    from particleseg_model.cli import error_line
+
+    assert error_line(full.value) == (
+        f"{folder / 'big.bin'}: No space left on device",
+        EXIT_ENVIRONMENT,
+    )
 
 
 def test_temporaries_of_a_killed_run_are_removed_on_rerun(models, tmp_path, capsys) -> None:

@@ -45,7 +45,12 @@ import numpy as np
 import pandas as pd
 
 from particleseg_model.atomic import atomic_path, remove_stale_temporaries
-from particleseg_model.cleaning.inputs import INPUT_STAR, check_outputs, check_writable
+from particleseg_model.cleaning.inputs import (
+    INPUT_STAR,
+    check_outputs,
+    check_space,
+    check_writable,
+)
 from particleseg_model.corpus.labels import EDGE, SIGNAL
 from particleseg_model.em.mrc import MrcError, read_particles, read_particles_table
 from particleseg_model.em.star import ParticleStar, read_star, write_star_as_read
@@ -676,6 +681,9 @@ def clean_star(
         check_outputs(files, reads, overwrite=overwrite or not existing)
         if report_dir is not None:
             check_writable(_existing_ancestor(Path(report_dir)), "--report")
+        if existing and star_path.is_file():
+            # the cleaned STAR is at most the input's size, the score table less than that again
+            check_space(out_path, 2 * star_path.stat().st_size, "--out and --scores")
 
     # before any work: the input STAR and the outputs' folders; once the STAR is read (its
     # stacks known) and the model found, every input and the existing outputs (_score)

@@ -30,6 +30,7 @@ from particleseg_model.em.star import StarError
 __all__ = [
     "INPUT_STAR",
     "check_one_box",
+    "check_space",
     "check_outputs",
     "check_writable",
     "read_paths",
@@ -121,6 +122,37 @@ def check_writable(folder: Path, what: str) -> None:
             f"cannot write {what} here ({exc.strerror or exc}); nothing was run",
             str(folder),
         ) from None
+
+
+def check_space(path: Path, need_bytes: int, what: str) -> None:
+    """Refuse a run whose outputs cannot fit: ``need_bytes`` (an estimate, in bytes) more than
+    the free space of the file system of ``path``'s folder.
+
+    Parameters
+    ----------
+    path
+        An output (its folder is measured).
+    need_bytes
+        What the outputs will take, about.
+    what
+        The options naming the outputs, for the message.
+
+    Raises
+    ------
+    OSError
+        ``ENOSPC``, naming ``path``.
+    """
+    import errno
+    import shutil
+
+    free = shutil.disk_usage(path.parent).free
+    if free < need_bytes:
+        raise OSError(
+            errno.ENOSPC,
+            f"No space left on device: {what} need about {need_bytes:,} bytes, "
+            f"{free:,} are free there; nothing was run",
+            str(path),
+        )
 
 
 def check_outputs(
