@@ -27,15 +27,18 @@ N = 40
 
 @pytest.fixture(scope="module")
 def models(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """A registry holding one tiny model (32 px) trained on disc particles."""
+    """A registry holding one tiny model (32 px) trained on disc particles; trained once a
+    session (test_external_job and test_cryosparc_writeback share it)."""
     from particleseg_model.model.train import TrainConfig, train_segmentation
 
-    base = tmp_path_factory.mktemp("external")
+    base = tmp_path_factory.getbasetemp() / "tiny_clean_model"
+    root = base / "models"
+    if (root / "v0001" / "model.keras").is_file():
+        return root
     write_partition(base / "corpus", "40001", 320, seed=1)
     trained = train_segmentation(
         base / "corpus", ["40001"], TrainConfig(**TINY), base / "trained", log=lambda line: None
     )
-    root = base / "models"
     staged = staging_dir(root)
     (staged / "model.keras").write_bytes(trained.model_path.read_bytes())
     register_model(root, staged, {"input_size": BOX, "arch": "custom", "partitions": {}})
