@@ -83,7 +83,21 @@ def test_prediction_at_another_box_keeps_the_box(trained) -> None:
         predict_labels(model, np.zeros((2, 32, 40), np.float32))
 
 
-def test_incremental_training_starts_from_the_parent(trained, corpus: Path, tmp_path: Path):
+def test_incremental_training_starts_from_the_parent(
+    trained, corpus: Path, tmp_path: Path, monkeypatch
+):
+    from particleseg_model.model import train as train_module
+
+    # count the training steps Keras actually runs (a callback on every batch), not the config's
+    steps_run = []
+    make = train_module._EpochLog.make
+
+    def counting(log, n_images_per_epoch):
+        callback = make(log, n_images_per_epoch)
+        callback.on_train_batch_end = lambda batch, logs=None: steps_run.append(batch)
+        return callback
+
+    monkeypatch.setattr(train_module._EpochLog, "make", staticmethod(counting))
     result = train_segmentation(
         corpus,
         ["40001", "40002", "40003"],
@@ -96,9 +110,11 @@ def test_incremental_training_starts_from_the_parent(trained, corpus: Path, tmp_
     assert result.mode == "incremental" and result.new_partitions == ["40003"]
     # started from a trained model: the first epoch's loss is already near the parent's last
     assert result.history["loss"][0] < 2 * trained.history["loss"][-1]
-    # each step mixes 16 new particles with 8 replayed old ones
-    steps = -(-len(open_corpus(corpus, "40003").split_indices("train")) // 16)
-    assert result.images_seen == result.epochs_run * steps * 24
+    # steps counted as Keras ran them, against the new partition's train split read from the
+    # corpus: every step mixes a batch of new particles (16) with 8 replayed old ones
+    n_new = len(open_corpus(corpus, "40003").split_indices("train"))
+    assert len(steps_run) == result.epochs_run * -(-n_new // 16)
+    assert result.images_seen == len(steps_run) * 24
     with pytest.raises(ValueError, match="input"):
         train_segmentation(
             corpus,
