@@ -582,7 +582,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--overwrite",
         action="store_true",
-        help="replace an existing --out and --scores (never the input)",
+        help="replace an existing --out and --scores (never an input: the STAR, its "
+        "stacks, the model's files)",
     )
     p.add_argument(
         "--classify",
