@@ -134,11 +134,12 @@ def _naming(exc: OSError, target: Path) -> OSError:
     named = exc.filename is not None and not is_temporary(exc.filename)
     if named or (exc.filename is None and str(target) in str(exc)):  # named, or our own
         return exc
-    code = exc.errno
-    if code is None:
+    code, reason = exc.errno, exc.strerror
+    if code is None:  # a message only (pyarrow's "... [errno 28] ..."): keep it, find the errno
         found = re.search(r"errno (\d+)", str(exc), re.IGNORECASE)
         code = int(found.group(1)) if found else errno.EIO
-    reason = exc.strerror if exc.errno == code and exc.strerror else os.strerror(code)
+        reason = os.strerror(code) if found else str(exc)
+    reason = reason or os.strerror(code)
     try:
         return type(exc)(code, reason, str(target))
     except Exception:  # an OSError subclass with another signature
