@@ -284,10 +284,12 @@ def main() -> int:  # noqa: C901 - one straight benchmark script
         )
     ratios = record["ratio_particles_in_good_classes"]
     paper_ratio = PAPER["after"] / PAPER["before"]
+    counts = table["particles_in_good_classes"].astype(int).to_dict()
     print(
         f"\nparticles in good classes after / before: x{ratios['after']:.2f} after our "
-        f"cleaning, x{ratios['random_drop']:.2f} after a random drop (paper: x{paper_ratio:.2f},"
-        f" {PAPER['before']:,} -> {PAPER['after']:,})"
+        f"cleaning, x{ratios['random_drop']:.2f} after a random drop ({counts['before']} -> "
+        f"{counts['after']} and -> {counts['random_drop']}; paper: x{paper_ratio:.2f}, "
+        f"{PAPER['before']:,} -> {PAPER['after']:,})"
     )
     print(
         f"cleaning {seconds:.0f} s (peak RSS {peak_mb:.0f} MiB), the three classifications "
@@ -309,7 +311,10 @@ def main() -> int:  # noqa: C901 - one straight benchmark script
                 "ood_guard_kept_all": guard,
                 "conditions": record["conditions"],
                 "settings": record["settings"],
-                "ratio_after_before": ratios,
+                # undefined (no particle in a good class before) as null, not NaN
+                "ratio_after_before": {
+                    k: (None if v != v else round(v, 4)) for k, v in ratios.items()
+                },
                 "paper_ratio": round(paper_ratio, 4),
                 "clean_s": round(seconds, 1),
                 "clean_peak_rss_mb": round(peak_mb, 1),
