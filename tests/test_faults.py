@@ -528,4 +528,6 @@ def test_sensor_tick_while_the_api_is_down_skips_and_the_next_tick_runs(
     (request,) = back.run_requests
     assert request.run_key.startswith("catalog-2026-11-20-")
     assert request.tags["particleseg/changed_entries"] == "1"
-    assert json.loads(back.cursor) == {"update_date": "2026-11-20", "ids": ["EMPIAR-12000"]}
+    stored = json.loads(back.cursor)
+    assert (stored["update_date"], stored["ids"]) == ("2026-11-20", ["EMPIAR-12000"])
+    assert list(stored["digests"]) == ["EMPIAR-12000"]
