@@ -134,7 +134,11 @@ def test_webserver_and_daemon_run_dataset_job_from_graphql(platform_env, tmp_pat
             c["name"]: c["executionForLatestMaterialization"]["status"]
             for c in checks["assetNodes"][0]["assetChecksOrError"]["checks"]
         }
-        assert found == {"masks_not_empty": "SUCCEEDED", "zarr_parquet_rows_agree": "SUCCEEDED"}
+        assert found == {
+            "masks_not_empty": "SUCCEEDED",
+            "corpus_complete": "SUCCEEDED",
+            "label_shares_like_the_others": "SUCCEEDED",
+        }
     finally:
         stop_process(daemon)
         stop_process(web)
