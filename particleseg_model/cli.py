@@ -549,10 +549,11 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument(
         "--score",
-        choices=["ets", "calibrated"],
+        choices=["ets", "calibrated", "centred"],
         default="ets",
         help="ets: the paper's edge/signal ratio; calibrated: also drops fragments, "
-        "aggregates and empty particles (default ets)",
+        "aggregates and empty particles; centred: the share of the central disc predicted "
+        "signal, drops empty and off-centre picks (default ets)",
     )
     p.add_argument(
         "--report",

@@ -189,6 +189,12 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--work", type=Path, default=REPO / "data" / "pretrained-work")
     parser.add_argument("--out", type=Path, default=None, help="default: the package's folder")
     parser.add_argument("--reuse-corpus", action="store_true")
+    parser.add_argument(
+        "--real-negatives",
+        action="store_true",
+        help="also train on the real EMPIAR-10017 negatives (measured: the model then learns "
+        "the real images' look as 'background' and finds no real particle)",
+    )
     parser.add_argument("--corpus", type=Path, default=None, help="default: WORK/corpus")
     parser.add_argument("--seed", type=int, default=0)
     args = parser.parse_args(argv)
@@ -231,7 +237,11 @@ def main(argv: list[str] | None = None) -> int:
         log(f"neg-simulated: {n_empty} empty simulated boxes")
     provenance["negatives"]["neg-simulated"] = {"source": "simulated empty boxes"}
     ids.append("neg-simulated")
-    if shared is not None and (shared / "real" / "cryosegnet_empiar10017").is_dir():
+    if (
+        args.real_negatives
+        and shared is not None
+        and (shared / "real" / "cryosegnet_empiar10017").is_dir()
+    ):
         if not args.reuse_corpus:
             boxes, names = real_negatives(shared, rng, args.negatives_per_micrograph)
             n_real = write_negatives(corpus, "neg-empiar-10017", boxes, "EMPIAR-10017")

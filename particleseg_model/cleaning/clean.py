@@ -16,6 +16,10 @@ Scores (higher = better particle, for both):
 - ``calibrated``: how typical a particle's (ETS, signal area) pair is for this data set (see
   :func:`calibrated_scores`); it also drops fragments (ETS too high), aggregates (area too
   large) and empty or ice particles (no signal), which the ETS rule keeps or misses.
+- ``centred``: the model's mean signal probability inside the box's central disc (radius
+  box / 4: the particle's radius when, as usual, the box is twice the particle); empty boxes,
+  picks between particles and off-centre picks score low. It needs no calibration and measured
+  best on real particles (docs/real_particles.md).
 
 Every image is put on the corpus' scale first
 (:func:`particleseg_model.model.predict.normalise_for_model`), so a stack in any units scores as
@@ -69,7 +73,7 @@ __all__ = [
 ]
 
 DEFAULT_DROP = 0.3  # the paper's share of particles dropped (EMPIAR-10406)
-SCORES = ("ets", "calibrated")
+SCORES = ("ets", "calibrated", "centred")
 ON_BAD = ("skip", "stop")
 GALLERY_PER_GROUP = 6  # particles shown for each of the lowest, median and highest scores
 OOD_NO_SIGNAL_SHARE = 0.5
@@ -285,7 +289,7 @@ def _score(
     from particleseg_model.model.predict import (
         finite_images,
         normalise_for_model,
-        predict_labels,
+        predict_labels_and_centre,
         stack_scale,
     )
     from particleseg_model.model.registry import load_model, resolve_model
@@ -317,6 +321,7 @@ def _score(
     readable = np.zeros(n, bool)
     signal_px = np.zeros(n, np.int64)
     edge_px = np.zeros(n, np.int64)
+    centred = np.zeros(n, np.float64)
     errors = [""] * n
     box: int | None = None
     disable = None if progress is None else not progress
@@ -353,7 +358,7 @@ def _score(
                             f"particles are {box} px, the model takes {size} px: resizing "
                             f"each particle to {size} and the masks back to {box}"
                         )
-                labels = predict_labels(
+                labels, centre = predict_labels_and_centre(
                     network,
                     normalise_for_model(images, scale=scale),
                     edge_from_signal=from_signal,
@@ -361,6 +366,7 @@ def _score(
                 where = start + np.flatnonzero(ok)
                 readable[where] = True
                 signal_px[where] = np.count_nonzero(labels == SIGNAL, axis=(1, 2))
+                centred[where] = centre
                 edge_px[where] = np.count_nonzero(labels == EDGE, axis=(1, 2))
             shown.update(len(rows))
     skipped = int((~readable).sum())
@@ -390,6 +396,7 @@ def _score(
             "edge_px": edge_px,
             "ets": ets,
             "signal_fraction": signal / (box * box),
+            "centred": centred,
         }
     )
     reference = version.manifest.get("calibration")
@@ -402,7 +409,7 @@ def _score(
     # unreadable particles have no scores, not zero ones
     for col in ("signal_px", "edge_px"):
         scores[col] = scores[col].astype("Int64").mask(~readable)
-    scores.loc[~readable, ["ets", "signal_fraction"]] = np.nan
+    scores.loc[~readable, ["ets", "signal_fraction", "centred"]] = np.nan
     return _Scored(
         parsed,
         scores,

@@ -217,10 +217,36 @@ def predict_labels(
     numpy.ndarray
         ``(N, S, S)`` uint8: 0 background, 1 signal, 2 edge.
     """
+    return predict_labels_and_centre(
+        model, images, batch=batch, edge_from_signal=edge_from_signal, edge_px=edge_px
+    )[0]
+
+
+def central_disc(box: int) -> np.ndarray:
+    """Boolean ``(box, box)``: the pixels within ``box / 4`` of the centre pixel ``box // 2``
+    (the particle's radius when, as usual, the box is twice the particle)."""
+    y, x = np.mgrid[:box, :box] - box // 2
+    return np.hypot(x, y) <= box / 4
+
+
+def predict_labels_and_centre(
+    model: Any,
+    images: np.ndarray,
+    *,
+    batch: int = 64,
+    edge_from_signal: bool = False,
+    edge_px: int = 11,
+) -> tuple[np.ndarray, np.ndarray]:
+    """:func:`predict_labels` and, per particle, the mean signal probability inside
+    :func:`central_disc` (float64 ``(N,)`` in [0, 1]): how sure the model is that a particle
+    sits at the box centre (``particleseg clean --score centred``), from the same model call."""
     data = _checked_images(images)
     labels = np.empty(data.shape, dtype=np.uint8)
+    centre = np.empty(len(data), dtype=np.float64)
+    disc = central_disc(data.shape[-1]) if data.ndim == 3 else None
     for start in range(0, len(data), batch):
         maps = _class_maps(model, data[start : start + batch])
+        centre[start : start + len(maps)] = maps[:, 1][:, disc].mean(axis=1)
         if edge_from_signal:
             signal = (maps[:, 1] > 0.5).view(np.uint8)
             labels[start : start + len(maps)] = labels_from_projection(
@@ -235,4 +261,4 @@ def predict_labels(
         out = labels[start : start + len(maps)]
         np.greater(signal, background, out=out, casting="unsafe")
         out[edge > np.maximum(background, signal)] = 2
-    return labels
+    return labels, centre
