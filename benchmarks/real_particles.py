@@ -113,7 +113,7 @@ TORCH_CPU = "torch==2.13.0"  # the CPU wheel; plain `torch` pulls GBs of CUDA wh
 
 JUNK_KINDS = ("empty_ice", "off_centre", "between", "carbon")
 KINDS = ("good", *JUNK_KINDS, "unpicked_far", "mc_clean", "mc_contamination")
-SCORES = ("ets", "calibrated", "disc_variance", "blob", "topaz")
+SCORES = ("ets", "calibrated", "centred", "disc_variance", "blob", "topaz")
 
 
 # ---------------------------------------------------------------------------- box building
@@ -638,7 +638,7 @@ def model_scores(
     from particleseg_model.corpus.labels import SIGNAL
     from particleseg_model.model.calibration import calibrated_scores
     from particleseg_model.model.metrics import edge_to_signal
-    from particleseg_model.model.predict import predict_labels
+    from particleseg_model.model.predict import predict_labels_and_centre
     from particleseg_model.model.registry import load_model
     from particleseg_model.progress import progress
 
@@ -647,6 +647,7 @@ def model_scores(
     from_signal = bool(version.manifest.get("edge_from_signal", False))  # as clean does
     n = len(labelled.kind)
     ets, calibrated, signal = np.zeros(n), np.zeros(n), np.zeros(n, np.int64)
+    centred = np.zeros(n)
     labels: dict[int, np.ndarray] = {}
     sizes = np.array(labelled.size)
     for size in sorted(set(labelled.size)):
@@ -655,16 +656,19 @@ def model_scores(
         with progress(total=len(rows), desc=f"model {size}px", unit="box") as bar:
             for start in range(0, len(rows), 256):
                 chunk = rows[start : start + 256]
-                pred[start : start + len(chunk)] = predict_labels(
+                labels_chunk, centre = predict_labels_and_centre(
                     network, labelled.images(chunk), edge_from_signal=from_signal
                 )
+                pred[start : start + len(chunk)] = labels_chunk
+                centred[rows[start : start + len(chunk)]] = centre
                 bar.update(len(chunk))
         labels[size] = pred
         s = np.count_nonzero(pred == SIGNAL, axis=(1, 2))
         e = edge_to_signal(pred)
         signal[rows], ets[rows] = s, e
         calibrated[rows] = calibrated_scores(e, s, box=size, reference=reference)
-    return {"ets": ets, "calibrated": calibrated, "signal_px": signal.astype(float)}, labels
+    scores = {"ets": ets, "calibrated": calibrated, "centred": centred}
+    return {**scores, "signal_px": signal.astype(float)}, labels
 
 
 COMPARISONS = (

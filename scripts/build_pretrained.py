@@ -53,14 +53,16 @@ GENERATED = (
 )
 UNSEEN_GENERATED = ("gen-unseen-globular", "globular", 4500, 999, 0.5)
 
+REAL_NEGATIVES_LICENCE = """- Background boxes from EMPIAR-10017 micrographs as denoised by
+  CryoSegNet
+  (jianlin-cheng/CryoSegNet, MIT licence; EMPIAR data CC0), regions far from every expert pick.
+"""
 LICENCE = """# Licences of the pretrained model's inputs
 
-The network was trained on simulated particles only, plus real background boxes:
+The network was trained on simulated particles (and, with --real-negatives, real background boxes):
 
 - EMD-1832 (GroEL, EMDB): CC0 (EMDB data are public domain, https://www.ebi.ac.uk/emdb/).
 - Generated pseudo-atomic maps (`particleseg_model.em.maps.generate_map`): made by this code.
-- Background boxes from EMPIAR-10017 micrographs as denoised by CryoSegNet
-  (jianlin-cheng/CryoSegNet, MIT licence; EMPIAR data CC0), regions far from every expert pick.
 
 The model itself is distributed under the project's licence.
 """
@@ -318,7 +320,11 @@ def main(argv: list[str] | None = None) -> int:
     installed = install(
         out_dir / "model.keras",
         json.loads(json.dumps(manifest, default=str)),
-        licence_text=LICENCE,
+        licence_text=LICENCE.replace(
+            "\n\nThe model itself",
+            ("\n" + REAL_NEGATIVES_LICENCE if "neg-empiar-10017" in ids else "")
+            + "\nThe model itself",
+        ),
         extra_files={"training_curve.png": curve},
         folder=args.out,
     )

@@ -99,3 +99,21 @@ def test_training_mode_pretrained_starts_from_the_shipped_model(installed, tmp_p
     assert plan.new_ids == ("40001",)
     with pytest.raises(ValueError, match="shipped unet network at 16 px"):
         plan_training(corpus, tmp_path / "models", mode="pretrained", arch="custom", size=64)
+
+
+def test_centre_probability_comes_with_the_labels(tiny_keras):
+    import keras
+
+    from particleseg_model.model.predict import (
+        central_disc,
+        predict_labels,
+        predict_labels_and_centre,
+    )
+
+    network = keras.models.load_model(tiny_keras, compile=False)
+    images = np.random.default_rng(0).standard_normal((5, 24, 24)).astype(np.float32)
+    labels, centre = predict_labels_and_centre(network, images, batch=2)
+    np.testing.assert_array_equal(labels, predict_labels(network, images, batch=2))
+    assert centre.shape == (5,) and ((centre >= 0) & (centre <= 1)).all()
+    disc = central_disc(24)
+    assert disc[12, 12] and not disc[0, 0] and disc.sum() == pytest.approx(np.pi * 36, rel=0.15)
