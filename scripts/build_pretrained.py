@@ -21,8 +21,8 @@ The recipe (every input's provenance and licence goes into the manifest and ``LI
 5. **Measured** and recorded in the manifest: mean IoU on the held-out test split and on the
    unseen map (all particles and good ones), the calibration.
 
-        [--work data/pretrained-work] [--out DIR] [--junk keep]
-        [--work data/pretrained-work] [--out DIR] [--junk keep]
+        [--work data/pretrained-work] [--out DIR] [--junk background] [--real-negatives]
+        [--work data/pretrained-work] [--out DIR] [--junk background] [--real-negatives]
 """
 
 from __future__ import annotations
@@ -180,13 +180,13 @@ def write_negatives(root: Path, key: str, boxes: np.ndarray, source: str) -> int
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--particles", type=int, default=1500, help="per training map")
-    parser.add_argument("--epochs", type=int, default=10)
+    parser.add_argument("--epochs", type=int, default=6)
     parser.add_argument("--arch", default="unet")
     parser.add_argument("--base", type=int, default=8)
     parser.add_argument(
-        "--per-epoch", type=int, default=6000, help="training particles an epoch (0: all)"
+        "--per-epoch", type=int, default=5000, help="training particles an epoch (0: all)"
     )
-    parser.add_argument("--junk", default="keep", choices=("keep", "background", "drop"))
+    parser.add_argument("--junk", default="background", choices=("keep", "background", "drop"))
     parser.add_argument("--negatives-per-micrograph", type=int, default=150)
     parser.add_argument("--work", type=Path, default=REPO / "data" / "pretrained-work")
     parser.add_argument("--out", type=Path, default=None, help="default: the package's folder")
