@@ -12,12 +12,13 @@ The recipe (every input's provenance and licence goes into the manifest and ``LI
    pose in the particle's STAR row (true for good particles; for junk the depositor's pose, as
    a real corpus would label it). ``empty`` boxes and real negatives go to a partition of
    their own, labelled all background.
-3. **Real negatives**: boxes from regions at least one particle diameter from every expert
-   pick of EMPIAR-10017 (``../shared/data/real``), on the *even* micrographs only (sorted by
-   name): the odd ones stay unseen for ``benchmarks/real_particles.py
-   --exclude-training-micrographs``.
-4. **Training**: ``--arch`` (default the true U-Net) at 64 px, ``junk="keep"`` (the regime
-   of a real corpus: no ``is_good`` used), the edge derived from the signal by the label rule.
+3. **Real negatives** (``--real-negatives``, off by default): boxes at least one particle
+   diameter from every expert pick of EMPIAR-10017's *even* micrographs. Measured: trained
+   with them (and the simulated particles), the model learns the real micrographs' look as
+   "background" and predicts no signal on any real particle (docs/pretrained.md).
+4. **Training**: ``--arch`` (default the true U-Net, base 8) at 64 px, ``--junk background``
+   (the simulation's ``is_good``: junk with an all-background label), the edge derived from
+   the signal by the label rule.
 5. **Measured** and recorded in the manifest: mean IoU on the held-out test split and on the
    unseen map (all particles and good ones), the calibration.
 
