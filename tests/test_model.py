@@ -306,7 +306,7 @@ def test_segment_refuses_non_square_images_and_no_model(
 ) -> None:
     import mrcfile
 
-    from particleseg_model.model import pretrained
+    from particleseg_model.model import registry as pretrained
 
     # no registered model and no shipped one (the shipped one is the fallback otherwise)
     monkeypatch.setattr(pretrained, "PRETRAINED_DIR", tmp_path / "no-pretrained")

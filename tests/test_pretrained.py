@@ -8,7 +8,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from particleseg_model.model import pretrained as pretrained_module
+from particleseg_model.model import registry as pretrained_module
 from particleseg_model.model.pretrained import install, pretrained_model, sha256_file
 from particleseg_model.model.registry import ModelError, resolve_model
 

@@ -18,7 +18,6 @@ different model.
 
 from __future__ import annotations
 
-import hashlib
 import os
 import shutil
 import tempfile
@@ -26,57 +25,17 @@ from pathlib import Path
 from typing import Any
 
 from particleseg_model.atomic import atomic_write_json
+from particleseg_model.model import registry
 from particleseg_model.model.registry import (
     FORMAT,
     MANIFEST_FILE,
     MODEL_FILE,
-    ModelError,
     ModelVersion,
-    _read_manifest,
+    pretrained_model,
+    sha256_file,
 )
 
-PRETRAINED_DIR = Path(__file__).resolve().parents[1] / "pretrained"
-"""The shipped model's folder inside the installed package."""
-VERSION_NAME = "pretrained"
-
-
-def sha256_file(path: str | os.PathLike, chunk: int = 1 << 20) -> str:
-    """Hex SHA-256 of a file, read in chunks."""
-    digest = hashlib.sha256()
-    with open(path, "rb") as handle:
-        while block := handle.read(chunk):
-            digest.update(block)
-    return digest.hexdigest()
-
-
-def pretrained_model(folder: str | os.PathLike | None = None) -> ModelVersion:
-    """The shipped model as a :class:`ModelVersion` (version ``"pretrained"``), its file
-    verified against the manifest's ``sha256``.
-
-    Raises:
-        ModelError: the folder, its manifest or ``model.keras`` is missing, or the file's
-            checksum differs from the manifest's (the message names the file and says how to
-            rebuild it).
-    """
-    where = Path(folder) if folder is not None else PRETRAINED_DIR
-    model_file = where / MODEL_FILE
-    if not (where / MANIFEST_FILE).is_file():
-        raise ModelError(
-            f"{where / MANIFEST_FILE}: the pretrained model is not installed "
-            "(rebuild it with `make pretrained`, or give --model)"
-        )
-    manifest = _read_manifest(where)
-    if not model_file.is_file():
-        raise ModelError(f"{model_file}: the pretrained model file is missing (`make pretrained`)")
-    expected = manifest.get("sha256")
-    actual = sha256_file(model_file)
-    if expected != actual:
-        raise ModelError(
-            f"{model_file}: checksum {actual[:12]}... differs from the manifest's "
-            f"{str(expected)[:12]}...: the pretrained model was altered or truncated "
-            "(reinstall the package or run `make pretrained`)"
-        )
-    return ModelVersion(VERSION_NAME, where, manifest)
+__all__ = ["install", "pretrained_model", "sha256_file"]
 
 
 def install(
@@ -93,7 +52,7 @@ def install(
     becomes ``LICENSE.md``; ``extra_files`` (name -> path) are copied beside (figures, the
     training history). Returns the installed model, verified.
     """
-    target = Path(folder) if folder is not None else PRETRAINED_DIR
+    target = Path(folder) if folder is not None else registry.PRETRAINED_DIR
     target.parent.mkdir(parents=True, exist_ok=True)
     staged = Path(tempfile.mkdtemp(dir=target.parent, prefix=f".{target.name}-"))
     try:

@@ -359,6 +359,51 @@ def register_model(
     return ModelVersion(name, base / name, full)
 
 
+PRETRAINED_DIR = Path(__file__).resolve().parents[1] / "pretrained"
+"""The shipped model's folder inside the installed package (see
+:mod:`particleseg_model.model.pretrained`)."""
+PRETRAINED_VERSION = "pretrained"
+
+
+def sha256_file(path: str | os.PathLike, chunk: int = 1 << 20) -> str:
+    """Hex SHA-256 of a file, read in chunks."""
+    digest = hashlib.sha256()
+    with open(path, "rb") as handle:
+        while block := handle.read(chunk):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def pretrained_model(folder: str | os.PathLike | None = None) -> ModelVersion:
+    """The shipped model as a :class:`ModelVersion` (version ``"pretrained"``), its file
+    verified against the manifest's ``sha256``.
+
+    Raises:
+        ModelError: the folder, its manifest or ``model.keras`` is missing, or the file's
+            checksum differs from the manifest's (the message names the file and says how to
+            rebuild it).
+    """
+    where = Path(folder) if folder is not None else PRETRAINED_DIR
+    model_file = where / MODEL_FILE
+    if not (where / MANIFEST_FILE).is_file():
+        raise ModelError(
+            f"{where / MANIFEST_FILE}: the pretrained model is not installed "
+            "(rebuild it with `make pretrained`, or give --model)"
+        )
+    manifest = _read_manifest(where)
+    if not model_file.is_file():
+        raise ModelError(f"{model_file}: the pretrained model file is missing (`make pretrained`)")
+    expected = manifest.get("sha256")
+    actual = sha256_file(model_file)
+    if expected != actual:
+        raise ModelError(
+            f"{model_file}: checksum {actual[:12]}... differs from the manifest's "
+            f"{str(expected)[:12]}...: the pretrained model was altered or truncated "
+            "(reinstall the package or run `make pretrained`)"
+        )
+    return ModelVersion(PRETRAINED_VERSION, where, manifest)
+
+
 def resolve_model(
     model: str | os.PathLike | None = None, models_root: str | os.PathLike | None = None
 ) -> ModelVersion:
@@ -371,8 +416,6 @@ def resolve_model(
         root = models_root or join(os.environ.get("PARTICLESEG_DATA") or "data", "models")
         version = latest_model(root)
         if version is None:
-            from particleseg_model.model.pretrained import PRETRAINED_DIR, pretrained_model
-
             if (PRETRAINED_DIR / MANIFEST_FILE).is_file() or (PRETRAINED_DIR / MODEL_FILE).exists():
                 return pretrained_model()  # the shipped model; altered: a ModelError
             raise FileNotFoundError(

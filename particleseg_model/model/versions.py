@@ -234,7 +234,7 @@ def plan_training(
             "reported for them (add particles or hold the partition out)"
         )
     if mode == "pretrained":
-        from particleseg_model.model.pretrained import pretrained_model
+        from particleseg_model.model.registry import pretrained_model
 
         shipped = pretrained_model()
         if shipped.manifest.get("arch") != arch or shipped.input_size != size:
