@@ -359,6 +359,21 @@ def _carbon_region(picks: np.ndarray, shape: tuple[int, int], gray: np.ndarray) 
     return out
 
 
+def read_10017_micrograph(folder: Path, path: Path) -> tuple[np.ndarray, np.ndarray]:
+    """One EMPIAR-10017 JPEG binned :data:`BIN` x :data:`BIN` (particles dark, as recorded)
+    and its expert picks ``(n, 2)`` in binned pixels: the CSV for :data:`CSV_MICROGRAPH`,
+    the disk centres of the mask JPEG for the others."""
+    name = path.stem
+    mask = _read_gray(folder / "masks" / f"{name}_mask.jpg") > 127
+    picks_jpeg = (
+        _read_csv_picks(folder / "csv_files" / f"{name}.csv")
+        if name == CSV_MICROGRAPH
+        else disk_centres(mask, DIAMETER_JPEG / 2)
+    )
+    # binned pixel i covers JPEG pixels 4i..4i+3: its centre is 4i + 1.5
+    return bin_image(_read_gray(path), BIN), (picks_jpeg - (BIN - 1) / 2) / BIN
+
+
 def build_10017(
     root: Path, rng: np.random.Generator, log=print
 ) -> tuple[LabelledSet, list[Micrograph]]:
@@ -370,16 +385,7 @@ def build_10017(
     out, mics = LabelledSet(), []
     for path in progress(images, desc="10017 boxes", unit="micrograph"):
         name = path.stem
-        raw = _read_gray(path)
-        mask = _read_gray(folder / "masks" / f"{name}_mask.jpg") > 127
-        picks_jpeg = (
-            _read_csv_picks(folder / "csv_files" / f"{name}.csv")
-            if name == CSV_MICROGRAPH
-            else disk_centres(mask, DIAMETER_JPEG / 2)
-        )
-        # binned pixel i covers JPEG pixels 4i..4i+3: its centre is 4i + 1.5
-        picks = (picks_jpeg - (BIN - 1) / 2) / BIN
-        gray = bin_image(raw, BIN)
+        gray, picks = read_10017_micrograph(folder, path)
         image = -gray  # the JPEG shows particles dark; the corpus has them bright
         mics.append(Micrograph(name, image, path, BIN))
         shape = image.shape

@@ -141,15 +141,8 @@ def real_negatives(
     boxes, names = [], []
     for path in images:
         name = path.stem
-        raw = rp._read_gray(path)
-        mask = rp._read_gray(folder / "masks" / f"{name}_mask.jpg") > 127
-        picks_jpeg = (
-            rp._read_csv_picks(folder / "csv_files" / f"{name}.csv")
-            if name == rp.CSV_MICROGRAPH
-            else rp.disk_centres(mask, rp.DIAMETER_JPEG / 2)
-        )
-        picks = (picks_jpeg - (rp.BIN - 1) / 2) / rp.BIN
-        image = -rp.bin_image(raw, rp.BIN)
+        gray, picks = rp.read_10017_micrograph(folder, path)
+        image = -gray
         centres = negative_centres(
             image.shape,
             picks,
