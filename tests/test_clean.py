@@ -795,11 +795,21 @@ def test_no_signal_anywhere_is_out_of_distribution_and_keeps_every_particle(
 def test_a_model_that_finds_the_particles_is_not_out_of_distribution(
     models: Path, tmp_path: Path
 ) -> None:
-    from particleseg_model.cleaning.clean import OOD_NO_SIGNAL_SHARE, is_out_of_distribution
+    from particleseg_model.cleaning.clean import (
+        NO_SIGNAL_WARN_SHARE,
+        OOD_NO_SIGNAL_SHARE,
+        is_mostly_without_signal,
+        is_out_of_distribution,
+    )
 
-    assert OOD_NO_SIGNAL_SHARE == 0.5
-    assert not is_out_of_distribution(5, 10) and is_out_of_distribution(6, 10)
-    assert not is_out_of_distribution(0, 0)
+    assert (OOD_NO_SIGNAL_SHARE, NO_SIGNAL_WARN_SHARE) == (0.95, 0.5)
+    # out of distribution only when signal is found in fewer than 1 in 20
+    assert not is_out_of_distribution(95, 100) and is_out_of_distribution(96, 100)
+    assert not is_out_of_distribution(0, 0) and not is_out_of_distribution(70, 100)
+    # between the two: a warning, not a guard
+    assert not is_mostly_without_signal(50, 100) and is_mostly_without_signal(51, 100)
+    assert is_mostly_without_signal(95, 100) and not is_mostly_without_signal(96, 100)
+    assert not is_mostly_without_signal(0, 0)
     images, _ = disc_particles(20, seed=9)
     star = write_project(tmp_path / "project", images)
     lines: list[str] = []
@@ -809,6 +819,94 @@ def test_a_model_that_finds_the_particles_is_not_out_of_distribution(
     assert not result.out_of_distribution and result.dropped == 6
     assert "out_of_distribution" not in result.summary()
     assert not any("out of distribution" in line for line in lines)
+
+
+@pytest.fixture(scope="module")
+def smoothing_models(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A registry holding a fixed model: signal where the 5x5 mean of the normalised image is
+    above 1 (a bright disc; unit noise averages to a spread of 0.2, so never), the edge derived
+    from the signal (``edge_from_signal``)."""
+    import keras
+
+    inputs = keras.Input((BOX, BOX, 1))
+    layer = keras.layers.Conv2D(3, 5, padding="same", activation="softmax")
+    network = keras.Model(inputs, layer(inputs))
+    kernel = np.zeros((5, 5, 1, 3), np.float32)
+    kernel[..., 0, 1] = 40.0 / 25  # signal: 40 x (5x5 mean - 1) against background's 0
+    layer.set_weights([kernel, np.array([0.0, -40.0, -40.0], np.float32)])
+    root = tmp_path_factory.mktemp("smoothing") / "models"
+    staged = staging_dir(root)
+    network.save(staged / "model.keras")
+    register_model(
+        root,
+        staged,
+        {"input_size": BOX, "arch": "custom", "partitions": {}, "edge_from_signal": True},
+    )
+    return root
+
+
+def test_a_set_mostly_without_signal_is_cleaned_with_one_line(
+    smoothing_models: Path, tmp_path: Path, capsys
+) -> None:
+    """The paper's case: most particles are junk without signal (here 40 boxes of noise beside
+    20 particles, 67 % without signal): one line says so, and the cleaning still drops the
+    lowest 30 %: boxes of noise, which have no signal."""
+    from particleseg_model.cli import main
+
+    rng = np.random.default_rng(12)
+    good, _ = disc_particles(20, seed=12)
+    noise = rng.normal(0, 1, (40, BOX, BOX)).astype(np.float32)
+    order = rng.permutation(60)
+    images = np.concatenate([good, noise])[order]
+    is_noise = order >= 20
+    star = write_project(tmp_path / "project", images)
+    lines: list[str] = []
+    result = clean_star(
+        star,
+        tmp_path / "clean.star",
+        models_root=smoothing_models,
+        report_dir=tmp_path / "report",
+        progress=False,
+        log=lines.append,
+    )
+    scores = pd.read_parquet(default_scores_path(tmp_path / "clean.star"))
+    assert ((scores["signal_px"] == 0).to_numpy() == is_noise).all()
+    assert result.no_signal == 40 and not result.out_of_distribution
+    assert (result.kept, result.dropped) == (42, 18)
+    assert is_noise[~scores["keep"].to_numpy()].all()  # every dropped particle is noise
+    expected = (
+        "model v0001 found no particle signal in 40 of 60 particles (66.7%): most of the set is "
+        "junk to it, or the images are partly unlike its training data (check the gallery); the "
+        "cleaning goes on (18 dropped by ets; every particle is kept only when signal is found "
+        "in fewer than 5%)"
+    )
+    assert lines.count(expected) == 1
+    assert not any("out of distribution" in line for line in lines)
+    report = json.loads((tmp_path / "report" / "report.json").read_text())
+    assert report["out_of_distribution"] is False and report["no_signal_share"] == 0.6667
+    assert (report["no_signal"], report["kept"], report["dropped"]) == (40, 42, 18)
+    assert "out_of_distribution" not in result.summary()
+
+    # the CLI: the line once on stderr, the summary line without the out-of-distribution note
+    code = main(
+        ["clean", str(star), "--models-root", str(smoothing_models), "--out",
+         str(tmp_path / "cli.star"), "--no-progress"]
+    )  # fmt: skip
+    captured = capsys.readouterr()
+    assert code == 0
+    assert captured.err.count("found no particle signal in 40 of 60 particles (66.7%)") == 1
+    assert "kept 42/60 particles" in captured.out and "out of distribution" not in captured.out
+
+    # 58 of 60 without signal (97%): out of distribution, every particle kept
+    few = np.concatenate([good[:2], rng.normal(0, 1, (58, BOX, BOX)).astype(np.float32)])
+    star = write_project(tmp_path / "few", few)
+    lines.clear()
+    result = clean_star(
+        star, tmp_path / "few.star", models_root=smoothing_models, progress=False,
+        log=lines.append,
+    )  # fmt: skip
+    assert result.out_of_distribution and (result.kept, result.dropped) == (60, 0)
+    assert sum("(96.7%): these images are unlike its training data" in x for x in lines) == 1
 
 
 def test_a_batch_with_no_readable_image_is_skipped_whole(models: Path, tmp_path: Path) -> None:
