@@ -16,11 +16,13 @@ from particleseg_model.cleaning.compare import PAPER_RATIO, random_keep
 from particleseg_model.em.mrc import read_map
 from particleseg_model.em.star import read_star
 from particleseg_model.relion.classify import (
+    FAST_SUBSETS_MIN_ITERATIONS,
     ClassifyError,
     classify_2d,
     good_class_figures,
     minimum_particles,
 )
+from particleseg_model.relion.runner import RelionError
 
 pytestmark = pytest.mark.relion
 BIN = Path(sys.executable).parent
@@ -124,8 +126,18 @@ def test_every_particle_gets_a_class_and_the_files_agree(classified, entries) ->
 def test_a_relion30_input_stays_relion30(entries, tmp_path: Path) -> None:
     out = tmp_path / "c30"
     result = classify_2d(
-        entries["3.0"] / "particles.star", out, classes=2, iterations=1, progress=False
+        entries["3.0"] / "particles.star",
+        out,
+        classes=2,
+        iterations=1,
+        progress=False,
+        settings={"highres_limit_a": 30, "psi_step_deg": 20},
     )
+    # the settings reach RELION's command and the record
+    limit = result.command.index("--strict_highres_exp")
+    assert result.command[limit + 1] == "30" and "--fast_subsets" not in result.command
+    assert result.command[result.command.index("--psi_step") + 1] == "20"
+    assert (result.settings["fast_subsets"], result.settings["highres_limit_a"]) == (False, 30)
     text = (out / "particles_classified.star").read_text()
     assert "# version" not in text and "rlnClassNumber" in text
     star = read_star(out / "particles_classified.star")
@@ -151,6 +163,20 @@ def test_too_few_particles_are_refused_before_relion_with_the_minimum(
     assert f"needs at least {minimum_particles(k)}" in proc.stderr
 
 
+def test_fast_subsets_with_too_few_iterations_are_refused_before_relion(
+    entries, tmp_path: Path
+) -> None:
+    star = entries["3.1"] / "particles.star"
+    with pytest.raises(ValueError) as caught:
+        classify_2d(star, tmp_path / "x", classes=2, iterations=5, settings={"fast_subsets": True})
+    assert str(caught.value) == (
+        f"fast subsets need at least {FAST_SUBSETS_MIN_ITERATIONS} iterations (RELION uses "
+        "subsets in the first 15 and refuses fewer), got 5"
+    )
+    assert FAST_SUBSETS_MIN_ITERATIONS == 20
+    assert list(tmp_path.iterdir()) == []  # no run folder: RELION never started
+
+
 def test_a_relion_failure_keeps_its_run_folder_and_writes_nothing(entries, tmp_path: Path) -> None:
     # a copy of the entry whose stack is cut short: RELION fails reading the images
     data = tmp_path / "data"
@@ -161,17 +187,33 @@ def test_a_relion_failure_keeps_its_run_folder_and_writes_nothing(entries, tmp_p
     with pytest.raises(ClassifyError) as caught:
         classify_2d(data / "particles.star", out, classes=2, iterations=1, progress=False)
     message = str(caught.value)
-    assert "relion_refine failed" in message and "kept for inspection" in message
+    # one line: RELION's own error text (what it printed after ERROR), the kept run folder
+    cause = caught.value.__cause__
+    assert isinstance(cause, RelionError) and cause.returncode == 1
+    assert cause.error_text == "zero sum of weights...."  # RELION 3.1's words for these images
     run_dir = caught.value.run_dir
-    assert run_dir is not None and run_dir.is_dir() and (run_dir / "relion_refine.log").is_file()
-    assert str(run_dir) in message
-    assert not out.exists()
+    assert message == (
+        f"2D classification of {data / 'particles.star'} failed: relion_refine failed (exit "
+        f"status 1): zero sum of weights....; RELION's run folder is kept for inspection: "
+        f"{run_dir} (command and output in relion_refine.log); {out} was not written"
+    )
+    assert run_dir is not None and run_dir.parent == tmp_path
+    transcript = (run_dir / "relion_refine.log").read_text().splitlines()
+    assert transcript[0].startswith("$ relion_refine --i ") and "--K 2" in transcript[0]
+    assert "[err] ERROR!!! zero sum of weights...." in transcript
+    assert (run_dir / "input.star").is_file()
+    assert not out.exists() and not list(tmp_path.glob(".out.*.tmp"))  # nothing half-written
     proc = subprocess.run(
         [BIN / "particleseg", "classify", data / "particles.star", "-K", "2", "--out", out],
         capture_output=True,
         text=True,
     )
-    assert proc.returncode == 1 and "particleseg classify: error:" in proc.stderr
+    errors = [x for x in proc.stderr.splitlines() if x.startswith("particleseg classify: error")]
+    assert proc.returncode == 1 and len(errors) == 1
+    assert (
+        "relion_refine failed (exit status 1): zero sum of weights....; RELION's run folder"
+        in (errors[0])
+    )
     assert "Traceback" not in proc.stderr and not out.exists()
 
 

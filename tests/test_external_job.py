@@ -101,8 +101,12 @@ def test_without_in_parts_one_line_and_the_failure_marker(project: Path) -> None
         text=True,
     )
     assert proc.returncode == 1
-    assert proc.stderr.strip().count("\n") == 0 and "--in_parts" in proc.stderr
+    assert proc.stderr.strip() == (
+        "particleseg relion-external: error: no --in_parts: give the job an input particles "
+        "STAR file (External job, Input tab, 'Input particles'); External/job008/ marked failed"
+    )
     assert (project / "External" / "job008" / EXIT_FAILURE).is_file()
+    assert sorted(p.name for p in (project / "External" / "job008").iterdir()) == [EXIT_FAILURE]
 
 
 def test_a_failed_cleaning_marks_failure_and_replaces_an_old_success(
