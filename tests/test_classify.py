@@ -177,6 +177,22 @@ def test_fast_subsets_with_too_few_iterations_are_refused_before_relion(
     assert list(tmp_path.iterdir()) == []  # no run folder: RELION never started
 
 
+def test_a_cleaning_that_keeps_too_few_for_k_is_refused_before_relion(
+    entries, tmp_path: Path
+) -> None:
+    from particleseg_model.cleaning.compare import classify_before_after
+
+    star = entries["3.1"] / "particles.star"
+    keep = np.zeros(N, bool)
+    keep[:39] = True
+    with pytest.raises(ValueError) as caught:
+        classify_before_after(star, keep, tmp_path / "compare", classes=2, iterations=1)
+    assert str(caught.value) == (
+        f"{star}: the cleaning kept 39 particles, too few for 2 classes (at least 40)"
+    )
+    assert list(tmp_path.iterdir()) == []  # nothing staged, RELION never started
+
+
 def test_a_relion_failure_keeps_its_run_folder_and_writes_nothing(entries, tmp_path: Path) -> None:
     # a copy of the entry whose stack is cut short: RELION fails reading the images
     data = tmp_path / "data"
