@@ -121,6 +121,7 @@ bench-model: setup
 # simulated corpus with real negatives, training, measurements, install (about 70 minutes on
 # 2 cores); then its figures on real particles and the realism comparison
 pretrained: setup
+	$(PY) -m pip install -q -e '.[pretrained]'
 	$(PY) scripts/build_pretrained.py --work $(PARTICLESEG_DATA)/pretrained-work
 	-$(PY) benchmarks/real_particles.py --no-topaz
 	-$(PY) benchmarks/realism.py

@@ -33,6 +33,7 @@ __all__ = [
     "GENERATED_SHAPES",
     "DensityMap",
     "MapError",
+    "atoms_map",
     "auto_threshold",
     "lowpass",
     "make_mask",
@@ -477,15 +478,17 @@ def pseudo_atomic_model(shape: str, n_atoms: int, rng: np.random.Generator) -> n
     return model - model.mean(axis=0)
 
 
-def _splat(atoms_px: np.ndarray, box: int) -> np.ndarray:
-    """Trilinear deposit of unit-mass atoms (voxel coordinates x, y, z) into a [z, y, x] grid."""
+def _splat(atoms_px: np.ndarray, box: int, weights: np.ndarray | None = None) -> np.ndarray:
+    """Trilinear deposit of atoms (voxel coordinates x, y, z; mass ``weights``, default 1)
+    into a [z, y, x] grid."""
     base = np.floor(atoms_px).astype(np.int64)
     frac = atoms_px - base
+    mass = np.ones(len(atoms_px)) if weights is None else np.asarray(weights, np.float64)
     grid = np.zeros(box**3, dtype=np.float64)
     for dz in (0, 1):
         for dy in (0, 1):
             for dx in (0, 1):
-                w = (
+                w = mass * (
                     (frac[:, 2] if dz else 1 - frac[:, 2])
                     * (frac[:, 1] if dy else 1 - frac[:, 1])
                     * (frac[:, 0] if dx else 1 - frac[:, 0])
@@ -524,19 +527,36 @@ def generate_map(
     atoms = pseudo_atomic_model(shape, n_atoms, rng)
     extent = 2 * np.sqrt((atoms**2).sum(axis=1)).max() + 8.0  # diameter plus atom radius, A
     pixel = pixel_size_a if pixel_size_a is not None else extent / (fill * box)
-    sigma_a = max(math.sqrt(b_factor / 8.0) / math.pi, 0.9 * pixel)
-    grid = _splat(atoms / pixel + box // 2, box)
+    return atoms_map(
+        atoms, box, pixel, b_factor=b_factor, source=f"generated:{shape}:{n_atoms}atoms:seed{seed}"
+    )
+
+
+def atoms_map(
+    atoms_a: np.ndarray,
+    box: int,
+    pixel_size_a: float,
+    *,
+    weights: np.ndarray | None = None,
+    b_factor: float = 80.0,
+    source: str = "",
+) -> DensityMap:
+    """The map of Gaussian atoms at ``atoms_a`` ((n, 3) x, y, z in Angstrom, 0 at the box
+    centre), each of mass ``weights`` (default 1) and sigma ``sqrt(B / 8) / pi`` A (at least
+    0.9 voxel, so that the map is not aliased), on a ``box``-voxel grid of ``pixel_size_a``.
+    ``volume_a3`` records the atoms' protein volume (:data:`ANGSTROM3_PER_ATOM` each)."""
+    sigma_a = max(math.sqrt(b_factor / 8.0) / math.pi, 0.9 * pixel_size_a)
+    grid = _splat(np.asarray(atoms_a) / pixel_size_a + box // 2, box, weights)
     # Gaussian atoms: blur the deposited point masses in Fourier space (exact, one FFT)
     spectrum = sfft.rfftn(grid, workers=-1)
     kz, ky, kx = half_transform_freqs((box, box, box))
-    sigma_px = sigma_a / pixel
+    sigma_px = sigma_a / pixel_size_a
     spectrum *= np.exp(-2 * np.pi**2 * sigma_px**2 * (kz**2 + ky**2 + kx**2))
     data = sfft.irfftn(spectrum, s=(box,) * 3, workers=-1).astype(np.float32)
-    source = f"generated:{shape}:{n_atoms}atoms:seed{seed}"
-    validate_map(data, pixel, source)
+    validate_map(data, pixel_size_a, source)
     return DensityMap(
         data=data,
-        pixel_size_a=float(pixel),
+        pixel_size_a=float(pixel_size_a),
         source=source,
-        volume_a3=len(atoms) * ANGSTROM3_PER_ATOM,
+        volume_a3=len(atoms_a) * ANGSTROM3_PER_ATOM,
     )
