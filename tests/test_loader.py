@@ -13,6 +13,7 @@ import pytest
 from particleseg_model.corpus.labels import resize_images, resize_labels
 from particleseg_model.corpus.store import open_corpus, write_corpus
 from particleseg_model.model.loader import CorpusBatches, corpus_pydataset
+from particleseg_model.model.predict import model_input, normalise_for_model
 
 ATTRS = {"pixel_size_a": 2.0, "threshold": 10.0, "edge_px": 11, "source_star": "sim.star"}
 REPO = Path(__file__).resolve().parents[1]
@@ -105,14 +106,29 @@ def test_values_match_the_store_without_resize(tmp_path: Path):
     for i in range(len(b)):
         x, y = b[i]
         rows = [r for _, r in b.batch_indices(i)]
-        np.testing.assert_array_equal(x[..., 0], ds.images.oindex[rows].astype(np.float32))
+        stored = ds.images.oindex[rows].astype(np.float32)
+        # the network's input normalisation (predict.model_input), nothing else
+        np.testing.assert_allclose(x[..., 0], normalise_for_model(stored), atol=1e-5)
         np.testing.assert_array_equal(y, ds.labels.oindex[rows])
+        np.testing.assert_allclose(x[..., 0].std(axis=(1, 2)), 1, atol=1e-4)
     hot = CorpusBatches([ds], split=None, batch_size=8, size=None, seed=1, one_hot=True)
     x1, y1 = hot[1]
     _, y0 = b[1]
     assert y1.shape == (8, 24, 24, 3) and y1.dtype == np.float32
     np.testing.assert_array_equal(y1.sum(axis=-1), 1)
     np.testing.assert_array_equal(y1.argmax(axis=-1), y0)
+
+
+def test_a_shrunk_box_reaches_the_network_with_spread_1(tmp_path: Path):
+    """Area averaging 48 -> 16 px divides white noise's spread by 3; the network must still
+    see spread 1, as prediction's model_input gives it (else a model trained on boxes at its
+    size sees no contrast in a user's larger boxes, and the other way round)."""
+    ds = make_corpus(tmp_path, "big", 20, 48, seed=5)
+    b = CorpusBatches([ds], split=None, batch_size=20, size=16, seed=1, shuffle=False)
+    x, _ = b[0]
+    np.testing.assert_allclose(x[..., 0].std(axis=(1, 2)), 1, atol=1e-4)
+    stored = ds.images.oindex[list(range(20))].astype(np.float32)
+    np.testing.assert_allclose(x[..., 0], model_input(stored, 16), atol=1e-4)
 
 
 def test_augmentation_keeps_image_and_labels_aligned(tmp_path: Path):
@@ -124,17 +140,19 @@ def test_augmentation_keeps_image_and_labels_aligned(tmp_path: Path):
         for k in range(4)
         for f in (False, True)
     }
+    stored = normalise_for_model(ds.images[:].astype(np.float32))  # what the network sees
     used = set()
     for i in range(len(b)):
         x, y = b[i]
-        for img, lab in zip(x[..., 0], y, strict=True):
+        rows = [r for _, r in b.batch_indices(i)]
+        for img, lab, row in zip(x[..., 0], y, rows, strict=True):
             match = [key for key, v in variants.items() if np.array_equal(v, lab)]
             assert len(match) == 1  # the labels are one symmetry of the stored pattern
             used.add(match[0])
-            # the image underwent the same symmetry: its three levels sit on the label codes
-            levels = [np.unique(img[lab == c]) for c in (0, 1, 2)]
-            assert all(len(v) == 1 for v in levels)
-            assert levels[0][0] < levels[1][0] < levels[2][0]
+            # the image underwent the same symmetry as its labels
+            k, flip = match[0]
+            expected = np.rot90(stored[row], k)[:, ::-1] if flip else np.rot90(stored[row], k)
+            np.testing.assert_allclose(img, expected, atol=1e-5)
     assert len(used) == 8
     b.set_epoch(0)
     first = b[0][1]
@@ -155,9 +173,8 @@ def test_resize_keeps_codes_and_registration(two_datasets: Path, size: int):
         for j, (key, row) in enumerate(b.batch_indices(i)):
             ds = stores[key]  # nearest for labels, bilinear up / area down for images
             np.testing.assert_array_equal(y[j], resize_labels(ds.labels[row], size))
-            np.testing.assert_allclose(
-                x[j, ..., 0], resize_images(ds.images[row].astype(np.float32), size), atol=1e-5
-            )
+            resized = resize_images(ds.images[row].astype(np.float32)[None], size)
+            np.testing.assert_allclose(x[j, ..., 0], normalise_for_model(resized)[0], atol=1e-4)
     ordered = CorpusBatches.from_root(
         two_datasets, split=None, batch_size=4, size=48, shuffle=False
     )

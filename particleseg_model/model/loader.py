@@ -29,6 +29,10 @@ Resizing (to the model size, default 256)
     With :func:`particleseg_model.corpus.labels.resize_images` / ``resize_labels`` (the project's
     one resize rule, half-pixel centres): images bilinear when enlarging, area averaging when
     shrinking (``image_resize``), labels nearest neighbour, so only the codes 0, 1, 2 occur.
+    Each image is then normalised at the model's size
+    (:func:`particleseg_model.model.predict.normalise_for_model`: background plane and mean
+    removed, spread 1), exactly as prediction prepares a user's particles
+    (:func:`particleseg_model.model.predict.model_input`).
     Datasets of different boxes mix freely in one batch. The image weights are applied as
     gathers and multiply-adds (2-3 taps a pixel) rather than ``resize_images``' matrix
     products: the same numbers, no BLAS call, and so no OpenBLAS thread pool (which spun
@@ -58,6 +62,7 @@ import numpy as np
 
 from particleseg_model.corpus.labels import resize_images, resize_labels
 from particleseg_model.corpus.store import CorpusDataset, list_corpus, open_corpus
+from particleseg_model.model.predict import normalise_for_model
 
 __all__ = ["CorpusBatches", "corpus_pydataset", "corpus_tf_dataset"]
 
@@ -315,7 +320,10 @@ class CorpusBatches:
                 labels[sel] = chunk_labels[local]
             if self._junk[dataset] is not None:
                 labels[self._junk[dataset][rows]] = 0
-            x[at] = _resample(images, size, self.image_resize)
+            # normalised at the model's size, as prediction does (predict.model_input): an
+            # area-averaged box of 128 or 320 px has lost most of its noise and would reach
+            # the network with a spread well below the 1 of a box already at the model's size
+            x[at] = normalise_for_model(_resample(images, size, self.image_resize))
             y[at] = resize_labels(labels, size)
         if self.flips or self.rot90:
             rng = np.random.default_rng([self.seed, self.epoch, 1, i])
