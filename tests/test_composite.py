@@ -9,7 +9,7 @@ from particleseg_model.simulation.composite import (
     background_pool,
     blur_images,
     composite_on_backgrounds,
-    disc_contrast,
+    disc_variance,
 )
 
 BOX = 32
@@ -60,7 +60,7 @@ def test_contrast_sets_how_visible_the_particle_is():
     images, _ = composite_on_backgrounds(clean, pool, None, rng, contrast=wanted)
     y, x = np.mgrid[:BOX, :BOX] - BOX // 2
     outside = np.hypot(x, y) > BOX / 3
-    measured = disc_contrast(images) / images[:, outside].var(axis=1) - 1
+    measured = disc_variance(images) / images[:, outside].var(axis=1) - 1
     assert abs(np.median(measured[:100]) - 0.2) < 0.1
     assert abs(np.median(measured[100:]) - 2.0) < 0.5
     with pytest.raises(ValueError, match="exactly one"):

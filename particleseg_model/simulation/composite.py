@@ -22,7 +22,7 @@ from scipy import fft as sfft
 from particleseg_model.em.geometry import half_transform_freqs
 from particleseg_model.simulation.simulate import normalise_images
 
-__all__ = ["background_pool", "blur_images", "composite_on_backgrounds", "disc_contrast"]
+__all__ = ["background_pool", "blur_images", "composite_on_backgrounds", "disc_variance"]
 
 
 def background_pool(boxes: np.ndarray) -> np.ndarray:
@@ -65,11 +65,12 @@ def blur_images(images: np.ndarray, sigma_px: np.ndarray) -> np.ndarray:
     return sfft.irfft2(spectrum, s=(box, box)).astype(np.float32)
 
 
-def disc_contrast(images: np.ndarray) -> np.ndarray:
+def disc_variance(images: np.ndarray) -> np.ndarray:
     """``(n,)`` variance inside the central disc (radius box / 4: the particle's, when the box
-    is twice the particle) of each image: of a noise-free particle over a background of spread
-    1, its contrast ``var(disc) / var(background) - 1`` (the measure of
-    ``benchmarks/realism.py``)."""
+    is twice the particle) of each image. Of a noise-free particle to be put on a background of
+    spread 1, it is the contrast the composite will have,
+    :func:`particleseg_model.simulation.realism.disc_contrast` (``var(disc) / var(background)
+    - 1``), which ``benchmarks/realism.py`` measures on real picks."""
     box = images.shape[-1]
     y, x = np.mgrid[:box, :box] - box // 2
     disc = np.hypot(x, y) <= box / 4
@@ -100,10 +101,10 @@ def composite_on_backgrounds(
         with ``contrast``.
     contrast
         Instead of ``noise_sigma``: ``(n,)`` the particle's contrast against its background,
-        ``var(disc) / var(background)`` (:func:`disc_contrast`), which sets each background's
-        level. Real backgrounds are not white: a denoised micrograph keeps its power at the
-        particle's own scale, where a whole-box SNR says little about what can be seen, while
-        the disc contrast of real picks is measured (``benchmarks/realism.py``).
+        the disc variance (:func:`disc_variance`) over the background's, which sets each
+        background's level. Real backgrounds are not white: a denoised micrograph keeps its
+        power at the particle's own scale, where a whole-box SNR says little about what can be
+        seen, while the disc contrast of real picks is measured (``benchmarks/realism.py``).
     rng
         Draws the background of each image and one of the 8 symmetries of the square for it
         (so a pool of a few hundred boxes gives thousands of distinct backgrounds).
@@ -140,7 +141,7 @@ def composite_on_backgrounds(
         wanted = np.asarray(contrast, dtype=np.float64)
         if wanted.shape != (n,) or not np.all(np.isfinite(wanted) & (wanted > 0)):
             raise ValueError(f"contrast must be ({n},) positive values")
-        sigma = np.sqrt(disc_contrast(data) / wanted).astype(np.float32)
+        sigma = np.sqrt(disc_variance(data) / wanted).astype(np.float32)
     else:
         sigma = np.broadcast_to(np.asarray(noise_sigma, dtype=np.float32), (n,))
     if not np.all(np.isfinite(sigma) & (sigma >= 0)):
