@@ -14,8 +14,19 @@ in micrograph pixels.
 
 from __future__ import annotations
 
+import hashlib
+from collections.abc import Callable
+
 import numpy as np
 from scipy.spatial import cKDTree
+
+__all__ = [
+    "cut_boxes",
+    "micrograph_rng",
+    "negative_centres",
+    "negative_chooser",
+    "negative_rule",
+]
 
 
 def negative_centres(
@@ -28,6 +39,7 @@ def negative_centres(
     n_max: int,
     min_distance_px: float | None = None,
     margin_px: int = 0,
+    whole_pixels: bool = False,
 ) -> np.ndarray:
     """Up to ``n_max`` box centres ``(n, 2)`` (x, y) far from every pick.
 
@@ -36,6 +48,35 @@ def negative_centres(
     its distance to every pick is at least ``min_distance_px`` (default: one particle
     diameter, so no picked particle reaches into the box's central disc). A random subset of
     at most ``n_max`` is returned.
+
+    Parameters
+    ----------
+    shape
+        The micrograph's (height, width) in pixels (rows, columns).
+    picks_xy
+        Every pick of the micrograph, ``(m, 2)``: x (column) and y (row) of the box centre,
+        micrograph pixels (RELION's ``rlnCoordinateX/Y``). Junk picks count too: a region
+        someone picked is not "no particle here".
+    box
+        The extraction box in micrograph pixels: the whole box stays inside.
+    diameter_px
+        The particle diameter in micrograph pixels (the grid step is half of it).
+    rng
+        The jitter and the subset (:func:`micrograph_rng` makes one per micrograph).
+    n_max
+        The cap; 0 gives none.
+    min_distance_px
+        The least distance from a centre to any pick (default ``diameter_px``).
+    margin_px
+        Keep this much more than the half box from the micrograph's border.
+    whole_pixels
+        Round the centres to whole pixels *before* the distance test: RELION cuts a box at
+        the rounded coordinate, so the distance holds for the box it really cuts.
+
+    Returns
+    -------
+    numpy.ndarray
+        ``(n, 2)`` float64 centres (x, y), ``n <= n_max``; ``(0, 2)`` when none fits.
     """
     height, width = shape
     distance = diameter_px if min_distance_px is None else min_distance_px
@@ -47,6 +88,8 @@ def negative_centres(
         return np.zeros((0, 2))
     grid = np.stack(np.meshgrid(xs, ys), axis=-1).reshape(-1, 2)
     grid = grid + rng.uniform(-step / 4, step / 4, grid.shape)
+    if whole_pixels:
+        grid = np.unique(np.round(grid), axis=0)  # a grid finer than 2 px may round together
     inside = (grid[:, 0] >= low) & (grid[:, 0] < width - low)
     grid = grid[inside & (grid[:, 1] >= low) & (grid[:, 1] < height - low)]
     picks = np.asarray(picks_xy, dtype=np.float64).reshape(-1, 2)
@@ -71,3 +114,45 @@ def cut_boxes(micrograph: np.ndarray, centres_xy: np.ndarray, box: int) -> np.nd
             raise ValueError(f"box {i} at ({x:.1f}, {y:.1f}) reaches outside the micrograph")
         out[i] = image[y0 : y0 + box, x0 : x0 + box]
     return out
+
+
+def micrograph_rng(entry: str | int, micrograph: str) -> np.random.Generator:
+    """The random generator of one micrograph's negatives, from the entry's key and the
+    micrograph's name only: the same entry gives the same negatives on every run, whatever the
+    order or the number of its micrographs."""
+    text = f"{entry}\0{micrograph}".encode()
+    return np.random.default_rng(int.from_bytes(hashlib.blake2b(text, digest_size=8).digest()))
+
+
+def negative_chooser(
+    entry: str | int, *, box: int, diameter_px: float, n_max: int
+) -> Callable[[str, tuple[int, int], np.ndarray], np.ndarray]:
+    """The negatives of each micrograph as extraction asks for them
+    (``particleseg_model.relion.extract.NegativeCentres``): ``(name, (rows, columns), picks)``
+    -> up to ``n_max`` centres by :func:`negative_centres`, whole pixels, at least
+    ``diameter_px`` from every pick, seeded by :func:`micrograph_rng` (``entry``, ``name``).
+    Sizes in micrograph pixels."""
+
+    def choose(name: str, shape: tuple[int, int], picks_xy: np.ndarray) -> np.ndarray:
+        return negative_centres(
+            shape,
+            picks_xy,
+            box=box,
+            diameter_px=diameter_px,
+            rng=micrograph_rng(entry, name),
+            n_max=n_max,
+            whole_pixels=True,
+        )
+
+    return choose
+
+
+def negative_rule(box: int, diameter_px: float, min_distance_px: float, n_max: int) -> str:
+    """The rule :func:`negative_centres` applied, in one sentence (recorded in manifests and the
+    corpus attributes). Sizes in micrograph pixels."""
+    return (
+        f"box centres on a jittered grid of step {diameter_px / 2:.1f} px, each at least "
+        f"{min_distance_px:.1f} px (one particle diameter) from every pick of its micrograph, "
+        f"the whole {box} px box inside the micrograph, at most {n_max} per micrograph chosen "
+        "at random (seeded by the entry and the micrograph's name); labelled all background"
+    )

@@ -1,14 +1,22 @@
-"""Particle extraction from micrographs and coordinate files with ``relion_preprocess``."""
+"""Particle extraction from micrographs and coordinate files with ``relion_preprocess``.
+
+Besides the particles, :func:`extract_particles` can cut *negatives*: boxes at centres a
+caller chooses from each micrograph's size and picks (the corpus build chooses regions far from
+every pick: :mod:`particleseg_model.corpus.negatives`), handed to ``relion_preprocess`` as a
+second coordinate set so that RELION cuts them exactly as it cuts the particles (same box,
+downscaling, normalisation and contrast inversion).
+"""
 
 from __future__ import annotations
 
 import os
 import shutil
 import tempfile
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
+import numpy as np
 import pandas as pd
 
 from particleseg_model.em.star import write_loop_blocks
@@ -22,8 +30,15 @@ from particleseg_model.relion.runner import (
 
 __all__ = [
     "Extraction",
+    "NegativeCentres",
     "extract_particles",
 ]
+
+NegativeCentres = Callable[[str, tuple[int, int], np.ndarray], np.ndarray]
+"""Chooses a micrograph's negatives: ``(name, (rows, columns), picks)`` -> centres. ``name`` is
+the micrograph's name in the project (``Micrographs/mic_0001.mrc``), ``picks`` its pick
+coordinates ``(m, 2)`` and the result the negative box centres ``(n, 2)``, both x (column), y
+(row) of the box centre in micrograph pixels (RELION's ``rlnCoordinateX/Y``); ``n`` may be 0."""
 
 
 # ------------------------------------------------------------------------------ extraction
@@ -37,6 +52,10 @@ class Extraction:
     from the micrographs; ``image_size_px`` the box of the written particles (``rescale_px``
     when rescaled); ``pixel_size_a`` theirs; ``bg_radius_px`` the normalisation radius in
     pixels of the written particles (None without normalisation).
+
+    With negatives asked for: ``negatives_star`` (image names relative to ``project_dir``, in
+    ``Negatives/``), ``n_negatives`` boxes from ``negative_micrographs`` micrographs (those
+    given at least one); ``negatives_star`` is None and ``n_negatives`` 0 otherwise.
     """
 
     particles_star: Path
@@ -53,6 +72,9 @@ class Extraction:
     bg_radius_px: int | None
     skipped_micrographs: tuple[str, ...] = ()
     command: tuple[str, ...] = ()
+    negatives_star: Path | None = None
+    n_negatives: int = 0
+    negative_micrographs: int = 0
 
 
 _COORD_EXTRA = ("rlnAutopickFigureOfMerit", "rlnClassNumber", "rlnAnglePsi")
@@ -213,6 +235,123 @@ def _mrc_pixel(path: Path) -> float:
         return float(mrc.voxel_size.x)
 
 
+def _mrc_shape(path: Path) -> tuple[int, int]:
+    """(rows, columns) of a single-frame micrograph, from its MRC header."""
+    import mrcfile
+
+    with mrcfile.open(path, mode="r", permissive=True, header_only=True) as mrc:
+        header = mrc.header
+        if header is None:  # permissive mode gives None for a file with no MRC header
+            raise ValueError(f"{path}: no MRC header")
+        nx, ny, nz = int(header.nx), int(header.ny), int(header.nz)
+    if nz != 1 or nx < 1 or ny < 1:
+        raise ValueError(f"{path}: not a single 2D micrograph (MRC header {nx} x {ny} x {nz})")
+    return ny, nx
+
+
+def _whole_boxes(name: str, centres: np.ndarray, shape: tuple[int, int], box: int) -> np.ndarray:
+    """``centres`` (n, 2) rounded to whole pixels, each box wholly inside the micrograph
+    (RELION's box at centre x spans x - box/2 .. x + box/2 - 1); ValueError naming the
+    micrograph and the first box that is not."""
+    xy = np.round(np.asarray(centres, dtype=np.float64).reshape(-1, 2))
+    half = box // 2
+    outside = (
+        (xy[:, 0] < half)
+        | (xy[:, 1] < half)
+        | (xy[:, 0] + half > shape[1])
+        | (xy[:, 1] + half > shape[0])
+    )
+    if outside.any():
+        x, y = xy[np.flatnonzero(outside)[0]]
+        raise ValueError(
+            f"{name}: negative box at ({x:.0f}, {y:.0f}) reaches outside the "
+            f"{shape[1]} x {shape[0]} px micrograph (box {box})"
+        )
+    return xy
+
+
+def _preprocess_command(
+    micrographs_star: str,
+    coord_dir: str,
+    part_dir: str,
+    part_star: str,
+    box_px: int,
+    rescale_px: int | None,
+    radius: int | None,
+    invert_contrast: bool,
+) -> list[str]:
+    """The ``relion_preprocess --extract`` command (one per coordinate set: the particles and
+    the negatives get the same settings)."""
+    command = [
+        "relion_preprocess",
+        "--i",
+        micrographs_star,
+        "--coord_dir",
+        coord_dir,
+        "--coord_suffix",
+        ".star",
+        "--part_dir",
+        part_dir,
+        "--part_star",
+        part_star,
+        "--extract",
+        "--extract_size",
+        str(box_px),
+    ]
+    if rescale_px is not None and rescale_px != box_px:
+        command += ["--scale", str(rescale_px)]
+    if radius is not None:
+        command += ["--norm", "--bg_radius", str(radius)]
+    if invert_contrast:
+        command += ["--invert_contrast"]
+    return command
+
+
+def _run_preprocess(
+    command: list[str],
+    tmp: Path,
+    part_dir: str,
+    total: int,
+    desc: str,
+    transcript: str,
+    *,
+    progress: bool | None,
+    log: LogTarget,
+    timeout_s: float | None,
+) -> None:
+    """Run one extraction in the project ``tmp`` with a bar over micrographs (stacks written
+    under ``part_dir``)."""
+    from particleseg_model.progress import progress as progress_bar
+
+    bar = progress_bar(
+        total=total, desc=desc, unit="mic", disable=None if progress is None else not progress
+    )
+    stacks = tmp / part_dir
+
+    def tick() -> None:
+        done = sum(1 for _ in stacks.rglob("*.mrcs")) if stacks.is_dir() else 0
+        if done > bar.n:
+            bar.update(done - bar.n)
+
+    try:
+        run_relion(
+            command, cwd=tmp, log=log, transcript=tmp / transcript, tick=tick, timeout_s=timeout_s
+        )
+    finally:
+        bar.close()
+
+
+def _count_rows(star_path: Path, command: list[str], tmp: Path) -> int:
+    """Rows of the ``particles`` block of the STAR file an extraction wrote (RelionError when
+    it wrote none)."""
+    if not star_path.is_file():
+        raise RelionError(
+            f"relion_preprocess wrote no {star_path.name} in {tmp}", command=command, cwd=tmp
+        )
+    parts = _read_blocks(star_path).get("particles")
+    return 0 if parts is None or isinstance(parts, dict) else len(parts)
+
+
 def _project_name(name: str, source: Path) -> str:
     """The micrograph's name inside the project: its relative name when it has one without
     '..', else ``Micrographs/<file name>``."""
@@ -241,6 +380,7 @@ def extract_particles(  # noqa: C901 - to split (pyproject: mccabe)
     progress: bool | None = None,
     log: LogTarget = None,
     timeout_s: float | None = None,
+    negatives: NegativeCentres | None = None,
 ) -> Extraction:
     """Extract particles with ``relion_preprocess --extract`` into the project ``out_dir``.
 
@@ -263,6 +403,12 @@ def extract_particles(  # noqa: C901 - to split (pyproject: mccabe)
             box, RELION's GUI default) to mean 0, std 1 after removing a fitted ramp.
         progress: a bar over micrographs (stacks written); None shows it on a terminal only.
         log: where RELION's output lines go (see :func:`run_relion`).
+        negatives: also cut negatives: called once per micrograph with picks (see
+            :data:`NegativeCentres`; micrographs without picks get none, nobody looked at
+            them), its centres rounded to whole pixels (RELION cuts there) and extracted by a
+            second ``relion_preprocess`` run with the same settings into ``Negatives/`` and
+            ``negatives.star``. Each box must lie wholly inside its micrograph (ValueError
+            naming the micrograph otherwise).
     Returns:
         :class:`Extraction`.
     Raises:
@@ -294,6 +440,8 @@ def extract_particles(  # noqa: C901 - to split (pyproject: mccabe)
     tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", suffix=".tmp", dir=out.parent))
     try:
         names, keep, skipped, seen = [], [], [], set()
+        negative_names: list[str] = []  # micrographs with at least one negative
+        n_negative_centres = 0
         for row, (name, source) in enumerate(
             zip(table["rlnMicrographName"].astype(str), table["_source"], strict=True)
         ):
@@ -313,9 +461,19 @@ def extract_particles(  # noqa: C901 - to split (pyproject: mccabe)
             link.parent.mkdir(parents=True, exist_ok=True)
             link.symlink_to(source)
             # RELION 3.1: coordinates of "Micrographs/x.mrc" are <coord_dir>Micrographs/x<suffix>
-            write_loop_blocks(tmp / "Coordinates" / (rel.rsplit(".", 1)[0] + ".star"), {"": coords})
+            coord_name = rel.rsplit(".", 1)[0] + ".star"
+            write_loop_blocks(tmp / "Coordinates" / coord_name, {"": coords})
             names.append(rel)
             keep.append(row)
+            if negatives is not None:
+                shape = _mrc_shape(source)
+                picks = coords[["rlnCoordinateX", "rlnCoordinateY"]].to_numpy(dtype=float)
+                centres = _whole_boxes(rel, negatives(rel, shape, picks), shape, box_px)
+                if len(centres):
+                    table_xy = pd.DataFrame(centres, columns=["rlnCoordinateX", "rlnCoordinateY"])
+                    write_loop_blocks(tmp / "NegativeCoordinates" / coord_name, {"": table_xy})
+                    negative_names.append(rel)
+                    n_negative_centres += len(centres)
         if not keep:
             raise ValueError(
                 f"no micrograph has particle coordinates (looked in "
@@ -329,70 +487,61 @@ def extract_particles(  # noqa: C901 - to split (pyproject: mccabe)
         mics = table.iloc[keep].drop(columns="_source").reset_index(drop=True)
         mics["rlnMicrographName"] = names
         write_loop_blocks(tmp / "micrographs.star", {"optics": optics, "micrographs": mics})
-        command = [
-            "relion_preprocess",
-            "--i",
+        command = _preprocess_command(
             "micrographs.star",
-            "--coord_dir",
             "Coordinates/",
-            "--coord_suffix",
-            ".star",
-            "--part_dir",
             "Particles/",
-            "--part_star",
             "particles.star",
-            "--extract",
-            "--extract_size",
-            str(box_px),
-        ]
-        if rescale_px is not None and rescale_px != box_px:
-            command += ["--scale", str(rescale_px)]
-        if normalise:
-            command += ["--norm", "--bg_radius", str(radius)]
-        if invert_contrast:
-            command += ["--invert_contrast"]
-
-        from particleseg_model.progress import progress as progress_bar
-
-        bar = progress_bar(
-            total=len(names),
-            desc="extract",
-            unit="mic",
-            disable=None if progress is None else not progress,
+            box_px,
+            rescale_px,
+            radius,
+            invert_contrast,
         )
-
-        def tick() -> None:
-            done = (
-                sum(1 for _ in (tmp / "Particles").rglob("*.mrcs"))
-                if (tmp / "Particles").is_dir()
-                else 0
-            )
-            if done > bar.n:
-                bar.update(done - bar.n)
-
-        try:
-            run_relion(
-                command,
-                cwd=tmp,
-                log=log,
-                transcript=tmp / "extract.log",
-                tick=tick,
-                timeout_s=timeout_s,
-            )
-        finally:
-            bar.close()
-        star_path = tmp / "particles.star"
-        if not star_path.is_file():
-            raise RelionError(
-                f"relion_preprocess wrote no particles.star in {tmp}", command=command, cwd=tmp
-            )
-        blocks = _read_blocks(star_path)
-        parts = blocks.get("particles")
-        n = 0 if parts is None or isinstance(parts, dict) else len(parts)
+        settings = {"progress": progress, "log": log, "timeout_s": timeout_s}
+        _run_preprocess(command, tmp, "Particles", len(names), "extract", "extract.log", **settings)
+        n = _count_rows(tmp / "particles.star", command, tmp)
         if n == 0:
             raise ValueError(
                 f"relion_preprocess extracted no particle from {len(names)} micrographs"
             )
+        n_negatives, negatives_star = 0, None
+        if negative_names:
+            # the same micrographs table (optics, CTF), restricted to those with negatives
+            negative_mics = mics[mics["rlnMicrographName"].isin(negative_names)]
+            write_loop_blocks(
+                tmp / "micrographs_negatives.star",
+                {"optics": optics, "micrographs": negative_mics.reset_index(drop=True)},
+            )
+            negative_command = _preprocess_command(
+                "micrographs_negatives.star",
+                "NegativeCoordinates/",
+                "Negatives/",
+                "negatives.star",
+                box_px,
+                rescale_px,
+                radius,
+                invert_contrast,
+            )
+            _run_preprocess(
+                negative_command,
+                tmp,
+                "Negatives",
+                len(negative_names),
+                "negatives",
+                "extract_negatives.log",
+                **settings,
+            )
+            n_negatives = _count_rows(tmp / "negatives.star", negative_command, tmp)
+            if n_negatives != n_negative_centres:
+                raise RelionError(
+                    f"relion_preprocess cut {n_negatives} of the {n_negative_centres} "
+                    "negative boxes, all wholly inside their micrographs",
+                    command=negative_command,
+                    cwd=tmp,
+                )
+            negatives_star = out / "negatives.star"
+        elif negatives is not None:
+            emit(f"no room for a negative box on any of the {len(names)} micrographs")
         mic_pixel = float(optics["rlnMicrographPixelSize"].iloc[0])
         if out.exists():
             shutil.rmtree(out)
@@ -416,4 +565,7 @@ def extract_particles(  # noqa: C901 - to split (pyproject: mccabe)
         bg_radius_px=radius,
         skipped_micrographs=tuple(skipped),
         command=tuple(command),
+        negatives_star=negatives_star,
+        n_negatives=n_negatives,
+        negative_micrographs=len(negative_names),
     )
