@@ -11,7 +11,10 @@ check of those rows again cannot fail. These look outside the step:
   makes its shares unlike every other's, while each partition alone looks plausible).
 
 Both are per partition (their specs carry the partitions definition), so one partition's
-failure never turns another's red.
+failure never turns another's red. Both judge the *particles*: a partition's negatives (boxes
+from micrograph regions far from every pick, all background by construction, marked
+``negative`` in its table) are neither announced by the catalog nor part of the label shares;
+they are counted apart in the checks' metadata.
 """
 
 from __future__ import annotations
@@ -53,11 +56,14 @@ def corpus_complete(
     storage: StorageResource, key: str, labels: LabelsManifest, name: str = "corpus_complete"
 ) -> AssetCheckResult:
     """The partition read back from the corpus: as many particles as the catalog announces
-    (at least :data:`COMPLETE_SHARE`), and its Zarr rows equal to its Parquet rows."""
+    (at least :data:`COMPLETE_SHARE`; negatives not counted), and its Zarr rows equal to its
+    Parquet rows (negatives included)."""
     from particleseg_model.corpus.store import open_corpus
 
     corpus = open_corpus(storage.corpus_root(), key)
-    stored, table = int(corpus.n_particles), len(corpus.table)
+    rows, table = int(corpus.n_particles), len(corpus.table)
+    negatives = corpus.n_negatives
+    stored = rows - negatives
     catalog = read_catalog(storage.catalog_path())
     announced = None
     if catalog is not None:
@@ -65,13 +71,15 @@ def corpus_complete(
         if len(row) and not pd.isna(row.iloc[0]) and int(row.iloc[0]) > 0:
             announced = int(row.iloc[0])
     share = stored / announced if announced else None
-    passed = stored == table and stored > 0 and (share is None or share >= COMPLETE_SHARE)
+    passed = rows == table and stored > 0 and (share is None or share >= COMPLETE_SHARE)
     return AssetCheckResult(
         check_name=name,
         passed=passed,
         severity=AssetCheckSeverity.WARN,
         metadata={
             "particles_in_corpus": stored,
+            "negatives_in_corpus": negatives,
+            "zarr_rows": rows,
             "parquet_rows": table,
             "announced_by_catalog": announced if announced is not None else "not given",
             "share_of_announced": round(share, 4) if share is not None else "n/a",
@@ -88,8 +96,9 @@ def label_shares_like_the_others(
     name: str = "label_shares_like_the_others",
 ) -> AssetCheckResult:
     """This partition's signal share and edge/signal ratio within :data:`SHARE_FACTOR` of the
-    median of the other labelled partitions' (their ``particle_masks`` manifests); passed
-    with a note when there is no other partition yet."""
+    median of the other labelled partitions' (their ``particle_masks`` manifests, whose label
+    shares are over the particles' pixels only: a partition's negatives dilute none of them);
+    passed with a note when there is no other partition yet."""
     mine = tuple(float(v) for v in labels.label_fractions)
     shares = []
     for other in others:
@@ -103,6 +112,8 @@ def label_shares_like_the_others(
         )
     metadata = {
         "background_signal_edge": [round(v, 4) for v in mine],
+        "particles": labels.n_particles,
+        "negatives_not_counted": labels.n_negatives,
         "other_partitions": len(shares),
     }
     if not shares:

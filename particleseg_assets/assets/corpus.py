@@ -77,10 +77,12 @@ def particle_stacks(
 ) -> MaterializeResult:
     """The entry's particle images and their STAR file: the deposited stacks when the entry
     ships them (any RELION STAR flavour, or cryoSPARC .cs), else particles extracted from its
-    micrographs and coordinate files with ``relion_preprocess``; and the reference map, from
-    EMDB's file tree unless the archive holds it (its EMDB id, resolution, voxel size, sha256
-    and how it was chosen are in the metadata). Only what the entry needs is downloaded
-    (resumable)."""
+    micrographs and coordinate files with ``relion_preprocess``, with negatives beside them
+    (boxes at least a particle diameter from every pick, cut the same way; their count, rule
+    and a gallery of particles above negatives are in the metadata); and the reference map,
+    from EMDB's file tree unless the archive holds it (its EMDB id, resolution, voxel size,
+    sha256 and how it was chosen are in the metadata). Only what the entry needs is
+    downloaded (resumable)."""
     key = context.partition_key
     started = time.perf_counter()  # the EMPIAR lookup counts too
     entry = empiar.empiar().entry(key)
@@ -174,8 +176,9 @@ def mask_volume(
         _check(
             "masks_not_empty",
             "particle_masks",
-            f"Signal fraction over the dataset within {build.SIGNAL_FRACTION_RANGE}, and at "
-            f"most {build.MAX_EMPTY_SHARE:.0%} of the particles without signal.",
+            f"Signal fraction over the dataset's particles within "
+            f"{build.SIGNAL_FRACTION_RANGE}, and at most {build.MAX_EMPTY_SHARE:.0%} of the "
+            "particles without signal (negatives, all background by construction, apart).",
         ),
         _check(
             "corpus_complete",
@@ -187,8 +190,9 @@ def mask_volume(
         _check(
             "label_shares_like_the_others",
             "particle_masks",
-            f"The signal share and the edge-to-signal ratio of this partition within a factor "
-            f"{SHARE_FACTOR:g} of the other partitions' medians.",
+            f"The signal share and the edge-to-signal ratio of this partition's particles "
+            f"within a factor {SHARE_FACTOR:g} of the other partitions' medians (negatives "
+            "apart).",
         ),
     ],
 )
@@ -197,7 +201,9 @@ def particle_masks(
 ) -> MaterializeResult:
     """Every particle's image and its 3-class label mask (0 background, 1 signal, 2 edge) from
     the projection of the mask volume at the particle's pose, in the Zarr corpus (one group per
-    EMPIAR id, chunked along particles) with the per-particle Parquet table and splits.
+    EMPIAR id, chunked along particles) with the per-particle Parquet table and splits; and
+    the entry's negatives (micrograph regions far from every pick) labelled all background,
+    marked ``negative`` in the table, counted apart in the metadata and the checks.
     Written to a temporary version and swapped in: a failed run leaves the last one intact."""
     key = context.partition_key
     refined = RefinedManifest.read(storage.path("refined_particles", key), "refined_particles")
@@ -217,7 +223,9 @@ def particle_masks(
     )
     others = sorted(context.instance.get_dynamic_partitions(empiar_partitions.name or ""))
     checks = [
-        check_result("masks_not_empty", result.masks),
+        check_result(
+            "masks_not_empty", result.masks, negatives_not_counted=result.manifest.n_negatives
+        ),
         corpus_complete(storage, key, result.manifest),
         label_shares_like_the_others(storage, key, result.manifest, others),
     ]

@@ -2,6 +2,12 @@
 
     particle stacks -> refined poses -> mask volume -> labelled partition (Zarr)
 
+A micrograph entry also gives *negatives* (:mod:`particleseg_model.corpus.negatives`): boxes
+cut by ``relion_preprocess`` exactly as the particles, from regions at least a particle
+diameter from every pick. They travel beside the particles (their own STAR file and stacks,
+recorded in the stacks manifest), never enter refinement or the mask projection, and join the
+partition with all-background labels, marked ``negative`` in its table.
+
 Each step takes the manifests of the steps before it, an options dataclass (the Dagster
 launchpad config of the matching asset has exactly these fields and defaults), writes its output
 and its manifest (:mod:`particleseg_model.corpus.manifests`) into its own folder, and returns a
@@ -55,9 +61,16 @@ from particleseg_model.corpus.manifests import (
     RefinedManifest,
     StacksManifest,
 )
+from particleseg_model.corpus.negatives import negative_chooser, negative_rule
 from particleseg_model.corpus.projection import project_masks
 from particleseg_model.corpus.reference import reference_map
-from particleseg_model.corpus.store import CorpusDataset, CorpusWriter, list_corpus, open_corpus
+from particleseg_model.corpus.store import (
+    NEGATIVE_COLUMN,
+    CorpusDataset,
+    CorpusWriter,
+    list_corpus,
+    open_corpus,
+)
 from particleseg_model.em import maps
 from particleseg_model.em.cryosparc import read_cs
 from particleseg_model.em.mrc import MrcError, open_stack, read_particles_table
@@ -165,23 +178,32 @@ class StacksOptions:
     """Rescale extracted particles to this box; 0: keep the extraction box."""
     invert_contrast: bool = True
     """Deposited micrographs show particles dark; the corpus wants them bright."""
+    negatives_per_micrograph: int = 20
+    """Micrograph entries: also cut up to this many negatives per micrograph with picks (boxes
+    centred at least one particle diameter from every pick, extracted by relion_preprocess
+    exactly as the particles, labelled all background in the corpus: real "no particle here"
+    examples); 0: none."""
 
 
 @dataclass(frozen=True)
 class StacksResult:
     """What :func:`fetch_stacks` made: the manifest (written), the gallery of the first
-    particles (PNG) and the wall time of the step in seconds."""
+    particles (PNG), the wall time of the step in seconds, and (with negatives) a gallery of
+    the first particles above the first negatives (PNG)."""
 
     manifest: StacksManifest
     gallery: Path
     seconds: float
+    negatives_gallery: Path | None = None
 
     def summary(self) -> dict[str, Any]:
         """The step's figures, flat and rounded as reported (the asset's metadata keys)."""
         stacks = self.manifest
         reference = stacks.reference.summary() if stacks.reference else {}
-        return {
+        negatives = stacks.negatives or {}
+        out: dict[str, Any] = {
             "particles": stacks.n_particles,
+            "negatives": stacks.n_negatives,
             "box_px": stacks.box_px,
             "pixel_size_a": stacks.pixel_size_a,
             "source": stacks.kind,
@@ -195,6 +217,12 @@ class StacksResult:
             "seconds": round(self.seconds, 1),
             "particles_png": self.gallery,
         }
+        if negatives:
+            out["negatives_from_micrographs"] = negatives["micrographs"]
+            out["negatives_rule"] = negatives["rule"]
+        if self.negatives_gallery is not None:
+            out["particles_and_negatives_png"] = self.negatives_gallery
+        return out
 
 
 def extracted_truth(particles: pd.DataFrame, truth: pd.DataFrame) -> pd.DataFrame:
@@ -277,10 +305,38 @@ def _extraction_box(files: EntryFiles, options: StacksOptions, density_path: Pat
     simulation = files.side_files.get("simulation.json")
     if simulation is not None:
         return int(json.loads(Path(simulation).read_text())["box"])
+    return int(np.ceil(_particle_diameter_px(files, density_path)) * 2)
+
+
+def _particle_diameter_px(files: EntryFiles, density_path: Path) -> float:
+    """The particle's diameter in micrograph pixels: the simulator's (``simulation.json``,
+    simulated at the micrographs' pixel size), else that of the reference map's mask
+    (``maps.particle_diameter_px``) at the micrographs' pixel size (the imageset's; 1 A when
+    unknown, as for the box)."""
+    simulation = files.side_files.get("simulation.json")
+    if simulation is not None:
+        info = json.loads(Path(simulation).read_text())
+        if info.get("particle_diameter_px"):
+            return float(info["particle_diameter_px"])
     reference = maps.load_map(density_path)
     mask, _ = maps.make_mask(reference)
     diameter_a = maps.particle_diameter_px(mask) * reference.pixel_size_a
-    return int(np.ceil(2 * diameter_a / (files.pixel_size_a or 1.0) / 2) * 2)
+    return float(diameter_a / (files.pixel_size_a or 1.0))
+
+
+def _negatives_gallery(
+    particles: pd.DataFrame, negatives: pd.DataFrame, base_dir: Path, out: Path
+) -> Path:
+    """``out``: a band of the first particles above a band of the first negatives (as many of
+    each, at most 8), as extracted."""
+    k = min(8, len(particles), len(negatives))
+    images = np.concatenate(
+        [
+            read_particles_table(particles.head(k), base_dir=base_dir),
+            read_particles_table(negatives.head(k), base_dir=base_dir),
+        ]
+    )
+    return write_png(out, particles_with_masks(images, columns=k))
 
 
 _CS_LABELS = {
@@ -399,10 +455,15 @@ def fetch_stacks(
 
     The deposited stacks when the entry ships them (a particle STAR file of any RELION
     flavour, or a cryoSPARC ``.cs`` file), else particles extracted from its micrographs and
-    coordinate files with ``relion_preprocess`` (into ``out_dir/extract``). Only what the
-    entry needs is downloaded, resumably, into ``downloads``. The reference map is the one
-    deposited in the archive, else the linked EMDB map chosen by
-    :mod:`particleseg_model.corpus.reference`, fetched once per EMDB id into ``map_cache``.
+    coordinate files with ``relion_preprocess`` (into ``out_dir/extract``), with up to
+    ``options.negatives_per_micrograph`` negatives per micrograph: boxes centred at least one
+    particle diameter (the simulator's, else the reference map's mask's, in micrograph pixels)
+    from every pick, cut by a second ``relion_preprocess`` run with the same settings into the
+    same project (``Negatives/``, ``negatives.star``) and recorded in the manifest's
+    ``negatives``. Only what the entry needs is downloaded, resumably, into ``downloads``.
+    The reference map is the one deposited in the archive, else the linked EMDB map chosen
+    by :mod:`particleseg_model.corpus.reference`, fetched once per EMDB id into
+    ``map_cache``.
 
     A particle table without a box (RELION 3.0) or pixel size is completed from the stacks'
     MRC headers (``complete_from_stacks``) and written as a RELION 3.1 STAR file
@@ -458,7 +519,8 @@ def fetch_stacks(
     particleseg_model.em.cryosparc.CryosparcError
         A ``.cs`` file without the fields needed.
     ValueError
-        No extraction box is known (see :attr:`StacksOptions.box_px`).
+        No extraction box is known (see :attr:`StacksOptions.box_px`), or a negative
+        ``negatives_per_micrograph``.
     """
     log = log or _quiet
     relion = relion or LocalRelion()
@@ -476,6 +538,8 @@ def fetch_stacks(
         log=log,
     )
     extraction: dict[str, Any] | None = None
+    negatives: dict[str, Any] | None = None
+    negative_table: pd.DataFrame | None = None
     truth_path = files.side_files.get("ground_truth.csv")
     truth: pd.DataFrame | None = None
     rewrite = False
@@ -490,6 +554,20 @@ def fetch_stacks(
             rewrite = True  # RELION reads STAR files only
     else:
         box = _extraction_box(files, options, reference.path)
+        chooser, diameter = None, 0.0
+        if options.negatives_per_micrograph < 0:
+            raise ValueError(
+                f"negatives_per_micrograph must be 0 (none) or more, got "
+                f"{options.negatives_per_micrograph}"
+            )
+        if options.negatives_per_micrograph:
+            diameter = _particle_diameter_px(files, reference.path)
+            chooser = negative_chooser(
+                partition_key(entry.empiar_id),
+                box=box,
+                diameter_px=diameter,
+                n_max=options.negatives_per_micrograph,
+            )
         with relion.on_path():
             result = extract_particles(
                 files.micrographs,
@@ -502,9 +580,27 @@ def fetch_stacks(
                 overwrite=True,
                 progress=False,
                 log=_prefixed(log, "relion_preprocess"),
+                negatives=chooser,
             )
         star_path, base_dir = result.particles_star, result.project_dir
         star = read_star(star_path)
+        if chooser is not None:
+            negatives = {
+                "star": str(result.negatives_star) if result.negatives_star else None,
+                "count": result.n_negatives,
+                "micrographs": result.negative_micrographs,
+                "micrographs_with_picks": result.n_micrographs,
+                "per_micrograph_max": options.negatives_per_micrograph,
+                "diameter_px": round(diameter, 2),
+                "min_distance_px": round(diameter, 2),
+                "rule": negative_rule(box, diameter, diameter, options.negatives_per_micrograph),
+            }
+            log(
+                f"negatives: {result.n_negatives} boxes from {result.negative_micrographs} of "
+                f"{result.n_micrographs} micrographs, at least {diameter:.1f} px from every pick"
+            )
+            if result.negatives_star is not None:
+                negative_table = read_star(result.negatives_star).particles
         extraction = {
             "box_px": result.box_px,
             "rescale_px": result.rescale_px,
@@ -540,6 +636,11 @@ def fetch_stacks(
             truth.to_csv(tmp, index=False)
     images = read_particles_table(particles.head(8), base_dir=base_dir)
     gallery = write_png(out_dir / "particles.png", particles_with_masks(images))
+    negatives_gallery = None
+    if negative_table is not None and len(negative_table):
+        negatives_gallery = _negatives_gallery(
+            particles, negative_table, Path(base_dir), out_dir / "particles_and_negatives.png"
+        )
     resolution = reference.resolution_a
     if resolution is None:
         resolution = map_resolution_a() if callable(map_resolution_a) else map_resolution_a
@@ -558,9 +659,10 @@ def fetch_stacks(
         map_resolution_a=resolution,
         downloaded_bytes=files.nbytes,  # the archive's files; the map's are in reference
         reference=reference,
+        negatives=negatives,
     )
     manifest.write(out_dir)
-    return StacksResult(manifest, gallery, time.perf_counter() - started)
+    return StacksResult(manifest, gallery, time.perf_counter() - started, negatives_gallery)
 
 
 # ------------------------------------------------------------------------------ refined poses
@@ -982,6 +1084,9 @@ class LabelOptions:
     failing on them."""
     append: bool = False
     """Add particles not yet in the corpus instead of writing a new version."""
+    negatives: bool = True
+    """Add the negatives particle_stacks cut (micrograph regions far from every pick) with
+    all-background labels, marked negative in the particle table; False leaves them out."""
 
 
 SIGNAL_FRACTION_RANGE = (0.01, 0.8)
@@ -1068,9 +1173,10 @@ def check_rows(particles: pd.DataFrame, base_dir: Path) -> tuple[np.ndarray, lis
 
 @dataclass(frozen=True)
 class MasksCheck:
-    """Whether the labels look like particles: the signal share over every pixel written
-    within :data:`SIGNAL_FRACTION_RANGE`, and at most :data:`MAX_EMPTY_SHARE` of the
-    particles without a signal pixel."""
+    """Whether the labels look like particles: the signal share over every particle pixel
+    written within :data:`SIGNAL_FRACTION_RANGE`, and at most :data:`MAX_EMPTY_SHARE` of the
+    particles without a signal pixel. Negatives (all background by construction) are not
+    particles: they count in neither figure."""
 
     passed: bool
     signal_fraction: float
@@ -1119,7 +1225,8 @@ class LabelResult:
     already in the corpus (append); the labelling loop's wall time in seconds and its split
     (``stage_seconds``: waiting for projections, reading images, labelling, writing); the
     partition's location and bytes stored; the gallery PNG (None when nothing was written);
-    the two checks."""
+    the two checks (the masks check over the particles only; the rows check over every row,
+    negatives included)."""
 
     manifest: LabelsManifest
     already_in_corpus: int
@@ -1137,17 +1244,18 @@ class LabelResult:
 
     def summary(self) -> dict[str, Any]:
         """The step's figures, flat and rounded as reported (the asset's metadata keys); the
-        label shares are of every pixel written."""
+        label shares are of every particle pixel written (negatives apart: all background)."""
         labels = self.manifest
         done = labels.n_particles
         background, signal, edge = labels.label_fractions
         out: dict[str, Any] = {
             "particles": done,
+            "negatives": labels.n_negatives,
             "skipped_bad_rows": labels.skipped,
             "already_in_corpus": self.already_in_corpus,
             "seconds": round(self.seconds, 1),
             "particles_per_s": round(self.particles_per_s, 1),
-            "bytes_per_particle": round(self.stored_bytes / max(done, 1)),
+            "bytes_per_particle": round(self.stored_bytes / max(done + labels.n_negatives, 1)),
             "corpus": self.location,
             "background_fraction": round(background, 4),
             "signal_fraction": round(signal, 4),
@@ -1174,7 +1282,36 @@ def _timed(items: Iterable[Any], seconds: dict[str, float], stage: str) -> Itera
         yield item
 
 
-def label_partition(
+def _readable(
+    particles: pd.DataFrame, base_dir: Path, source: Path, skip: bool, what: str, warn: Log
+) -> tuple[pd.DataFrame, int]:
+    """The rows of ``particles`` whose images can be read, and how many could not (a
+    ValueError naming the stacks and rows unless ``skip``: see :func:`check_rows`)."""
+    good, problems = check_rows(particles, base_dir)
+    n_bad = int((~good).sum())
+    if n_bad:
+        listed = "; ".join(problems[:5]) + (
+            f"; ... {len(problems) - 5} more stacks" if len(problems) > 5 else ""
+        )
+        if not skip:
+            raise ValueError(
+                f"{source}: {n_bad} {what} cannot be read: {listed} (set skip_bad_rows to "
+                "drop them)"
+            )
+        warn(f"skipping {n_bad} {what} that cannot be read: {listed}")
+        particles = particles[good].reset_index(drop=True)
+    return particles, n_bad
+
+
+def _negative_rows(negatives: pd.DataFrame, columns: list[str]) -> pd.DataFrame:
+    """The corpus table rows of negatives: the canonical columns they have (poses empty) and
+    ``negative`` True."""
+    table = negatives[[c for c in columns if c in negatives.columns]].reset_index(drop=True)
+    table[NEGATIVE_COLUMN] = True
+    return table
+
+
+def label_partition(  # noqa: C901 - to split (pyproject: mccabe)
     stacks: StacksManifest,
     refined: RefinedManifest,
     mask: MaskManifest,
@@ -1189,11 +1326,20 @@ def label_partition(
     warn: Log | None = None,
 ) -> LabelResult:
     """Every particle's image and its 3-class label mask (0 background, 1 signal, 2 edge) from
-    the projection of the mask volume at the particle's pose, into the Zarr corpus (step 4).
+    the projection of the mask volume at the particle's pose, into the Zarr corpus (step 4);
+    and the entry's negatives (:attr:`StacksManifest.negatives`), all background.
 
     One group per EMPIAR id under ``corpus_root``, chunked along particles, with the
     per-particle Parquet table and splits; written to a temporary version and swapped in, so
     a failed run leaves the last one intact (``options.append``: added to the committed one).
+
+    Negatives (``options.negatives``, micrograph entries) are read from the stacks step's
+    own STAR file (never refined, never projected), labelled 0 everywhere and written between
+    the particle batches in proportion (so that a chunk-wise shuffling loader mixes them
+    with the particles), marked ``negative`` True in the table (particles False); their image
+    names are RELION's (``000001@Negatives/...``) and their splits the same hash as every
+    particle's. The label shares, the masks check and the manifest's ``n_particles`` count the
+    particles only; ``n_negatives`` counts the negatives.
 
     Parameters
     ----------
@@ -1225,8 +1371,8 @@ def label_partition(
     Raises
     ------
     ValueError
-        Particles that cannot be read (missing stack, index out of range), named by stack and
-        rows, unless ``options.skip_bad_rows``.
+        Particles (or negatives) that cannot be read (missing stack, index out of range),
+        named by stack and rows, unless ``options.skip_bad_rows``.
     particleseg_model.corpus.ProjectionError
         Poses or mask that cannot be projected (see ``project_masks``).
     """
@@ -1235,26 +1381,31 @@ def label_partition(
     key = key or partition_key(stacks.empiar_id)
     particles = read_star(refined.particles_star).particles.reset_index(drop=True)
     base_dir = refined.base_dir
-    good, problems = check_rows(particles, base_dir)
-    n_bad = int((~good).sum())
-    if n_bad:
-        listed = "; ".join(problems[:5]) + (
-            f"; ... {len(problems) - 5} more stacks" if len(problems) > 5 else ""
+    skip = options.skip_bad_rows
+    particles, n_bad = _readable(
+        particles, base_dir, refined.particles_star, skip, "particles", warn
+    )
+    negatives = pd.DataFrame()
+    negatives_star = stacks.negatives_star if options.negatives else None
+    if negatives_star is not None:
+        negatives = read_star(negatives_star).particles.reset_index(drop=True)
+        # the negatives' stacks are in the extraction project, beside the particles'
+        negatives, n_bad_negatives = _readable(
+            negatives, stacks.base_dir, negatives_star, skip, "negatives", warn
         )
-        if not options.skip_bad_rows:
-            raise ValueError(
-                f"{refined.particles_star}: {n_bad} particles cannot be read: "
-                f"{listed} (set skip_bad_rows to drop them)"
-            )
-        warn(f"skipping {n_bad} particles that cannot be read: {listed}")
-        particles = particles[good].reset_index(drop=True)
+        n_bad += n_bad_negatives
     already = 0
     if options.append and key in list_corpus(corpus_root):
         present = set(open_corpus(corpus_root, key).table["image_name"])
         keep = ~particles["image_name"].isin(present).to_numpy()
         already = int((~keep).sum())
         particles = particles[keep].reset_index(drop=True)
-        log(f"append: {already} particles already in the corpus, {len(particles)} new")
+        if len(negatives):
+            negatives = negatives[~negatives["image_name"].isin(present)].reset_index(drop=True)
+        log(
+            f"append: {already} particles already in the corpus, {len(particles)} new"
+            + (f", {len(negatives)} new negatives" if negatives_star is not None else "")
+        )
     truth = None
     if stacks.ground_truth:
         truth = pd.read_csv(stacks.ground_truth)[["image_name", "is_good", "junk_kind"]]
@@ -1270,6 +1421,9 @@ def label_partition(
         "mask_params": mask.params(),
         "dagster_run_id": run_id,
     }
+    if negatives_star is not None and stacks.negatives:
+        attrs["negatives_star"] = str(negatives_star)
+        attrs["negatives_rule"] = stacks.negatives["rule"]
     counts = np.zeros(3, dtype=np.float64)
     empty = 0
     shown: tuple[np.ndarray, np.ndarray] | None = None
@@ -1300,11 +1454,27 @@ def label_partition(
             rescale=True,
         )
         for subset in subsets
+        if len(subset)
     ]
-    projections = streams[0] if len(streams) == 1 else itertools.chain.from_iterable(streams)
+    projections = itertools.chain.from_iterable(streams)
     stages["project"] += time.perf_counter() - began
-    done = 0
+    done = negatives_done = 0
     mode = "a" if options.append else "w"
+
+    def write_negatives(writer: CorpusWriter, upto: int) -> None:
+        """Write the negatives up to row ``upto`` (all background)."""
+        nonlocal negatives_done
+        while negatives_done < upto:
+            began = time.perf_counter()
+            rows = negatives.iloc[negatives_done : min(upto, negatives_done + options.batch)]
+            images = read_particles_table(rows, base_dir=stacks.base_dir)
+            stages["read images"] += time.perf_counter() - began
+            began = time.perf_counter()
+            labels = np.zeros(images.shape, dtype=np.uint8)
+            writer.append(images, labels, _negative_rows(rows, columns))
+            stages["write"] += time.perf_counter() - began
+            negatives_done += len(rows)
+
     began = time.perf_counter()
     with CorpusWriter(
         corpus_root, key, stacks.box_px, attrs=attrs, dtype=dtype, mode=mode
@@ -1322,6 +1492,8 @@ def label_partition(
             table = rows[columns].reset_index(drop=True)
             if truth is not None:
                 table = table.merge(truth, on="image_name", how="left")
+            if negatives_star is not None:
+                table[NEGATIVE_COLUMN] = False
             writer.append(images, labels, table)
             stages["write"] += time.perf_counter() - began
             counts += np.bincount(labels.ravel(), minlength=3)[:3]
@@ -1329,9 +1501,14 @@ def label_partition(
             if shown is None:
                 shown = (images[:8], labels[:8])
             done += len(projected)
+            # the negatives' share so far, so that they are spread over the chunks
+            write_negatives(writer, (done * len(negatives)) // max(len(particles), 1))
             if done == len(particles) or (done // options.batch) % 10 == 0:
                 rate = done / max(time.perf_counter() - started, 1e-9)
                 log(f"labels: {done}/{len(particles)} particles ({rate:.0f}/s)")
+        write_negatives(writer, len(negatives))
+        if len(negatives):
+            log(f"negatives: {negatives_done} written, all background")
         began = time.perf_counter()
     stages["write"] += time.perf_counter() - began  # the commit (swap-in) on leaving the block
     seconds = time.perf_counter() - started
@@ -1357,6 +1534,7 @@ def label_partition(
         mask=attrs["mask"],
         mask_params=attrs["mask_params"],
         run_id=run_id,
+        n_negatives=negatives_done,
     )
     manifest.write(out_dir)
     return LabelResult(

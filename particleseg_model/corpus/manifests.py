@@ -127,7 +127,12 @@ class StacksManifest(_Manifest):
     EMDB maps), None when unknown. ``reference``: the map that labels the partition (JSON key
     ``reference_map``: path, EMDB id, resolution, voxel size, sha256, how it was chosen; see
     :class:`~particleseg_model.corpus.reference.ReferenceMap`), None in manifests written
-    before maps came from EMDB.
+    before maps came from EMDB. ``negatives`` (micrograph entries with negatives asked for):
+    the boxes cut far from every pick, extracted as the particles were and never refined or
+    projected: ``star`` (their STAR file, image names relative to ``base_dir``), ``count``,
+    ``micrographs`` (how many gave at least one), ``micrographs_with_picks``,
+    ``per_micrograph_max``, ``diameter_px`` and ``min_distance_px`` (micrograph pixels),
+    ``rule`` (one sentence); None otherwise (see :attr:`negatives_star`).
     """
 
     ASSET = "particle_stacks"
@@ -146,6 +151,7 @@ class StacksManifest(_Manifest):
     map_resolution_a: float | None
     downloaded_bytes: int
     reference: ReferenceMap | None = None
+    negatives: dict[str, Any] | None = None
 
     def to_json(self) -> dict[str, Any]:
         return {
@@ -163,6 +169,7 @@ class StacksManifest(_Manifest):
             "map_resolution_a": self.map_resolution_a,
             "downloaded_bytes": self.downloaded_bytes,
             "reference_map": self.reference.to_json() if self.reference else None,
+            "negatives": self.negatives,
         }
 
     @classmethod
@@ -184,7 +191,17 @@ class StacksManifest(_Manifest):
             reference=(
                 ReferenceMap.from_json(data["reference_map"]) if data.get("reference_map") else None
             ),
+            negatives=data.get("negatives"),
         )
+
+    @property
+    def negatives_star(self) -> Path | None:
+        """The negatives' STAR file (None without negatives)."""
+        return Path(self.negatives["star"]) if self.negatives and self.negatives["count"] else None
+
+    @property
+    def n_negatives(self) -> int:
+        return int(self.negatives["count"]) if self.negatives else 0
 
     def density_map(self) -> Path | None:
         """The map that labels the partition: :attr:`reference`'s, else (a manifest written
@@ -307,8 +324,10 @@ class MaskManifest(_Manifest):
 class LabelsManifest(_Manifest):
     """The labelled partition (``particle_masks``): ``n_particles`` written to the Zarr group
     ``empiar_id`` under ``corpus_root`` (a path or a URL), ``skipped`` unreadable rows dropped,
-    ``label_fractions`` (background, signal, edge) over the pixels written. :meth:`attrs` are
-    the corpus group's attributes, as recorded in the Zarr store too."""
+    ``label_fractions`` (background, signal, edge) over the particles' pixels written;
+    ``n_negatives`` all-background negatives written beside them (not in ``n_particles`` nor in
+    the fractions). :meth:`attrs` are the corpus group's attributes, as recorded in the Zarr
+    store too."""
 
     ASSET = "particle_masks"
 
@@ -326,6 +345,7 @@ class LabelsManifest(_Manifest):
     mask_params: dict[str, float]
     run_id: str | None
     """The run that wrote the partition (JSON key ``dagster_run_id``, kept for the readers)."""
+    n_negatives: int = 0
 
     def attrs(self) -> dict[str, Any]:
         """The attributes of the corpus group (Zarr ``attrs``), in the manifest's order."""
@@ -348,6 +368,7 @@ class LabelsManifest(_Manifest):
             "skipped": self.skipped,
             "label_fractions": list(self.label_fractions),
             **self.attrs(),
+            "n_negatives": self.n_negatives,
         }
 
     @classmethod
@@ -367,4 +388,5 @@ class LabelsManifest(_Manifest):
             mask=data["mask"],
             mask_params=dict(data["mask_params"]),
             run_id=data.get("dagster_run_id"),
+            n_negatives=int(data.get("n_negatives", 0)),
         )

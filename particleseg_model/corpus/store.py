@@ -20,6 +20,11 @@ The Parquet table lives *inside* the group directory, so the arrays and the tabl
 partition are one directory and one rename commits both. It has the caller's columns (the
 canonical particle columns of :mod:`particleseg_model.em.star`: image name, angles, origins, CTF,
 ...) plus ``particle_index`` (the row in the arrays) and ``split`` (``train``/``val``/``test``).
+A boolean ``negative`` column, where a partition has one, marks *negatives*: boxes cut from
+micrograph regions far from every pick, labelled all background (``corpus/negatives.py``);
+they share the arrays, the splits and the hash with the particles, and
+:attr:`CorpusDataset.negative` / :func:`negative_mask` tell them apart (a table without the
+column holds particles only).
 
 Arrays are chunked along N only (whole particles per chunk, about 4 MiB uncompressed of images
 a chunk; the labels use the same particle count per chunk, so chunk k of both arrays holds the
@@ -32,7 +37,8 @@ slow (1.1 s for 665 directories on a loaded disk). Group attributes:
 default), ``source_star``, ``code_version``, ``created``, ``updated`` (UTC ISO 8601),
 ``n_particles``, ``image_dtype``, ``normalisation``, ``chunk_particles``, ``split_fractions``,
 ``split_hash``, ``label_codes``, ``history`` (one entry per write: time, particles added,
-source) and any other provenance the caller passes; ``complete`` is set on commit.
+source), ``n_negatives`` (rows marked ``negative``, counted from the table on every commit)
+and any other provenance the caller passes; ``complete`` is set on commit.
 
 Atomic writes (local roots)
     :class:`CorpusWriter` writes into ``<id>.zarr.tmp-<hex>`` and commits by a directory rename.
@@ -127,10 +133,12 @@ __all__ = [
     "CorpusDataset",
     "CorpusWriter",
     "append_to_corpus",
+    "NEGATIVE_COLUMN",
     "assign_split",
     "assign_splits",
     "chunk_particles_for",
     "list_corpus",
+    "negative_mask",
     "normalise_id",
     "open_corpus",
     "write_corpus",
@@ -142,6 +150,9 @@ SPLITS: tuple[str, ...] = ("train", "val", "test")
 DEFAULT_FRACTIONS: tuple[float, float, float] = (0.8, 0.1, 0.1)
 LABEL_CODES = {0: "background", 1: "signal", 2: "edge"}
 TABLE_NAME = "particles.parquet"
+NEGATIVE_COLUMN = "negative"
+"""The table's column marking negatives (True), boxes without a particle, labelled all
+background; missing or empty means a particle."""
 POINTER_SUFFIX = ".current"  # <id>.zarr.current: the commit pointer of a remote root
 STALE_AFTER_S = 6 * 3600.0  # an unreferenced remote version this old belongs to no live writer
 SPLIT_HASH = "blake2b-64(empiar_id + NUL + image_name) / 2**64, cut at cumulative fractions"
@@ -165,6 +176,16 @@ def normalise_id(empiar_id: str | int) -> str:
     if not _ID.fullmatch(text) or text.endswith(".zarr") or ".zarr." in text:
         raise ValueError(f"bad dataset id {empiar_id!r}: use letters, digits, '.', '_', '-'")
     return text
+
+
+def negative_mask(table: pd.DataFrame) -> np.ndarray:
+    """Boolean mask over the table's rows: True for negatives (:data:`NEGATIVE_COLUMN`), False
+    for particles (also where the column is missing or empty: tables written before negatives,
+    or rows appended without the column)."""
+    if NEGATIVE_COLUMN not in table.columns:
+        return np.zeros(len(table), dtype=bool)
+    column = table[NEGATIVE_COLUMN]
+    return column.where(column.notna(), False).to_numpy(dtype=bool)
 
 
 def _check_fractions(fractions: Sequence[float]) -> tuple[float, float, float]:
@@ -398,6 +419,15 @@ class CorpusDataset:
     def table(self) -> pd.DataFrame:
         """The per-particle table (read on first use)."""
         return self._place.read_table(self._name)
+
+    @cached_property
+    def negative(self) -> np.ndarray:
+        """Boolean mask over the rows: True for negatives (:func:`negative_mask`)."""
+        return negative_mask(self.table)
+
+    @property
+    def n_negatives(self) -> int:
+        return int(self.negative.sum())
 
     def split_indices(self, split: str | None) -> np.ndarray:
         """Array rows of the particles in ``split`` (all of them for None), ascending."""
@@ -1043,6 +1073,7 @@ class CorpusWriter:
             update = {
                 **extra,
                 "n_particles": total,
+                "n_negatives": int(negative_mask(table).sum()),
                 "updated": now,
                 "history": history,
                 "complete": True,
