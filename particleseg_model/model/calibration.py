@@ -154,12 +154,13 @@ def mask_calibration(
 ) -> dict[str, Any]:
     """The distribution of the model's masks on good particles of ``split`` (ETS and signal
     share, :func:`fit_calibration`): the reference of the calibrated
-    cleaning score, kept in the model's manifest. At most ``max_particles`` in all."""
+    cleaning score, kept in the model's manifest. At most ``max_particles`` in all. A
+    partition's negatives (all-background boxes) are not particles and never enter it."""
     features, per = [], max(1, max_particles // max(1, len(ids)))
     for key in ids:
         dataset = open_corpus(corpus_root, key)
         rows = dataset.split_indices(split)
-        rows = rows[known_good(dataset, rows)][:per]
+        rows = rows[known_good(dataset, rows) & ~dataset.negative[rows]][:per]
         if not len(rows):
             continue
         images = np.asarray(dataset.images.get_orthogonal_selection((rows,)), np.float32)

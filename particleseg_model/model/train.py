@@ -12,7 +12,9 @@
   configured batch stays the global batch.
 - :func:`evaluate_partition` computes the paper's mean IoU (one confusion matrix over every
   pixel of a split, IoU per class, mean of the three) at the particles' own box, over all
-  particles of the split and, where a simulation left ground truth, over the good ones.
+  particles of the split and, where a simulation left ground truth, over the good ones; a
+  partition's negatives (all-background boxes, ``negative`` in its table) are scored apart,
+  as the share predicted all background.
 
 Keras and TensorFlow are imported inside the functions.
 """
@@ -408,6 +410,11 @@ class Evaluation:
     scores_good: dict[str, float] | None = None
     """The same scores over the particles known to be good (None without ground truth):
     junk particles' labels show a pose that is not in the image, which no model can find."""
+    negatives: int = 0
+    """The split's negatives (boxes far from every pick), scored apart from the particles."""
+    negatives_all_background: float | None = None
+    """The share of those negatives predicted all background (no signal, no edge pixel);
+    None without negatives."""
 
     @property
     def mean_iou(self) -> float:
@@ -426,11 +433,16 @@ def evaluate_partition(
     edge_from_signal: bool = False,
 ) -> Evaluation:
     """The paper's scores of ``model`` on a split of one partition, at the particles' box
-    (``edge_from_signal``: the edge derived from the predicted signal, as the manifest says)."""
+    (``edge_from_signal``: the edge derived from the predicted signal, as the manifest says).
+    The scores are over the particles only; the partition's negatives (all background by
+    construction) give :attr:`Evaluation.negatives_all_background` instead (``max_particles``
+    caps each)."""
     dataset = open_corpus(corpus_root, empiar_id)
-    rows = dataset.split_indices(split)
+    every = dataset.split_indices(split)
+    negative_rows = every[dataset.negative[every]]
+    rows = every[~dataset.negative[every]]
     if max_particles:
-        rows = rows[:max_particles]
+        rows, negative_rows = rows[:max_particles], negative_rows[:max_particles]
     if len(rows) == 0:
         raise ValueError(f"{empiar_id}: no particles in the {split!r} split of {dataset.location}")
     has_truth = "is_good" in dataset.table.columns
@@ -448,6 +460,12 @@ def evaluate_partition(
         accumulator_good.update(truth[keep], predicted[keep])
         if shown is None and examples:
             shown = (images[:examples], truth[:examples], predicted[:examples])
+    all_background = 0
+    for start in range(0, len(negative_rows), batch):
+        index = negative_rows[start : start + batch]
+        images = np.asarray(dataset.images.get_orthogonal_selection((index,)), dtype=np.float32)
+        predicted = predict_labels(model, images, batch=batch, edge_from_signal=edge_from_signal)
+        all_background += int((~predicted.astype(bool).any(axis=(1, 2))).sum())
     seconds = time.perf_counter() - started
     return Evaluation(
         dataset.empiar_id,
@@ -458,6 +476,8 @@ def evaluate_partition(
         shown,
         int(good.sum()),
         accumulator_good.scores() if has_truth and good.any() else None,
+        int(len(negative_rows)),
+        all_background / len(negative_rows) if len(negative_rows) else None,
     )
 
 

@@ -137,8 +137,9 @@ class IouReport:
 
     def summary(self) -> dict[str, Any]:
         """The report in plain values (what the platform shows as the asset's metadata):
-        the version, the :func:`score_row` fields but the good-particle count, and the
-        evaluation's particles per second (1 decimal)."""
+        the version, the :func:`score_row` fields but the good-particle count (the negatives'
+        count and the share predicted all background where the partition has negatives), and
+        the evaluation's particles per second (1 decimal)."""
         row, evaluation = self.row, self.evaluation
         scores = ("mean_iou", "iou_background", "iou_signal", "iou_edge", "pixel_accuracy")
         return {
@@ -147,6 +148,7 @@ class IouReport:
             "test_particles": evaluation.particles,
             **{name: row[name] for name in scores},
             **({"mean_iou_good": row["mean_iou_good"]} if "mean_iou_good" in row else {}),
+            **{k: row[k] for k in ("test_negatives", "negatives_all_background") if k in row},
             "particles_per_s": round(evaluation.particles / max(evaluation.seconds, 1e-9), 1),
         }
 
@@ -292,8 +294,10 @@ def score_row(evaluation: Evaluation, seen: bool, before: float | None = None) -
     -------
     dict
         ``empiar_id, seen_in_training, test_particles, mean_iou, iou_background, iou_signal,
-        iou_edge, pixel_accuracy``, then ``good_test_particles, mean_iou_good`` where the
-        corpus knows the good particles, then ``mean_iou_parent``.
+        iou_edge, pixel_accuracy`` (over the particles only), then ``good_test_particles,
+        mean_iou_good`` where the corpus knows the good particles, then ``test_negatives,
+        negatives_all_background`` (the share of the negatives predicted all background)
+        where the partition has negatives, then ``mean_iou_parent``.
     """
     scores = evaluation.scores
     row = {
@@ -309,6 +313,9 @@ def score_row(evaluation: Evaluation, seen: bool, before: float | None = None) -
     if evaluation.scores_good is not None:
         row["good_test_particles"] = evaluation.good_particles
         row["mean_iou_good"] = round(100 * evaluation.scores_good["mean_iou"], 2)
+    if evaluation.negatives_all_background is not None:
+        row["test_negatives"] = evaluation.negatives
+        row["negatives_all_background"] = round(100 * evaluation.negatives_all_background, 2)
     if before is not None:
         row["mean_iou_parent"] = round(100 * before, 2)
     return row
