@@ -157,7 +157,7 @@ def test_manifests_keep_their_json(built: tuple[Path, dict]) -> None:
         "particle_stacks": [
             "empiar_id", "kind", "particles_star", "base_dir", "n_particles", "box_px",
             "pixel_size_a", "has_poses", "maps", "ground_truth", "extraction",
-            "map_resolution_a", "downloaded_bytes", "reference_map",
+            "map_resolution_a", "downloaded_bytes", "reference_map", "negatives",
         ],
         "refined_particles": [
             "empiar_id", "source", "particles_star", "base_dir", "refined_map", "n_particles",
@@ -170,7 +170,7 @@ def test_manifests_keep_their_json(built: tuple[Path, dict]) -> None:
         "particle_masks": [
             "corpus_root", "empiar_id", "n_particles", "skipped", "label_fractions",
             "pixel_size_a", "threshold", "edge_px", "source_star", "pose_source", "mask",
-            "mask_params", "dagster_run_id",
+            "mask_params", "dagster_run_id", "n_negatives",
         ],
     }  # fmt: skip
     types = {
