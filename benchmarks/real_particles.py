@@ -112,7 +112,14 @@ TOPAZ_CACHE = REPO / "data" / "bench" / "topaz-maps"
 TORCH_CPU = "torch==2.13.0"  # the CPU wheel; plain `torch` pulls GBs of CUDA wheels
 
 JUNK_KINDS = ("empty_ice", "off_centre", "between", "carbon")
-KINDS = ("good", *JUNK_KINDS, "unpicked_far", "mc_clean", "mc_contamination")
+KINDS = ("good", *JUNK_KINDS, "unpicked_far", "mc_clean", "mc_contamination", "raw_good")
+# Raw particle stacks as RELION extracted them (not denoised, not binned), good particles only:
+# (kind, file under ../shared/data, invert the contrast so that particles are bright)
+RAW_STACKS = (
+    ("raw_good", "particles/aspire_sample.mrcs", False),  # ASPIRE's 17, 200 px
+    ("raw_good", "real/cryodrgn_empiar10076/empiar_10076_7.mrc", True),  # 7, 320 px, dark
+    ("raw_good", "star/cryodrgn_relion31.mrcs", False),  # cryoDRGN's 5, 256 px
+)
 SCORES = ("ets", "calibrated", "centred", "disc_variance", "blob", "topaz")
 
 
@@ -471,6 +478,21 @@ def build_micrographcleaner(root: Path) -> tuple[LabelledSet, Micrograph]:
     return out, Micrograph(mic_path.stem, image, mic_path, 1)
 
 
+def build_raw(shared: Path) -> LabelledSet:
+    """The raw particle stacks of :data:`RAW_STACKS` (each its own box), not normalised yet."""
+    import mrcfile
+
+    out = LabelledSet()
+    for kind, name, invert in RAW_STACKS:
+        path = shared / name
+        if not path.is_file():
+            continue
+        with mrcfile.open(path, permissive=True) as f:
+            stack = np.asarray(f.data, dtype=np.float32).reshape(-1, *f.data.shape[-2:])
+        out.add(kind, path.name, -stack if invert else stack, np.zeros((len(stack), 2)))
+    return out
+
+
 def merge(a: LabelledSet, b: LabelledSet) -> LabelledSet:
     out = LabelledSet()
     for s in (a, b):
@@ -641,10 +663,11 @@ def model_scores(
     version: Any, labelled: LabelledSet
 ) -> tuple[dict[str, np.ndarray], dict[int, np.ndarray]]:
     """The model's labels and scores as ``particleseg clean`` computes them, per box size."""
+    from particleseg_model.cleaning.clean import min_signal_px
     from particleseg_model.corpus.labels import SIGNAL
     from particleseg_model.model.calibration import calibrated_scores
     from particleseg_model.model.metrics import edge_to_signal
-    from particleseg_model.model.predict import predict_labels_and_centre
+    from particleseg_model.model.predict import predict_labels_and_centre, stack_scale
     from particleseg_model.model.registry import load_model
     from particleseg_model.progress import progress
 
@@ -659,15 +682,23 @@ def model_scores(
     for size in sorted(set(labelled.size)):
         rows = np.flatnonzero(sizes == size)
         pred = np.empty((len(rows), size, size), np.uint8)
+        # as clean: one scale for the set (every box of this size), at the model's input size
+        spaced = np.linspace(0, len(rows) - 1, min(len(rows), 1024)).astype(int)
+        sample = labelled.images(rows[spaced])
+        scale = stack_scale(sample, size=version.input_size)
         with progress(total=len(rows), desc=f"model {size}px", unit="box") as bar:
             for start in range(0, len(rows), 256):
                 chunk = rows[start : start + 256]
                 labels_chunk, centre = predict_labels_and_centre(
-                    network, labelled.images(chunk), edge_from_signal=from_signal
+                    network, labelled.images(chunk), edge_from_signal=from_signal, scale=scale
                 )
                 pred[start : start + len(chunk)] = labels_chunk
                 centred[rows[start : start + len(chunk)]] = centre
                 bar.update(len(chunk))
+        speck = np.count_nonzero(pred == SIGNAL, axis=(1, 2)) < min_signal_px(
+            size, version.input_size
+        )
+        pred[speck] = 0  # as clean scores them: a speck is no particle
         labels[size] = pred
         s = np.count_nonzero(pred == SIGNAL, axis=(1, 2))
         e = edge_to_signal(pred)
@@ -682,6 +713,7 @@ COMPARISONS = (
     ("good_vs_all_junk", "good", JUNK_KINDS),
     ("good_vs_unpicked_far", "good", ("unpicked_far",)),
     ("mc_clean_vs_contamination", "mc_clean", ("mc_contamination",)),
+    ("raw_good_particles", "raw_good", ()),  # signal shares only: no raw junk beside them
 )
 
 
@@ -724,6 +756,7 @@ def write_gallery(
 ) -> Path:
     """Rows of ``per_kind`` boxes of each kind (in :data:`KINDS` order) above the model's
     masks (background black, edge gray, signal white), bands separated by a light line."""
+    from particleseg_model.corpus.labels import resize_images, resize_labels
     from particleseg_model.figures import particles_with_masks, write_png
 
     kinds, sizes = np.array(labelled.kind), np.array(labelled.size)
@@ -733,12 +766,15 @@ def write_gallery(
         if not len(rows):
             continue
         pick = rows[_draw(rng, len(rows), per_kind)]
-        size = int(sizes[pick[0]])
-        same = np.flatnonzero(sizes == size)
-        where = np.searchsorted(same, pick)
-        grids.append(
-            particles_with_masks(labelled.images(pick), labels[size][where], columns=per_kind)
-        )
+        # a kind of several boxes (the raw stacks) is shown at one, at most 64 px
+        size = min(int(sizes[pick[0]]), 64)
+        images, masks = [], []
+        for row in pick:
+            own = int(sizes[row])
+            where = int(np.searchsorted(np.flatnonzero(sizes == own), row))
+            images.append(resize_images(labelled.images(np.array([row])), size)[0])
+            masks.append(resize_labels(labels[own][where : where + 1], size)[0])
+        grids.append(particles_with_masks(np.stack(images), np.stack(masks), columns=per_kind))
         shown.append(k)
     width = max(g.shape[1] for g in grids)
     bands = []
@@ -869,12 +905,15 @@ def main(argv: list[str] | None = None) -> int:
     rng = np.random.default_rng(args.seed)
     t0 = time.perf_counter()
     mics: list[Micrograph] = []
+    labelled = None
     if args.set_cache is not None and args.set_cache.is_file() and args.no_topaz:
         labelled = load_set(args.set_cache)
-    else:
+        if "raw_good" not in labelled.kind:  # a cache from before the raw stacks joined
+            labelled = None
+    if labelled is None:
         part, mics = build_10017(root, rng)
         mc, mc_mic = build_micrographcleaner(root)
-        labelled = merge(part, mc)
+        labelled = merge(merge(part, mc), build_raw(root.parent))
         mics.append(mc_mic)
         sizes = np.array(labelled.size)
         for size in set(labelled.size):  # the corpus' normalisation, at each box size
