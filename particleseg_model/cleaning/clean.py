@@ -334,13 +334,14 @@ def _score(
     guard: Callable[[dict[Path, str]], None] | None = None,
 ) -> _Scored:
     from particleseg_model.cleaning.inputs import check_one_box, read_paths
+    from particleseg_model.model.inference import load_engine
     from particleseg_model.model.predict import (
         finite_images,
         normalise_for_model,
         predict_labels_and_centre,
         stack_scale,
     )
-    from particleseg_model.model.registry import load_model, resolve_model
+    from particleseg_model.model.registry import resolve_model
     from particleseg_model.progress import progress as bar
 
     say = log or (lambda line: None)
@@ -356,7 +357,8 @@ def _score(
     check_one_box(star_path, particles, base_dir)
     if guard is not None:
         guard(read_paths(star_path, particles, base_dir, version.path))
-    network = load_model(version)
+    # ONNX Runtime when installed (the onnx extra), else Keras: model.inference
+    network = load_engine(version, log=say)
     size = version.input_size
     from_signal = bool(version.manifest.get("edge_from_signal", False))
 

@@ -85,13 +85,14 @@ def segment_star(
         scale_note,
     )
     from particleseg_model.corpus.labels import SIGNAL
+    from particleseg_model.model.inference import load_engine
     from particleseg_model.model.predict import (
         finite_images,
         normalise_for_model,
         predict_labels,
         stack_scale,
     )
-    from particleseg_model.model.registry import load_model, resolve_model
+    from particleseg_model.model.registry import resolve_model
     from particleseg_model.progress import progress as bar
 
     say = log or (lambda line: None)
@@ -108,7 +109,8 @@ def segment_star(
     base_dir = Path(particles_dir) if particles_dir else star_path.parent
     check_one_box(star_path, particles, base_dir)
     check_outputs({"--out": out_path}, read_paths(star_path, particles, base_dir, version.path))
-    network = load_model(version)
+    # ONNX Runtime when installed (the onnx extra), else Keras: model.inference
+    network = load_engine(version, log=say)
     size = version.input_size
     from_signal = bool(version.manifest.get("edge_from_signal", False))
     first = read_particles_table(particles.head(1), base_dir=base_dir)
