@@ -440,8 +440,9 @@ def train_and_register(
         Recorded as the manifest's ``dagster_run_id``.
     edge_from_signal
         Record that this model's edge is derived from its predicted signal at prediction
-        (:func:`model_manifest`); training is the same (the edge class still teaches the
-        outline).
+        (:func:`model_manifest`) and evaluate and calibrate it so; training is the same (the
+        edge class still teaches the outline). A model trained from a parent that derives its
+        edge (the shipped model, mode ``"pretrained"``) always does.
     log
         Receives the progress lines (one per epoch, one per evaluated partition).
 
@@ -482,6 +483,10 @@ def train_and_register(
             **asdict(config),
         }
     ids, parent = list(plan.ids), plan.parent
+    # a fine-tuned model predicts as its parent did (the shipped model derives its edge)
+    edge_from_signal = edge_from_signal or bool(
+        parent is not None and parent.manifest.get("edge_from_signal")
+    )
     staged = staging_dir(models_root)
     try:
         result = train_segmentation(
@@ -502,10 +507,14 @@ def train_and_register(
         parent_model = load_model(parent) if parent is not None else None
         rows, overlay = [], None
         for key in ids + list(plan.holdout):
-            evaluation = evaluate_partition(model, corpus_root, key)
+            evaluation = evaluate_partition(
+                model, corpus_root, key, edge_from_signal=edge_from_signal
+            )
             before = None
             if parent is not None and key in parent.partitions:
-                before = evaluate_partition(parent_model, corpus_root, key, examples=0).mean_iou
+                before = evaluate_partition(
+                    parent_model, corpus_root, key, examples=0, edge_from_signal=edge_from_signal
+                ).mean_iou
             rows.append(score_row(evaluation, key in ids, before))
             if overlay is None and evaluation.examples is not None:
                 overlay = write_png(
@@ -516,7 +525,9 @@ def train_and_register(
                 f"{evaluation.particles} test particles" + (" (unseen)" if key not in ids else "")
             )
         metrics = iou_metrics(rows)
-        calibration = mask_calibration(model, corpus_root, ids)
+        calibration = mask_calibration(
+            model, corpus_root, ids, edge_from_signal=edge_from_signal
+        )
         manifest = model_manifest(
             plan,
             config,
@@ -645,7 +656,12 @@ def evaluate_report(
 
     out = Path(out_dir)
     started = time.perf_counter()
-    evaluation = evaluate_partition(load_model(version), corpus_root, key)
+    evaluation = evaluate_partition(
+        load_model(version),
+        corpus_root,
+        key,
+        edge_from_signal=bool(version.manifest.get("edge_from_signal")),  # as it predicts
+    )
     row = score_row(evaluation, key in version.partitions)
     assert evaluation.examples is not None  # evaluate_partition keeps the first 8 by default
     overlay = write_png(out / "overlay.png", segmentation_overlay(*evaluation.examples))
