@@ -439,6 +439,31 @@ def build_10017(
     return out, mics
 
 
+def free_boxes_10017(
+    root: Path, micrographs: slice = slice(0, None, 2)
+) -> tuple[np.ndarray, list[str]]:
+    """Particle-free boxes (:data:`BOX` px, inverted: particles would be bright, not
+    normalised) of the EMPIAR-10017 micrographs ``sorted(...)[micrographs]`` (default the even
+    ones) and those micrographs' names: every grid point at least a particle diameter from every
+    expert pick and 0.75 diameter from every blob-detector peak (the ``empty_ice`` rule, ice and
+    carbon alike, without the benchmark's cap of :data:`MAX_JUNK_PER_MIC`)."""
+    folder = root / "cryosegnet_empiar10017"
+    images = sorted((folder / "images").glob("*.jpg"))[micrographs]
+    boxes, names = [], []
+    for path in images:
+        gray, picks = read_10017_micrograph(folder, path)
+        image = -gray
+        response = log_response(image, RADIUS)
+        threshold = float(np.percentile(_sample(response, picks), 25))
+        peaks = blob_peaks(response, RADIUS, threshold)
+        grid = grid_points(image.shape, BOX / 2, BORDER + BOX / 2)
+        free = _far(grid, picks, DIAMETER) & _far(grid, peaks, 0.75 * DIAMETER)
+        cut, _ = cut_boxes(image, grid[free], BOX, margin=BORDER)
+        boxes.append(cut)
+        names.append(path.stem)
+    return np.concatenate(boxes).astype(np.float32), names
+
+
 def _sample(image: np.ndarray, xy: np.ndarray) -> np.ndarray:
     ij = np.clip(np.rint(xy[:, ::-1]).astype(int), 0, np.array(image.shape) - 1)
     return image[ij[:, 0], ij[:, 1]]

@@ -11,9 +11,11 @@ the corpus does and resized to the model's input (64 px):
 - ``10076 raw``: the 7 raw particles of EMPIAR-10076 (cryoDRGN's test data, 320 px).
 
 Simulated sets: good particles of EMD-1832 at box 64 from the old simulator (SNR 0.1, white
-noise: ``SimulationConfig()``) and from the calibrated one (``SimulationConfig.realistic()``),
-and, for each real set, the closest single setting on a grid of noise colour x blur x SNR (the
-evidence that the realistic ranges cover it).
+noise: ``SimulationConfig()``), from the calibrated one (``SimulationConfig.realistic()``) and
+composited on real particle-free boxes of EMPIAR-10017's even micrographs as the pretrained
+model's corpus is (``simulation.composite``), and, for each real set, the closest single
+setting on a grid of noise colour x blur x SNR (the evidence that the realistic ranges cover
+it).
 
 Printed and written (``docs/results/realism.json``, ``docs/realism.png``): per set the RMS
 distance of its log10 power spectrum from each real set's (decades), the median and 10-90%
@@ -46,7 +48,7 @@ def real_sets(shared: Path, rng: np.random.Generator) -> dict[str, np.ndarray]:
     import mrcfile
     import real_particles as rp
 
-    from particleseg_model.corpus.labels import resize_images
+    from particleseg_model.model.predict import model_input
     from particleseg_model.simulation.simulate import normalise_images
 
     root = shared / "real"
@@ -65,13 +67,41 @@ def real_sets(shared: Path, rng: np.random.Generator) -> dict[str, np.ndarray]:
     # not contrast-inverted (real/README.md): particles dark, as recorded
     ribosome = mrcfile.read(str(root / "cryodrgn_empiar10076" / "empiar_10076_7.mrc"))
     sets["10076 raw"] = normalise_images(-np.asarray(ribosome, dtype=np.float32))[0]
-    return {k: resize_images(v, SIZE) if v.shape[-1] != SIZE else v for k, v in sets.items()}
+    # as the model sees them: resized, then normalised at its size (predict.model_input)
+    return {k: model_input(v, SIZE) for k, v in sets.items()}
 
 
 def simulated(density: Any, config: Any, n: int, seed: int) -> np.ndarray:
     from particleseg_model.simulation.simulate import simulate_particles
 
     return simulate_particles(density, config, seed=seed, keep_clean=False).images
+
+
+def composited(density: Any, shared: Path, n: int, seed: int) -> np.ndarray:
+    """Good particles of ``density`` on real EMPIAR-10017 backgrounds, as the pretrained
+    model's corpus composites them (``scripts/build_pretrained.py``: the even micrographs'
+    particle-free boxes, the disc contrast of real picks, the denoiser's blur)."""
+    import real_particles as rp
+
+    from particleseg_model.corpus.labels import resize_images
+    from particleseg_model.simulation.composite import background_pool, composite_on_backgrounds
+    from particleseg_model.simulation.simulate import (
+        SimulationConfig,
+        normalise_images,
+        simulate_particles,
+    )
+
+    config = SimulationConfig.realistic(n_particles=n, junk_fraction=0.0, normalise=False)
+    sim = simulate_particles(density, config, seed=seed, keep_clean=True)
+    assert sim.clean is not None
+    boxes, _ = rp.free_boxes_10017(shared / "real")
+    pool = background_pool(resize_images(boxes, SIZE))
+    rng = np.random.default_rng(seed)
+    contrast = np.exp(rng.uniform(np.log(0.15), np.log(2.0), n))
+    images, _ = composite_on_backgrounds(
+        sim.clean, pool, None, rng, contrast=contrast, blur_px=rng.uniform(0.5, 2.0, n)
+    )
+    return normalise_images(images)[0]
 
 
 def grid_match(
@@ -185,6 +215,7 @@ def main(argv: list[str] | None = None) -> int:
     sets["sim realistic"] = simulated(
         density, SimulationConfig.realistic(n_particles=args.n, junk_fraction=0.0), args.n, 1
     )
+    sets["sim on real 10017 ice"] = composited(density, shared, args.n, 2)
     spectra, contrast = {}, {}
     freq = np.zeros(0)
     for name, images in sets.items():

@@ -203,30 +203,16 @@ def maps(
     return out, unseen
 
 
-def real_backgrounds(shared: Path, rng: np.random.Generator) -> tuple[np.ndarray, list[str]]:
-    """Particle-free boxes (``BOX`` px, particles would be bright) of the even 10017
-    micrographs: the benchmark's empty-ice and carbon rules (far from every pick and every
-    blob peak), every such box rather than the benchmark's 40 a micrograph."""
+def real_backgrounds(shared: Path) -> tuple[np.ndarray, list[str]]:
+    """Particle-free boxes of the even 10017 micrographs at ``BOX`` px (particles would be
+    bright): the benchmark's empty-ice rule, far from every pick and every blob peak, every
+    such box rather than the benchmark's 40 a micrograph."""
     import real_particles as rp
 
     from particleseg_model.corpus.labels import resize_images
 
-    folder = shared / "real" / "cryosegnet_empiar10017"
-    images = sorted((folder / "images").glob("*.jpg"))[::2]
-    boxes, names = [], []
-    for path in images:
-        gray, picks = rp.read_10017_micrograph(folder, path)
-        image = -gray  # particles bright, as in the corpus
-        response = rp.log_response(image, rp.RADIUS)
-        threshold = float(np.percentile(rp._sample(response, picks), 25))
-        peaks = rp.blob_peaks(response, rp.RADIUS, threshold)
-        grid = rp.grid_points(image.shape, rp.BOX / 2, rp.BORDER + rp.BOX / 2)
-        free = rp._far(grid, picks, rp.DIAMETER) & rp._far(grid, peaks, 0.75 * rp.DIAMETER)
-        cut, _ = rp.cut_boxes(image, grid[free], rp.BOX, margin=rp.BORDER)
-        boxes.append(cut)
-        names.append(path.stem)
-    stack = np.concatenate(boxes).astype(np.float32)
-    return resize_images(stack, BOX), names  # 54 -> 64 px: the particle spans ~half the box
+    boxes, names = rp.free_boxes_10017(shared / "real")
+    return resize_images(boxes, BOX), names  # 54 -> 64 px: the particle spans ~half the box
 
 
 def disc_noise(clean: np.ndarray, contrast: np.ndarray, blur: np.ndarray) -> np.ndarray:
@@ -362,7 +348,7 @@ def build_corpus(
     if real and (args.real_backgrounds > 0 or args.real_negatives):
         from particleseg_model.simulation.composite import background_pool
 
-        boxes, names = real_backgrounds(shared, rng)
+        boxes, names = real_backgrounds(shared)
         pool = background_pool(boxes)
         log(f"real backgrounds: {len(pool)} boxes from {len(names)} EMPIAR-10017 micrographs")
         provenance["real_backgrounds"] = {
