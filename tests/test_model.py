@@ -255,13 +255,14 @@ def test_segment_command_writes_labels_in_star_order(
     # row order: the labels of row i are the model's prediction for image i of the stack
     import mrcfile
 
-    from particleseg_model.model.predict import normalise_for_model, stack_scale
+    from particleseg_model.model.predict import stack_scale
     from particleseg_model.model.registry import load_model as load
 
     stack = mrcfile.read(star.parent / "Particles" / "stack.mrcs")
-    # segment normalises as the corpus did, with one scale for the stack (all 40 rows here)
-    ready = normalise_for_model(stack, scale=stack_scale(stack))
-    direct = predict_labels(load(registry / "v0001"), ready[[0, 17, 39]])
+    # segment normalises as the corpus did, with one scale for the stack (all 40 rows here),
+    # measured at the model's input size
+    scale = stack_scale(stack, size=BOX)
+    direct = predict_labels(load(registry / "v0001"), stack[[0, 17, 39]], scale=scale)
     assert np.array_equal(labels[[0, 17, 39]], direct)
     assert not [p for p in tmp_path.iterdir() if ".tmp-" in p.name]
 

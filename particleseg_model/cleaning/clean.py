@@ -172,7 +172,20 @@ class _Scored:
     no_signal: int  # readable particles without predicted signal
     out_of_distribution: bool
     edge_from_signal: bool
-    scale: float | None  # the stack's normalisation scale (stack_scale), in its units
+    scale: float | None  # the stack's spread at the model's input size (stack_scale), its units
+
+
+MIN_SIGNAL_MODEL_PX = 4
+"""Fewer signal pixels than this, counted at the model's input size, are a speck, not a
+particle: scored as no signal (and no edge). A model shown a box without contrast can answer
+with one stray pixel (a tiny test model did, on 5 of 6 empty boxes), whose ETS would be the
+highest there is; the smallest real particle a model is trained on covers hundreds of pixels."""
+
+
+def min_signal_px(box: int, model_size: int) -> int:
+    """Signal pixels at the particles' ``box`` below which a mask is a speck
+    (:data:`MIN_SIGNAL_MODEL_PX` at the model's ``model_size``, scaled by the area ratio)."""
+    return max(1, math.ceil(MIN_SIGNAL_MODEL_PX * (box / model_size) ** 2))
 
 
 def no_signal_line(model_version: str, no_signal: int, readable: int, consequence: str) -> str:
@@ -337,7 +350,6 @@ def _score(
     from particleseg_model.model.inference import load_engine
     from particleseg_model.model.predict import (
         finite_images,
-        normalise_for_model,
         predict_labels_and_centre,
         stack_scale,
     )
@@ -363,9 +375,11 @@ def _score(
     from_signal = bool(version.manifest.get("edge_from_signal", False))
 
     n = len(particles)
-    # one scale for the stack, from a sample read before the stream (see normalise_for_model)
-    scale = stack_scale(_read_batch(particles.iloc[_scale_rows(n)], base_dir, None)[0])
-    note = scale_note(scale)
+    # one scale for the stack, from a sample read before the stream (see normalise_for_model):
+    # its spread at the particles' box says the units, at the model's size it scales the input
+    sample = _read_batch(particles.iloc[_scale_rows(n)], base_dir, None)[0]
+    scale = stack_scale(sample, size=size)
+    note = scale_note(stack_scale(sample))
     if note:
         say(note)
     readable = np.zeros(n, bool)
@@ -410,7 +424,8 @@ def _score(
                         )
                 labels, centre = predict_labels_and_centre(
                     network,
-                    normalise_for_model(images, scale=scale),
+                    images,
+                    scale=scale,
                     edge_from_signal=from_signal,
                 )
                 where = start + np.flatnonzero(ok)
@@ -432,6 +447,10 @@ def _score(
             f"{star_path}: none of the {n} particle images can be read (first: {errors[0]})"
         )
 
+    # a speck is no particle: without this a box the model sees nothing in but one pixel
+    # would get the largest ETS there is (a whole 11 x 11 edge band over 1 signal pixel)
+    speck = signal_px < min_signal_px(box, size)
+    signal_px[speck], edge_px[speck] = 0, 0
     no_signal = int((readable & (signal_px == 0)).sum())
     out_of_distribution = is_out_of_distribution(no_signal, int(readable.sum()))
     signal = signal_px.astype(np.float64)
@@ -938,7 +957,7 @@ def _gallery_png(path: Path, scored: _Scored, score: str) -> None:
     """Lowest-, median- and highest-scored readable particles (one band each, in that order),
     each above its predicted mask; the few images are read and segmented again."""
     from particleseg_model.figures import particles_with_masks, write_png
-    from particleseg_model.model.predict import normalise_for_model, predict_labels
+    from particleseg_model.model.predict import predict_labels
 
     scores = scored.scores
     readable = np.flatnonzero(scores["readable"].to_numpy(dtype=bool))
@@ -951,7 +970,8 @@ def _gallery_png(path: Path, scored: _Scored, score: str) -> None:
     images = read_particles_table(scored.star.particles.iloc[rows], base_dir=scored.base_dir)
     labels = predict_labels(
         scored.network,
-        normalise_for_model(images, scale=scored.scale),
+        images,
+        scale=scored.scale,
         edge_from_signal=scored.edge_from_signal,
     )
     grid = particles_with_masks(images, labels, columns=k)

@@ -88,7 +88,6 @@ def segment_star(
     from particleseg_model.model.inference import load_engine
     from particleseg_model.model.predict import (
         finite_images,
-        normalise_for_model,
         predict_labels,
         stack_scale,
     )
@@ -129,8 +128,8 @@ def segment_star(
         sample = read_particles_table(particles.iloc[_scale_rows(n)], base_dir=base_dir)
     except MrcError:  # a bad row among them: the stream below names it; the first one will do
         sample = first
-    scale = stack_scale(sample)
-    note = scale_note(scale)
+    scale = stack_scale(sample, size=size)  # what the model's input is divided by
+    note = scale_note(stack_scale(sample))  # the spread at the particles' box: their units
     if note:
         say(note)
     # a Zarr folder, built under a temporary name and renamed: a folder swap, not a file write
@@ -160,7 +159,8 @@ def segment_star(
                 if finite.any():
                     batch_labels[finite] = predict_labels(
                         network,
-                        normalise_for_model(images[finite], scale=scale),
+                        images[finite],
+                        scale=scale,
                         edge_from_signal=from_signal,
                     )
                 readable[start : start + len(rows)] = finite

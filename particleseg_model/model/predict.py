@@ -1,14 +1,23 @@
 """Prediction: label masks and class probabilities of particle images with a trained model.
 
-Images are float32 ``(N, S, S)`` particles normalised per particle; they are resized to the
-model's input (area averaging when shrinking) and the class maps resized back to ``S``
-(bilinear), so labels come at the particles' own box. Label codes: 0 background, 1 signal,
-2 edge.
+Images are ``(N, S, S)`` particles in any units. What the network sees is
+:func:`model_input`: each image resized to the model's input (area averaging when shrinking,
+bilinear when enlarging), *then* normalised at that size (background plane and mean removed,
+divided by its spread, or by one ``scale`` for a whole stack: :func:`stack_scale`). The class
+maps are resized back to ``S`` (bilinear), so labels come at the particles' own box. Label
+codes: 0 background, 1 signal, 2 edge.
 
-:func:`normalise_for_model` puts a stack in any units on the scale the corpus trained on
-(what ``particleseg clean`` and ``segment`` do before predicting); ``edge_from_signal`` derives
-the edge from the predicted signal with the label rule itself (the paper's edge is a function
-of its signal).
+Why normalise after the resize: area averaging a box of 320 px down to 64 px averages the
+noise of 25 pixels into one and leaves the particle's low frequencies, so an image normalised
+at its own box has a spread of 0.2-0.4 at the model's size (measured on EMPIAR-10076 and
+ASPIRE's raw particles), and a model trained on spread-1 images sees no contrast (it found
+signal on 0 of 17 raw particles, 17 of 17 once renormalised). The training loader does the
+same (:class:`particleseg_model.model.loader.CorpusBatches`), so training and prediction see
+one distribution whatever the box.
+
+``edge_from_signal`` derives the edge from the predicted signal with the label rule itself
+(the paper's edge is a function of its signal).
+
 Speed (issue 15; docs/pretrained.md, "Speed"): the network is called through an engine of
 :mod:`particleseg_model.model.inference` (ONNX Runtime or Keras; a plain Keras model works
 too), the resizes are :func:`~particleseg_model.corpus.labels.resize_images_taps` and the plane
@@ -31,6 +40,7 @@ __all__ = [
     "BG_RADIUS_FRACTION",
     "SCALE_SAMPLE",
     "finite_images",
+    "model_input",
     "normalise_for_model",
     "predict_labels",
     "predict_probabilities",
@@ -132,7 +142,9 @@ def _plane_removed(images: np.ndarray, bg_radius_px: float | None) -> np.ndarray
     return out.reshape(n, -1)
 
 
-def stack_scale(images: np.ndarray, *, bg_radius_px: float | None = None) -> float | None:
+def stack_scale(
+    images: np.ndarray, *, size: int | None = None, bg_radius_px: float | None = None
+) -> float | None:
     """One scale for a whole stack: the median over its finite images of the standard
     deviation left after :func:`normalise_for_model`'s plane and mean removal.
 
@@ -140,8 +152,12 @@ def stack_scale(images: np.ndarray, *, bg_radius_px: float | None = None) -> flo
     ----------
     images
         ``(N, S, S)`` particle images (a sample of the stack: :data:`SCALE_SAMPLE`), any units.
+    size
+        Measure the spread at this box (px; the model's input size: the images resized as
+        :func:`model_input` resizes them), which is what :func:`model_input`'s ``scale``
+        needs; None: at ``S``.
     bg_radius_px
-        As :func:`normalise_for_model`.
+        As :func:`normalise_for_model`, at the box measured.
 
     Returns
     -------
@@ -153,6 +169,8 @@ def stack_scale(images: np.ndarray, *, bg_radius_px: float | None = None) -> flo
     if not finite.any():
         return None
     data = data[finite]
+    if size is not None and data.shape[-1] != size:
+        data = resize_images_taps(data, size)
     # a block at a time: a thousand boxes of 128 px are 134 MB of float64 at once
     block = max(1, (8 << 20) // (8 * data.shape[-1] * data.shape[-2]))
     spread = np.concatenate(
@@ -163,6 +181,33 @@ def stack_scale(images: np.ndarray, *, bg_radius_px: float | None = None) -> flo
     )
     spread = spread[spread > 0]
     return float(np.median(spread)) if len(spread) else None
+
+
+def model_input(images: np.ndarray, size: int, *, scale: float | None = None) -> np.ndarray:
+    """What the network sees: the images resized to ``size``, then normalised at that size.
+
+    Parameters
+    ----------
+    images
+        ``(N, S, S)`` particle images in any units (contrast as the corpus: particles bright).
+    size
+        The model's input size (px).
+    scale
+        The stack's :func:`stack_scale` measured at ``size`` (one scale for a whole stack, see
+        :func:`normalise_for_model`); None: each image's own spread.
+
+    Returns
+    -------
+    numpy.ndarray
+        ``(N, size, size)`` float32: resized (area averaging when shrinking, bilinear when
+        enlarging: :func:`particleseg_model.corpus.labels.resize_images`' weights, applied
+        by :func:`~particleseg_model.corpus.labels.resize_images_taps`), the background
+        plane and the mean removed, divided by ``scale`` or by each image's spread.
+    """
+    data = _checked_images(images)
+    if data.shape[-1] != size:
+        data = resize_images_taps(data, size)
+    return normalise_for_model(data, scale=scale)
 
 
 def normalise_for_model(
@@ -215,13 +260,15 @@ def normalise_for_model(
     return flat.reshape(data.shape).astype(np.float32)
 
 
-def _class_maps(model: Any, images: np.ndarray, classes: int | None = None) -> np.ndarray:
+def _class_maps(
+    model: Any, images: np.ndarray, scale: float | None = None, classes: int | None = None
+) -> np.ndarray:
     """Softmax ``(n, classes, S, S)`` at the images' box for one batch ``(n, S, S)``;
     ``classes`` an index: that class's map only, ``(n, 1, S, S)`` (resizing the maps back is
     the most costly step after the network: one map instead of three when only the signal
     counts)."""
     size, box = int(model.input_shape[1]), images.shape[1]
-    x = resize_images_taps(images, size) if box != size else images
+    x = model_input(images, size, scale=scale)
     probs = predict_batch(model, x[..., None])
     if classes is not None:
         probs = probs[..., classes : classes + 1]
@@ -239,14 +286,16 @@ def _checked_images(images: np.ndarray) -> np.ndarray:
     return data
 
 
-def predict_probabilities(model: Any, images: np.ndarray, *, batch: int = 64) -> np.ndarray:
-    """Softmax ``(N, S, S, 3)`` float32 at the images' own box ``S`` (float32 ``(N, S, S)``
-    particle images normalised per particle): resized to the model's input (area averaging
-    when shrinking), the softmax resized back (bilinear)."""
+def predict_probabilities(
+    model: Any, images: np.ndarray, *, batch: int = 64, scale: float | None = None
+) -> np.ndarray:
+    """Softmax ``(N, S, S, 3)`` float32 at the images' own box ``S`` (``(N, S, S)`` particle
+    images in any units): the network sees :func:`model_input` (``scale`` as there), the
+    softmax is resized back (bilinear)."""
     data = _checked_images(images)
     out = np.empty(data.shape + (3,), dtype=np.float32)
     for start in range(0, len(data), batch):
-        maps = _class_maps(model, data[start : start + batch])
+        maps = _class_maps(model, data[start : start + batch], scale)
         out[start : start + len(maps)] = maps.transpose(0, 2, 3, 1)
     return out
 
@@ -258,6 +307,7 @@ def predict_labels(
     batch: int = 64,
     edge_from_signal: bool = False,
     edge_px: int = 11,
+    scale: float | None = None,
 ) -> np.ndarray:
     """Label codes of particle images at their own box.
 
@@ -267,7 +317,8 @@ def predict_labels(
         A Keras model ``(b, size, size, 1) -> (b, size, size, classes)`` softmax, or an
         engine of :mod:`particleseg_model.model.inference` running one.
     images
-        Float32 ``(N, S, S)`` particle images normalised per particle.
+        ``(N, S, S)`` particle images in any units (particles bright); the network sees
+        :func:`model_input` of them.
     batch
         Images per model call.
     edge_from_signal
@@ -280,6 +331,9 @@ def predict_labels(
     edge_px
         The label rule's dilation square (odd; the corpus' 11: a 5 px band), with
         ``edge_from_signal`` only.
+    scale
+        The stack's :func:`stack_scale` at the model's input size (one scale for a whole
+        stack); None: each image normalised by its own spread.
 
     Returns
     -------
@@ -287,7 +341,12 @@ def predict_labels(
         ``(N, S, S)`` uint8: 0 background, 1 signal, 2 edge.
     """
     return predict_labels_and_centre(
-        model, images, batch=batch, edge_from_signal=edge_from_signal, edge_px=edge_px
+        model,
+        images,
+        batch=batch,
+        edge_from_signal=edge_from_signal,
+        edge_px=edge_px,
+        scale=scale,
     )[0]
 
 
@@ -305,6 +364,7 @@ def predict_labels_and_centre(
     batch: int = 64,
     edge_from_signal: bool = False,
     edge_px: int = 11,
+    scale: float | None = None,
 ) -> tuple[np.ndarray, np.ndarray]:
     """:func:`predict_labels` and, per particle, the mean signal probability inside
     :func:`central_disc` (float64 ``(N,)`` in [0, 1]): how sure the model is that a particle
@@ -315,14 +375,14 @@ def predict_labels_and_centre(
     disc = central_disc(data.shape[-1]) if data.ndim == 3 else None
     for start in range(0, len(data), batch):
         if edge_from_signal:  # the signal map alone: the model's edge class is not used
-            signal = _class_maps(model, data[start : start + batch], classes=1)[:, 0]
+            signal = _class_maps(model, data[start : start + batch], scale, classes=1)[:, 0]
             centre[start : start + len(signal)] = signal[:, disc].mean(axis=1)
             # the label rule on the map itself: signal where > 0.5, the edge its dilation
             labels[start : start + len(signal)] = labels_from_projection(
                 signal, threshold=0.5, edge_px=edge_px
             )
             continue
-        maps = _class_maps(model, data[start : start + batch])
+        maps = _class_maps(model, data[start : start + batch], scale)
         centre[start : start + len(maps)] = maps[:, 1][:, disc].mean(axis=1)
         if maps.shape[1] != 3:
             labels[start : start + len(maps)] = maps.argmax(axis=1)
