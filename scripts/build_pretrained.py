@@ -26,7 +26,8 @@ The recipe (every input's provenance and licence goes into the manifest and ``LI
    :mod:`particleseg_model.simulation.composite`), so that the network sees real texture with
    and without a particle. The odd micrographs stay for the benchmark
    (``benchmarks/real_particles.py --exclude-training-micrographs``).
-4. **Real negatives** (``--real-negatives``): the same real boxes, labelled all background,
+4. **Real negatives** (``--no-real-negatives`` leaves them out): the same real boxes, labelled
+   all background,
    as a partition of their own; simulated ``empty`` boxes too.
 5. **Training**: ``--arch`` (default the true U-Net) at 64 px, ``--junk background`` (the
    simulation's ``is_good``: junk with an all-background label) or ``--junk keep`` (junk
@@ -35,9 +36,9 @@ The recipe (every input's provenance and licence goes into the manifest and ``LI
 6. **Measured** and recorded in the manifest: mean IoU on the held-out test split and on the
    unseen map (all particles and good ones), the calibration.
 
-    .venv/bin/python scripts/build_pretrained.py [--particles 700] [--epochs 8] [--base 8]
+    .venv/bin/python scripts/build_pretrained.py [--particles 700] [--epochs 16] [--base 8]
         [--junk background|keep|drop] [--junk-fraction 0.3] [--real-backgrounds 0.5]
-        [--real-negatives] [--no-structures] [--work data/pretrained-work] [--out DIR]
+        [--no-real-negatives] [--no-structures] [--work data/pretrained-work] [--out DIR]
 """
 
 from __future__ import annotations
@@ -307,7 +308,8 @@ def write_negatives(root: Path, key: str, boxes: np.ndarray, source: str) -> int
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--particles", type=int, default=700, help="per training map")
-    parser.add_argument("--epochs", type=int, default=8)
+    parser.add_argument("--epochs", type=int, default=16)
+    parser.add_argument("--patience", type=int, default=4, help="epochs without a better val loss")
     parser.add_argument("--arch", default="unet")
     parser.add_argument("--base", type=int, default=8)
     parser.add_argument(
@@ -323,7 +325,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     )
     parser.add_argument(
         "--real-negatives",
-        action="store_true",
+        action=argparse.BooleanOptionalAction,
+        default=True,
         help="also train on the real boxes themselves, labelled all background",
     )
     parser.add_argument("--no-structures", action="store_true", help="no atomic-model maps")
@@ -446,7 +449,7 @@ def main(argv: list[str] | None = None) -> int:
         size=BOX,
         base_filters=args.base,
         epochs=args.epochs,
-        patience=3,
+        patience=args.patience,
         batch_size=32,
         junk=args.junk,
         optimizer="adam",
