@@ -131,58 +131,6 @@ def grid_match(
     return best
 
 
-def write_figure(
-    path: Path,
-    spectra: dict[str, np.ndarray],
-    freq: np.ndarray,
-    contrast: dict[str, np.ndarray],
-    images: dict[str, np.ndarray],
-) -> Path:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    from particleseg_model.figures import _save_figure
-
-    names = list(images)
-    figure = plt.figure(figsize=(13, 5.2 + 0.9 * len(names)))
-    grid = figure.add_gridspec(2 + len(names), 8, height_ratios=[4, 0.4] + [1] * len(names))
-    ax = figure.add_subplot(grid[0, :4])
-    for name, power in spectra.items():
-        style = "--" if name.startswith("sim") else "-"
-        ax.semilogy(freq, power, style, label=name)
-    ax.set_xlabel("frequency (cycles / px at the 64 px model input)")
-    ax.set_ylabel("power (normalised)")
-    ax.set_title("radially averaged power spectra")
-    ax.legend(fontsize=7, ncol=2)
-    ax = figure.add_subplot(grid[0, 4:])
-    bins = np.linspace(0, 3, 31)
-    for name, values in contrast.items():
-        style = "--" if name.startswith("sim") else "-"
-        ax.hist(
-            np.clip(values, 0, 3), bins=bins, histtype="step", density=True, ls=style, label=name
-        )
-    ax.set_xlabel("disc contrast: var(disc) / var(background) - 1 (an SNR estimate)")
-    ax.set_title("spread of per-particle contrast")
-    ax.legend(fontsize=7, ncol=2)
-    for row, name in enumerate(names):
-        stack = images[name]
-        for col in range(min(8, len(stack))):
-            axis = figure.add_subplot(grid[2 + row, col])
-            axis.imshow(stack[col], cmap="gray")
-            axis.set_xticks([])
-            axis.set_yticks([])
-            if col == 0:
-                axis.set_ylabel(name, fontsize=7, rotation=0, ha="right", va="center")
-    figure.suptitle("real vs simulated particles, as the model sees them (normalised, 64 px)")
-    return _save_figure(
-        figure,
-        path,
-        {"Title": "particleSeg realism", "Description": "real vs simulated spectra and galleries"},
-    )
-
-
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--png", type=Path, default=REPO / "docs" / "realism.png")
@@ -197,6 +145,7 @@ def main(argv: list[str] | None = None) -> int:
     from particleseg_model.simulation.realism import (
         disc_contrast,
         radial_power_spectrum,
+        realism_png,
         spectrum_distance,
     )
     from particleseg_model.simulation.simulate import SimulationConfig
@@ -255,7 +204,7 @@ def main(argv: list[str] | None = None) -> int:
             match, d = rows[name]["closest_setting"], rows[name]["closest_distance"]
             print(f"  {name:26s} {match}  {d:.2f}")
     gallery = {k: v[:8] for k, v in sets.items() if k not in ("MC contamination",)}
-    write_figure(args.png, spectra, freq, contrast, gallery)
+    realism_png(args.png, freq, spectra, contrast, gallery)
     write_results(
         args.json,
         "realism",

@@ -431,3 +431,23 @@ def test_the_demo_finds_shared_data_beside_the_checkout(monkeypatch: pytest.Monk
     if not beside.is_dir():
         pytest.skip(f"no shared data beside the checkout ({beside})")
     assert find_shared_data() == beside
+
+
+def test_realism_compares_each_particle_entry_with_real_raw_particles(
+    archive: tuple[Path, list[str]],
+) -> None:
+    from particleseg_model.simulation.demo_archive import REAL_STACKS, find_shared_data
+
+    shared = find_shared_data()
+    if shared is None or not any((shared / rel).is_file() for _, rel, _ in REAL_STACKS):
+        pytest.skip("../shared/data's real particle stacks are absent: no realism figure")
+    root, _ = archive
+    figures = json.loads((root / "archive" / "realism.json").read_text())
+    real = [k for k in figures if k.startswith("real")]
+    simulated = [k for k in figures if k.startswith("sim EMPIAR-")]
+    assert real and len(simulated) == 1  # the particle entry; the micrograph entry has none
+    for name in simulated:
+        distances = figures[name]["spectrum_distance_to"]
+        assert set(distances) == set(real) and all(0 < d < 3 for d in distances.values())
+        assert figures[name]["n"] > 0
+    assert (root / "archive" / "realism.png").read_bytes()[:4] == b"\x89PNG"

@@ -107,3 +107,46 @@ def test_realistic_preset_is_valid_and_overridable():
     config = SimulationConfig.realistic(n_particles=7)
     assert config.n_particles == 7 and config.snr_range is not None
     assert config.noise_exponent_range[1] > 0 and config.blur_px_range[1] > 0
+
+
+def test_fourier_resize_keeps_the_spectrum_below_the_smaller_nyquist():
+    from particleseg_model.simulation.realism import fourier_resize
+
+    rng = np.random.default_rng(3)
+    images = rng.normal(size=(50, 96, 96))
+    small = fourier_resize(images, 48)
+    assert small.shape == (50, 48, 48) and small.dtype == np.float32
+    # white noise stays white, and a low-frequency wave keeps its amplitude
+    _, power = radial_power_spectrum(small)
+    assert power.max() / power.min() < 2.0
+    y, x = np.mgrid[:96, :96]
+    wave = np.cos(2 * np.pi * 3 * x / 96)[None]
+    np.testing.assert_allclose(fourier_resize(wave, 48)[0].std(), wave[0].std(), rtol=1e-3)
+    np.testing.assert_allclose(fourier_resize(small, 48), small, atol=1e-6)
+
+
+def test_compare_sets_and_the_figure(tmp_path):
+    from particleseg_model.simulation.realism import compare_sets, realism_png
+
+    rng = np.random.default_rng(4)
+    y, x = np.mgrid[:80, :80] - 40
+    disc = (np.hypot(x, y) < 15).astype(float)
+    sets = {
+        "real noise": rng.normal(size=(12, 80, 80)),
+        "sim discs": disc[None] * 3 + rng.normal(size=(12, 80, 80)),
+    }
+    freq, spectra, contrasts, images = compare_sets(sets, size=64)
+    assert images["real noise"].shape == (12, 64, 64) and len(freq) == 32
+    assert np.median(contrasts["real noise"]) < 0.2 < 1.0 < np.median(contrasts["sim discs"])
+    # a disc of 15 px puts power at low frequency
+    assert spectra["sim discs"][:3].sum() > 3 * spectra["real noise"][:3].sum()
+    png = realism_png(tmp_path / "realism.png", freq, spectra, contrasts, images)
+    assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_demo_archive_realism_is_left_out_without_real_stacks(tmp_path):
+    from particleseg_model.simulation.demo_archive import write_realism
+
+    assert write_realism(tmp_path, None) is None
+    assert write_realism(tmp_path, tmp_path / "no-shared") is None
+    assert not list(tmp_path.rglob("realism.*"))

@@ -25,6 +25,10 @@ contrast: particles dark; extract with ``--invert_contrast``), ``Coordinates/mic
 (RELION ``rlnCoordinateX/Y``: 0-based column/row of the box centre) and ``.box`` (EMAN: lower-left
 corner x, y, width, height), ``micrographs_ctf.star`` and ``ground_truth.csv`` per coordinate.
 
+Beside the entries, ``OUT/archive/realism.png`` and ``realism.json`` (where ``../shared``'s real
+raw particle stacks are there) compare each particle entry's good particles with real ones:
+spectra, contrast and galleries (:func:`write_realism`).
+
 Ids are synthetic and cannot collide with real ones: EMPIAR 30001+, EMD 95001+. The archive is
 written into a temporary directory beside ``out`` and renamed into place, so a failure never
 leaves half an archive. Equal arguments give byte-identical files.
@@ -66,6 +70,7 @@ from particleseg_model.simulation.simulate import (
     SimulatedMicrographs,
     SimulatedParticles,
     SimulationConfig,
+    normalise_images,
     simulate_micrographs,
     simulate_particles,
 )
@@ -546,6 +551,70 @@ def _check_out(out: Path) -> None:
             raise ArchiveExistsError(f"{out}: directory is not empty")
 
 
+# Real raw particle stacks of ../shared/data (name, file, recorded dark: invert), the reference
+# of the archive's realism figure
+REAL_STACKS = (
+    ("real: ASPIRE raw", "particles/aspire_sample.mrcs", False),
+    ("real: EMPIAR-10076 raw", "real/cryodrgn_empiar10076/empiar_10076_7.mrc", True),
+)
+
+
+def write_realism(archive: Path, shared_dir: Path | None) -> dict[str, Any] | None:
+    """``archive/realism.png`` and ``realism.json``: the good particles of every simulated
+    particle entry beside the real raw stacks of :data:`REAL_STACKS` (spectra, contrast,
+    galleries at 64 px; :mod:`particleseg_model.simulation.realism`). None, and nothing
+    written, without the real stacks (a clone without ``../shared``)."""
+    import mrcfile
+
+    from particleseg_model.em.mrc import read_particles
+    from particleseg_model.simulation.realism import compare_sets, realism_png, spectrum_distance
+
+    if shared_dir is None:
+        return None
+    sets: dict[str, np.ndarray] = {}
+    for name, rel, invert in REAL_STACKS:
+        path = Path(shared_dir) / rel
+        if path.is_file():
+            with mrcfile.open(path, permissive=True) as f:
+                stack = np.asarray(f.data, dtype=np.float32).reshape(-1, *f.data.shape[-2:])
+            sets[name] = normalise_images(-stack if invert else stack)[0]
+    if not sets:
+        return None
+    real = list(sets)
+    for info_path in sorted((archive / "archive").glob("*/data/simulation.json")):
+        info = json.loads(info_path.read_text())
+        if info["layout"]["kind"] != "particles":
+            continue
+        data = info_path.parent
+        truth = pd.read_csv(data / "ground_truth.csv")
+        names = truth.loc[truth["is_good"].astype(bool), "image_name"].head(200).tolist()
+        stack = read_particles(names, base_dir=data).astype(np.float32)
+        sets[f"sim {info['empiar_id']} ({info['map_source']})"] = stack
+    if len(sets) == len(real):
+        return None
+    freq, spectra, contrasts, images = compare_sets(sets)
+    figures = {
+        name: {
+            "n": len(sets[name]),
+            "contrast_median": round(float(np.median(contrasts[name])), 3),
+            "spectrum_distance_to": {
+                r: round(spectrum_distance(spectra[name], spectra[r]), 3) for r in real
+            },
+        }
+        for name in sets
+    }
+    realism_png(
+        archive / "archive" / "realism.png",
+        freq,
+        spectra,
+        contrasts,
+        images,
+        title="the demo's simulated particles beside real raw ones (normalised, 64 px)",
+    )
+    atomic_write_text(archive / "archive" / "realism.json", json.dumps(figures, indent=1) + "\n")
+    return figures
+
+
 def write_demo_archive(
     out: str | os.PathLike,
     *,
@@ -643,6 +712,7 @@ def write_demo_archive(
             log.info("wrote EMPIAR-%s (%s)", number, record["title"])
             bar.update(1)
         bar.close()
+        write_realism(tmp, find_shared_data())
         if out.is_dir():
             out.rmdir()  # empty (checked above); rename cannot replace a directory portably
         os.rename(tmp, out)
