@@ -550,10 +550,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--score",
         choices=["ets", "calibrated", "centred"],
-        default="ets",
-        help="ets: the paper's edge/signal ratio; calibrated: also drops fragments, "
-        "aggregates and empty particles; centred: the share of the central disc predicted "
-        "signal, drops empty and off-centre picks (default ets)",
+        default="centred",
+        help="centred: the share of the central disc predicted signal, drops empty and "
+        "off-centre picks (the default: best on real and simulated particles); ets: the "
+        "paper's edge/signal ratio; calibrated: also drops fragments, aggregates and empty "
+        "particles",
     )
     p.add_argument(
         "--report",

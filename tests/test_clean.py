@@ -250,19 +250,21 @@ def test_select_particles_floor_ties_and_refusals() -> None:
         }
     )
     # 9 readable, drop 0.3 -> floor(2.7) = 2 dropped (0.1, 0.2); unreadable always dropped
-    keep = select_particles(scores, drop=0.3)
+    keep = select_particles(scores, score="ets", drop=0.3)
     assert np.flatnonzero(~keep).tolist() == [1, 5, 9]
     # ties among the 0.5s: the earlier rows go first
-    keep = select_particles(scores, drop=0.5)  # floor(4.5) = 4: 0.1, 0.2, then rows 0 and 2
+    # floor(4.5) = 4: 0.1, 0.2, then rows 0 and 2
+    keep = select_particles(scores, score="ets", drop=0.5)
     assert np.flatnonzero(~keep).tolist() == [0, 1, 2, 5, 9]
-    assert select_particles(scores).tolist() == select_particles(scores, drop=0.3).tolist()
-    assert select_particles(scores, drop=0.0).sum() == 9
-    assert np.flatnonzero(select_particles(scores, keep_above=0.7)).tolist() == [4, 7]
+    default = select_particles(scores, score="ets")
+    assert default.tolist() == select_particles(scores, score="ets", drop=0.3).tolist()
+    assert select_particles(scores, score="ets", drop=0.0).sum() == 9
+    assert np.flatnonzero(select_particles(scores, score="ets", keep_above=0.7)).tolist() == [4, 7]
     for bad in (1.0, -0.1, 1.5, float("nan")):
         with pytest.raises(ValueError, match=f"drop must be a fraction in \\[0, 1\\), got {bad}"):
-            select_particles(scores, drop=bad)
+            select_particles(scores, score="ets", drop=bad)
     with pytest.raises(ValueError, match="not both"):
-        select_particles(scores, drop=0.3, keep_above=0.5)
+        select_particles(scores, score="ets", drop=0.3, keep_above=0.5)
     with pytest.raises(ValueError, match="unknown score 'area'"):
         select_particles(scores, score="area")
 
@@ -743,7 +745,7 @@ def test_no_signal_anywhere_is_out_of_distribution_and_keeps_every_particle(
     expected = (
         "model v0001 found no particle signal in 29 of 29 particles (100.0%): these images are "
         "unlike its training data (out of distribution); the ranking is not meaningful: every "
-        "readable particle is kept (none dropped by ets)"
+        "readable particle is kept (none dropped by centred)"
     )
     assert lines.count(expected) == 1
     assert (result.kept, result.dropped, result.skipped) == (29, 0, 1)
@@ -877,7 +879,7 @@ def test_a_set_mostly_without_signal_is_cleaned_with_one_line(
     expected = (
         "model v0001 found no particle signal in 40 of 60 particles (66.7%): most of the set is "
         "junk to it, or the images are partly unlike its training data (check the gallery); the "
-        "cleaning goes on (18 dropped by ets; every particle is kept only when signal is found "
+        "cleaning goes on (18 dropped by centred; every particle is kept only when signal is found "
         "in fewer than 5%)"
     )
     assert lines.count(expected) == 1

@@ -170,11 +170,10 @@ def test_ties_at_the_cut_do_not_depend_on_the_row_order(models, tmp_path, capsys
     # every particle ties: which 3 of 10 go is decided by the names' hash, in any row order
     names = [f"{i:06d}@Particles/stack.mrcs" for i in range(1, 11)]
     scores = pd.DataFrame({"image_name": names, "readable": True, "ets": 0.5})
-    dropped = {names[i] for i in np.flatnonzero(~select_particles(scores, drop=0.3))}
+    dropped = {names[i] for i in np.flatnonzero(~select_particles(scores, score="ets", drop=0.3))}
     shuffled = scores.iloc[::-1].reset_index(drop=True)
-    again = {
-        shuffled["image_name"][i] for i in np.flatnonzero(~select_particles(shuffled, drop=0.3))
-    }
+    kept = select_particles(shuffled, score="ets", drop=0.3)
+    again = {shuffled["image_name"][i] for i in np.flatnonzero(~kept)}
     assert dropped == again and len(dropped) == 3
     lowest = np.argsort(tie_order(scores), kind="stable")[:3]
     assert dropped == {names[i] for i in lowest}

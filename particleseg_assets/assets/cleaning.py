@@ -22,10 +22,10 @@ class CleanConfig(LaunchpadConfig):
     """Fraction of the readable particles to drop, the lowest scores first (the paper: 0.3)."""
     keep_above: float | None = None
     """Keep the particles scoring above this instead of dropping a fraction."""
-    score: str = "ets"
-    """"ets" (the paper's edge-to-signal ratio), "calibrated" (also drops too-high ETS and
-    atypical signal areas) or "centred" (the signal probability at the box centre: drops
-    empty and off-centre picks; best on real particles)."""
+    score: str = "centred"
+    """"centred" (the signal probability at the box centre: drops empty and off-centre picks;
+    the default, best on real and simulated particles), "ets" (the paper's edge-to-signal
+    ratio) or "calibrated" (also drops too-high ETS and atypical signal areas)."""
     particles_dir: str = ""
     """Where the stacks' paths start (empty: the STAR file's folder)."""
     on_bad: str = "skip"

@@ -84,7 +84,7 @@ def add_external_arguments(parser: argparse.ArgumentParser) -> argparse.Argument
     parser.add_argument("--models_root", default=None)
     parser.add_argument("--drop", type=float, default=None)
     parser.add_argument("--keep_above", type=float, default=None)
-    parser.add_argument("--score", default="ets", choices=["ets", "calibrated", "centred"])
+    parser.add_argument("--score", default="centred", choices=["ets", "calibrated", "centred"])
     parser.add_argument("--batch", type=int, default=256)
     parser.add_argument("--on_bad", default="skip", choices=["skip", "stop"])
     parser.add_argument("--relion_version", default=None, choices=["3.1", "4", "5"])
