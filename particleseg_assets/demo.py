@@ -224,7 +224,7 @@ def main() -> int:
                         "config": {
                             "star": str(demo_clean_star(mirror_dir)),
                             "drop": 0.3,
-                            "score": "calibrated",
+                            "score": "centred",
                             "name": "EMPIAR-30002",
                             # the paper's test, small: RELION 2D classification before,
                             # after and after a random drop (DEMO_CLASSIFY)
@@ -306,7 +306,7 @@ def main() -> int:
     dropped = before[~before.isin(set(after))]
     report = storage.path("cleaned", "EMPIAR-30002", "report")
     print(
-        f"\ncleaning EMPIAR-30002 (clean_job, calibrated score, drop 30%): {len(before)} -> "
+        f"\ncleaning EMPIAR-30002 (clean_job, centred score, drop 30%): {len(before)} -> "
         f"{len(after)} particles; good share {truth.loc[before].mean():.1%} -> "
         f"{truth.loc[after].mean():.1%}; {(~truth.loc[dropped]).mean():.1%} of the dropped "
         f"particles are junk\n  cleaned STAR {storage.path('cleaned', 'EMPIAR-30002')}/"
@@ -331,7 +331,7 @@ def main() -> int:
     print(
         "\nsegment or clean your own particles with it:\n  .venv/bin/particleseg segment "
         "particles.star --out labels.zarr\n  .venv/bin/particleseg clean particles.star "
-        "--score calibrated --drop 0.3 --out cleaned.star --report report/"
+        "--drop 0.3 --out cleaned.star --report report/"
     )
     print(
         "\nany partition from the command line (30003, the micrograph entry, runs RELION "
