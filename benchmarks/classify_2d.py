@@ -237,6 +237,91 @@ def classify_seed(
     return json.loads(summary.read_text()), time.perf_counter() - began, False
 
 
+def classify_extra(
+    star: Path,
+    keep: np.ndarray,
+    out: Path,
+    seed: int,
+    settings: dict,
+    args: argparse.Namespace,
+) -> dict:
+    """One more subset classified as the three conditions are (same settings and seed) into
+    ``out``: its ``classify.json`` summary (a finished one with the same settings, seed and
+    particles is reused)."""
+    from particleseg_model.em.star import read_star, write_star_as_read
+    from particleseg_model.relion.classify import classify_2d
+
+    record_path = out / "classify.json"
+    if record_path.is_file():
+        record = json.loads(record_path.read_text())
+        same = all(record["settings"].get(k) == v for k, v in settings.items())
+        same = same and record["settings"].get("seed") == seed
+        same = same and record["iterations"] == args.iterations
+        same = same and record["particles"] == int(keep.sum()) and record["classes"] == args.classes
+        if same:
+            print(f"seed {seed}: reusing {out}", flush=True)
+            return record
+    subset = out.with_name(f"subset_{out.name.rsplit('_seed', 1)[0].removeprefix('extra_')}.star")
+    write_star_as_read(subset, read_star(star), keep)
+    classify_2d(
+        subset,
+        out,
+        classes=args.classes,
+        iterations=args.iterations,
+        threads=args.threads,
+        seed=seed,
+        truth=star.parent / "ground_truth.csv",
+        particles_dir=star.parent,
+        overwrite=True,
+        settings=settings,
+        progress=False,
+        log=lambda line: (
+            print(
+                f"[{time.strftime('%H:%M:%S', time.gmtime())} UTC, load "
+                f"{os.getloadavg()[0]:.1f}] seed {seed}, {out.name}: {line}",
+                flush=True,
+            )
+            if "done" in line
+            else None
+        ),
+    )
+    return json.loads(record_path.read_text())
+
+
+def extra_row(name: str, record: dict) -> dict:
+    """A summary table row (as ``classify_before_after``'s) from a ``classify.json``."""
+    return {
+        "condition": name,
+        "particles": record["particles"],
+        "classes": record["classes"],
+        "largest_class_share": round(record["largest_class_share"], 4),
+        "seconds": record["seconds"],
+        "relion_peak_rss_mb": record["relion_peak_rss_mb"],
+        "good_share_in": round(record["good_particles"] / record["particles"], 4),
+        "good_classes": len(record["good_classes"]),
+        "particles_in_good_classes": record["particles_in_good_classes"],
+        "good_class_share": round(record["good_class_share"], 4),
+        "good_in_good_classes": record["good_in_good_classes"],
+        "good_recovered": round(record["good_recovered"], 4),
+    }
+
+
+def panel(heading: str, folder: Path) -> tuple[str, np.ndarray, list[str]]:
+    """A gallery panel from a classification folder: every class average, largest first."""
+    from particleseg_model.em.mrc import read_map
+    from particleseg_model.relion.classify import class_labels
+
+    table = pd.read_csv(folder / "classes.csv")
+    averages, _ = read_map(folder / "class_averages.mrcs")
+    averages = averages.reshape(-1, averages.shape[-2], averages.shape[-1])
+    in_good = int(table.loc[table["good"] > table["particles"] / 2, "particles"].sum())
+    return (
+        f"{heading}: {int(table['particles'].sum())} particles\n{in_good} in good classes",
+        averages[table["class"].to_numpy() - 1],
+        class_labels(table, with_class=False),
+    )
+
+
 def print_seed(record: dict, seed: int, args: argparse.Namespace) -> None:
     table = pd.DataFrame(record["conditions"]).set_index("condition")
     print(
@@ -244,26 +329,29 @@ def print_seed(record: dict, seed: int, args: argparse.Namespace) -> None:
         f"iterations, {record['settings']}"
     )
     print(
-        f"  {'condition':<12}{'particles':>10}{'good in':>9}{'good cls':>9}{'in good cls':>12}"
+        f"  {'condition':<15}{'particles':>10}{'good in':>9}{'good cls':>9}{'in good cls':>12}"
         f"{'share':>8}{'good recovered':>16}{'largest':>9}{'time s':>8}{'RSS MiB':>9}"
     )
     for name, row in table.iterrows():
         print(
-            f"  {name:<12}{int(row['particles']):>10}{row['good_share_in']:>9.2%}"
+            f"  {name:<15}{int(row['particles']):>10}{row['good_share_in']:>9.2%}"
             f"{int(row['good_classes']):>9}{int(row['particles_in_good_classes']):>12}"
             f"{row['good_class_share']:>8.2%}"
             f"{int(row['good_in_good_classes']):>8} ({row['good_recovered']:.1%})"
             f"{row['largest_class_share']:>9.2%}{row['seconds']:>8.0f}"
             f"{row['relion_peak_rss_mb']:>9.0f}"
         )
-    ratios = record["ratio_particles_in_good_classes"]
     counts = table["particles_in_good_classes"].astype(int).to_dict()
+    before = counts.pop("before")
     paper_ratio = PAPER["after"] / PAPER["before"]
     print(
-        f"  particles in good classes after / before: x{ratios['after']:.2f} after our "
-        f"cleaning, x{ratios['random_drop']:.2f} after a random drop ({counts['before']} -> "
-        f"{counts['after']} and -> {counts['random_drop']}; paper: x{paper_ratio:.2f}, "
-        f"{PAPER['before']:,} -> {PAPER['after']:,})",
+        "  particles in good classes: "
+        + "; ".join(
+            f"{name} {before} -> {count}"
+            + (f" (x{count / before:.2f})" if before else " (ratio undefined: none before)")
+            for name, count in counts.items()
+        )
+        + f"; paper x{paper_ratio:.2f} ({PAPER['before']:,} -> {PAPER['after']:,})",
         flush=True,
     )
 
@@ -307,6 +395,12 @@ def main() -> int:  # noqa: C901 - one straight benchmark script
     )
     parser.add_argument("--seeds", type=int, nargs="+", default=[0], help="RELION seeds")
     parser.add_argument("--drop", type=float, default=0.3)
+    parser.add_argument(
+        "--extra-drop",
+        type=float,
+        default=None,
+        help="also classify our cleaning at this drop and a random drop of as many (per seed)",
+    )
     parser.add_argument("--score", default="ets", choices=["ets", "calibrated", "centred"])
     parser.add_argument("--models-root", default=None)
     parser.add_argument("--keras", default=None)
@@ -393,6 +487,41 @@ def main() -> int:  # noqa: C901 - one straight benchmark script
         records[seed] = record
         classify_s += took
         print_seed(record, seed, args)
+    extra: dict[int, list[dict]] = {}
+    if args.extra_drop is not None:
+        from particleseg_model.cleaning.clean import select_particles
+        from particleseg_model.cleaning.compare import random_keep
+        from particleseg_model.figures import galleries_side_by_side
+
+        pct = round(100 * args.extra_drop)
+        keep_x = select_particles(scores, score=args.score, drop=args.extra_drop)
+        random_x = random_keep(len(keep_x), int(keep_x.sum()), seed=0)
+        print(
+            f"\nour cleaning at drop {args.extra_drop:.0%}: {int(keep_x.sum())} kept, good share "
+            f"{good[keep_x].mean():.2%}; a random drop of as many: {good[random_x].mean():.2%}",
+            flush=True,
+        )
+        for seed in args.seeds:
+            rows = [
+                extra_row(f"after_drop{pct}", classify_extra(
+                    star, keep_x, work / f"extra_drop{pct}_seed{seed}", seed, settings, args)),
+                extra_row(f"random_drop{pct}", classify_extra(
+                    star, random_x, work / f"extra_random{pct}_seed{seed}", seed, settings, args)),
+            ]  # fmt: skip
+            extra[seed] = rows
+            galleries_side_by_side(
+                work / f"galleries_drop{pct}_seed{seed}.png",
+                [
+                    panel("before", work / f"classify_seed{seed}" / "before"),
+                    panel(f"after our cleaning, drop {pct}%", work / f"extra_drop{pct}_seed{seed}"),
+                    panel(f"random drop {pct}%", work / f"extra_random{pct}_seed{seed}"),
+                ],
+            )
+            print_seed(
+                {**records[seed], "conditions": [records[seed]["conditions"][0], *rows]},
+                seed,
+                args,
+            )
     figures = spread(records)
     print("\nover the seeds " + ", ".join(map(str, args.seeds)) + ":")
     for name, values in figures.items():
@@ -408,12 +537,16 @@ def main() -> int:  # noqa: C901 - one straight benchmark script
     if args.docs:
         docs = REPO / "docs"
         for seed in args.seeds:
-            name = (
-                "classify_2d_galleries.png"
-                if seed == 0
-                else f"classify_2d_galleries_seed{seed}.png"
+            suffix = "" if seed == 0 else f"_seed{seed}"
+            shutil.copyfile(
+                work / f"classify_seed{seed}" / "galleries.png",
+                docs / f"classify_2d_galleries{suffix}.png",
             )
-            shutil.copyfile(work / f"classify_seed{seed}" / "galleries.png", docs / name)
+            if args.extra_drop is not None:
+                shutil.copyfile(
+                    work / f"galleries_drop{round(100 * args.extra_drop)}_seed{seed}.png",
+                    docs / f"classify_2d_galleries_drop{round(100 * args.extra_drop)}{suffix}.png",
+                )
         paper_ratio = PAPER["after"] / PAPER["before"]
         write_results(
             RESULTS_DIR / "classify_2d.json",
@@ -443,6 +576,16 @@ def main() -> int:  # noqa: C901 - one straight benchmark script
                     for seed, record in records.items()
                 },
                 "spread_over_seeds": figures,
+                "extra_drop": (
+                    {
+                        "drop": args.extra_drop,
+                        "good_share_after_cleaning": round(float(good[keep_x].mean()), 4),
+                        "good_share_after_random_drop": round(float(good[random_x].mean()), 4),
+                        "seeds": {str(seed): rows for seed, rows in extra.items()},
+                    }
+                    if args.extra_drop is not None
+                    else None
+                ),
                 "paper_ratio": round(paper_ratio, 4),
                 "clean_s": round(seconds, 1),
                 "clean_peak_rss_mb": round(peak_mb, 1),

@@ -34,8 +34,14 @@ kinds) on 2 shared cores (``docs/classify_2d.md``):
   threads (300 particles, K=4, 3 iterations, ``benchmarks/classify_mpi.py``): the leader rank
   does no expectation work, so it is used only when ``mpi`` is given;
 - the cost grows with particles x classes x orientations x translations: about 3.6 ms per
-  particle and class and iteration at these settings on the loaded 2 cores; the 10,000-particle
-  benchmark uses ``--psi_step 20 --offset_range 4`` to fit in the time available;
+  particle and class and iteration at these settings on the loaded 2 cores;
+- for 10,000 particles the settings ``fast_subsets`` (RELION's ``--fast_subsets``: 800, 2,400
+  and 3,000 of the 10,000 particles in iterations 1-5, 6-10 and 11-15 at K=8, all from 16;
+  RELION refuses it with fewer than 20 iterations, and so does :func:`classify_2d`) with
+  ``psi_step_deg`` 20 and ``offset_range_px`` 4 make 20 iterations cost about 8 full ones
+  (81,000 particle-iterations instead of 200,000: 2,110-2,203 s for 10,000 particles, K=8,
+  one thread, load 5-11); ``highres_limit_a``
+  (``--strict_highres_exp``) 25 A was no faster at 64 px (532 s against 511 s);
 - ``--random_seed 0`` (the default ``seed``) makes RELION skip the randomisation of the
   particle order: the same input gives the same classes.
 
