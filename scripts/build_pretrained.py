@@ -329,6 +329,13 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         default=True,
         help="also train on the real boxes themselves, labelled all background",
     )
+    parser.add_argument(
+        "--negatives-repeat",
+        type=int,
+        choices=range(1, 9),
+        default=1,
+        help="the real negatives this many times, each copy under another symmetry",
+    )
     parser.add_argument("--no-structures", action="store_true", help="no atomic-model maps")
     parser.add_argument("--work", type=Path, default=REPO / "data" / "pretrained-work")
     parser.add_argument("--out", type=Path, default=None, help="default: the package's folder")
@@ -398,7 +405,15 @@ def build_corpus(
     ids.append("neg-simulated")
     if args.real_negatives and pool is not None:
         if not args.reuse_corpus:
-            n_real = write_negatives(corpus, "neg-empiar-10017", pool, "EMPIAR-10017")
+            # each further copy under another symmetry of the square: more "no particle here"
+            # without more micrographs (the regime without is_good needs a larger share)
+            copies = [
+                np.rot90(pool, k % 4, axes=(1, 2))[:, :, :: -1 if k >= 4 else 1]
+                for k in range(args.negatives_repeat)
+            ]
+            n_real = write_negatives(
+                corpus, "neg-empiar-10017", np.concatenate(copies), "EMPIAR-10017"
+            )
             log(f"neg-empiar-10017: {n_real} real boxes far from every pick")
         provenance["negatives"]["neg-empiar-10017"] = {
             "source": provenance["real_backgrounds"]["source"],
