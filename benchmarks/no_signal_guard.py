@@ -4,8 +4,9 @@
 (:data:`particleseg_model.cleaning.clean.OOD_NO_SIGNAL_SHARE`) and warns, but cleans, when most
 particles have no signal (:data:`~particleseg_model.cleaning.clean.NO_SIGNAL_WARN_SHARE`). This
 script measures the share of particles without predicted signal that the rule has to tell apart,
-with :func:`~particleseg_model.cleaning.clean.clean_star` itself (ETS, drop 30 %), for each model
-given (``--models-root`` registries; ``--pretrained``: the model shipped in the package):
+with :func:`~particleseg_model.cleaning.clean.clean_star` itself (drop 30 %, its default score),
+for each model given (``--models-root`` registries; ``--pretrained``: the model shipped in the
+package):
 
 - simulated sets the model sees (EMD-1832 at 64 px, ``../shared/data/maps``; a generated map
   without it), ``--particles`` each, at the paper's 24.57 % good and at 10 % and 5 % good (six
@@ -78,7 +79,8 @@ def aspire_copy(shared: Path, out: Path) -> Path:
 def measure(
     name: str, star: Path, models: Path | None, model: str | None, work: Path
 ) -> dict[str, object]:
-    """``clean_star`` (ETS, drop 30 %) of one set with one model: the no-signal figures."""
+    """``clean_star`` (drop 30 %, its default score) of one set with one model: the no-signal
+    figures."""
     from particleseg_model.cleaning.clean import clean_star
 
     lines: list[str] = []

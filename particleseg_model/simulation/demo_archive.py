@@ -576,7 +576,8 @@ def write_realism(archive: Path, shared_dir: Path | None) -> dict[str, Any] | No
         path = Path(shared_dir) / rel
         if path.is_file():
             with mrcfile.open(path, permissive=True) as f:
-                stack = np.asarray(f.data, dtype=np.float32).reshape(-1, *f.data.shape[-2:])
+                data = np.asarray(f.data, dtype=np.float32)
+            stack = data.reshape(-1, *data.shape[-2:])
             sets[name] = normalise_images(-stack if invert else stack)[0]
     if not sets:
         return None

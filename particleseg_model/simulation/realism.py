@@ -154,7 +154,7 @@ def realism_png(
     ax.set_title("radially averaged power spectra")
     ax.legend(fontsize=7, ncol=2)
     ax = figure.add_subplot(grid[0, 4:])
-    bins = np.linspace(0, 3, 31)
+    bins = [float(edge) for edge in np.linspace(0, 3, 31)]
     for name, values in contrasts.items():
         style = "--" if name.startswith("sim") else "-"
         ax.hist(
