@@ -36,7 +36,7 @@ The recipe (every input's provenance and licence goes into the manifest and ``LI
 6. **Measured** and recorded in the manifest: mean IoU on the held-out test split and on the
    unseen map (all particles and good ones), the calibration.
 
-    .venv/bin/python scripts/build_pretrained.py [--particles 700] [--epochs 16] [--base 8]
+    .venv/bin/python scripts/build_pretrained.py [--particles 700] [--epochs 8] [--base 8]
         [--junk background|keep|drop] [--junk-fraction 0.3] [--real-backgrounds 0.5]
         [--no-real-negatives] [--no-structures] [--work data/pretrained-work] [--out DIR]
 """
@@ -308,8 +308,8 @@ def write_negatives(root: Path, key: str, boxes: np.ndarray, source: str) -> int
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--particles", type=int, default=700, help="per training map")
-    parser.add_argument("--epochs", type=int, default=16)
-    parser.add_argument("--patience", type=int, default=4, help="epochs without a better val loss")
+    parser.add_argument("--epochs", type=int, default=8)
+    parser.add_argument("--patience", type=int, default=3, help="epochs without a better val loss")
     parser.add_argument("--arch", default="unet")
     parser.add_argument("--base", type=int, default=8)
     parser.add_argument(
