@@ -752,11 +752,17 @@ def table(kind: np.ndarray, scores: dict[str, np.ndarray]) -> dict[str, dict[str
         row: dict[str, Any] = {"n_good": int(good.sum()), "n_junk": int(junk.sum())}
         for score in SCORES:
             if score in scores:
-                row[f"auc_{score}"] = round(roc_auc(scores[score][good], scores[score][junk]), 4)
+                auc = roc_auc(scores[score][good], scores[score][junk])
+                # null, not NaN, where there is no junk to compare with: the JSON stays JSON
+                row[f"auc_{score}"] = round(auc, 4) if np.isfinite(auc) else None
         row["signal_share_good"] = round(float(has_signal[good].mean()), 4) if good.any() else None
         row["signal_share_junk"] = round(float(has_signal[junk].mean()), 4) if junk.any() else None
         out[name] = row
     return out
+
+
+def _or_nan(value: float | None) -> float:
+    return float("nan") if value is None else value
 
 
 def print_table(rows: dict[str, dict[str, Any]]) -> None:
@@ -764,7 +770,7 @@ def print_table(rows: dict[str, dict[str, Any]]) -> None:
     head = f"{'comparison':28s} {'good':>5s} {'junk':>5s} " + " ".join(f"{c:>13s}" for c in cols)
     print(head + f" {'signal good':>11s} {'signal junk':>11s}")
     for name, r in rows.items():
-        aucs = " ".join(f"{r.get(f'auc_{c}', float('nan')):13.3f}" for c in cols)
+        aucs = " ".join(f"{_or_nan(r.get(f'auc_{c}')):13.3f}" for c in cols)
         sg = "" if r["signal_share_good"] is None else f"{100 * r['signal_share_good']:10.1f}%"
         sj = "" if r["signal_share_junk"] is None else f"{100 * r['signal_share_junk']:10.1f}%"
         print(f"{name:28s} {r['n_good']:5d} {r['n_junk']:5d} {aucs} {sg:>11s} {sj:>11s}")

@@ -44,6 +44,15 @@ def test_roc_auc() -> None:
     assert np.isnan(rp.roc_auc(np.array([]), np.array([1.0])))
 
 
+def test_table_writes_null_where_there_is_no_junk() -> None:
+    kind = np.array(["raw_good", "raw_good", "good", "empty_ice"])
+    scores = {"centred": np.array([0.9, 0.0, 0.8, 0.1]), "signal_px": np.array([5, 0, 9, 0])}
+    rows = rp.table(kind, scores)
+    assert rows["raw_good_particles"]["auc_centred"] is None  # JSON null, never NaN
+    assert rows["raw_good_particles"]["signal_share_good"] == 0.5
+    assert rows["good_vs_empty_ice"]["auc_centred"] == 1.0
+
+
 def test_cut_boxes_skip_and_pad_at_the_edge() -> None:
     image = np.arange(100 * 120, dtype=np.float32).reshape(100, 120)
     centres = np.array([[60.0, 50.0], [5.0, 50.0], [60.0, 97.0]])  # (x, y)
