@@ -18,7 +18,8 @@ cleaned
    junk; the ideal drops only junk and keeps 24.57 / 70 = 35.1% good).
 
     .venv/bin/python benchmarks/clean_quality.py [--particles 2000] [--keras FILE
-        --corpus DIR] [--models-root DIR] [--references 100] [--work DIR]
+        --corpus DIR | --models-root DIR | --model DIR] [--map FILE] [--references 100]
+        [--work DIR]
 """
 
 from __future__ import annotations
@@ -134,6 +135,17 @@ def main() -> int:
         help="with --keras: the corpus it was trained on (for the calibration)",
     )
     parser.add_argument("--models-root", default=None)
+    parser.add_argument(
+        "--model",
+        default=None,
+        help="a model version folder, e.g. particleseg_model/pretrained (the shipped model)",
+    )
+    parser.add_argument(
+        "--map",
+        default=None,
+        help="the map of the particles (default EMD-1832 of ../shared, else a generated one); "
+        "EMD-5625 is the one the shipped model never saw",
+    )
     parser.add_argument("--references", type=int, default=100)
     parser.add_argument("--work", default=None)
     args = parser.parse_args()
@@ -145,17 +157,24 @@ def main() -> int:
 
     work = Path(args.work) if args.work else Path(tempfile.mkdtemp(prefix="clean-quality-"))
     work.mkdir(parents=True, exist_ok=True)
-    if args.keras:
+    from particleseg_model.model.registry import resolve_model
+
+    if args.model:
+        models = Path(args.model)
+    elif args.keras:
         models = registry_for(Path(args.keras), work, Path(args.corpus) if args.corpus else None)
     else:
         models = Path(
             args.models_root or Path(os.environ.get("PARTICLESEG_DATA", "data")) / "models"
         )
-    version = latest_model(models)
+    version = resolve_model(models) if args.model else latest_model(models)
     if version is None:
         raise SystemExit(f"no model under {models}: run make demo, or give --keras")
     shared = find_shared_data()
-    maps = [str(shared / "maps" / "emd_1832.map")] if shared else ["generated:globular"]
+    if args.map:
+        maps = [args.map]
+    else:
+        maps = [str(shared / "maps" / "emd_1832.map")] if shared else ["generated:globular"]
     archive = work / "archive"
     if not archive.exists():
         write_demo_archive(
@@ -190,14 +209,14 @@ def main() -> int:
 
     scores: dict[str, np.ndarray] = {}
     timing: dict[str, float] = {}
-    for score in ("ets", "calibrated"):
+    for score in ("centred", "ets", "calibrated"):
         out = work / f"cleaned_{score}.star"
         for stale in (out, work / f"cleaned_{score}_scores.parquet"):
             stale.unlink(missing_ok=True)
         result = clean_star(
             star_path,
             out,
-            models_root=models,
+            **({"model": models} if args.model else {"models_root": models}),
             drop=DROP,
             score=score,
             report_dir=work / f"report_{score}",
@@ -242,7 +261,8 @@ def main() -> int:
     rate = timing["ets"]
     print(
         f"\nthroughput: {rate:.0f} particles/s end to end (ets), {timing['calibrated']:.0f} "
-        f"(calibrated); {PAPER_PARTICLES:,} particles (EMPIAR-10406) in "
+        f"(calibrated), {timing['centred']:.0f} (centred); {PAPER_PARTICLES:,} particles "
+        f"(EMPIAR-10406) in "
         f"{PAPER_PARTICLES / rate / 60:.0f} min; baselines: image variance "
         f"{len(good) / variance_s:.0f} particles/s, template FOM ({args.references} "
         f"references) {len(good) / fom_s:.0f} particles/s"
