@@ -236,7 +236,8 @@ def main() -> int:
     scores["image variance"] = central_variance(images)
     variance_s = time.perf_counter() - began
     began = time.perf_counter()
-    map_path = next((data / "Map").glob("*.map"))
+    # the map as the archive's EMDB layout holds it: at the particles' box and pixel size
+    map_path = next(archive.rglob("map/emd_*.map*"))
     scores["template FOM"] = template_fom(
         images,
         star.particles,
