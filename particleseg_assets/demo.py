@@ -272,11 +272,15 @@ def main() -> int:
         )
     version = latest_model(storage.models_root())
     manifest = version.manifest
+    if manifest.get("parent") and manifest.get("new_partitions"):
+        # fine-tuned: the parent's 28 partitions would hide the one it was tuned on
+        trained = f"fine-tuned from {manifest['parent']} on {', '.join(manifest['new_partitions'])}"
+    else:
+        trained = f"{manifest['mode']} training on {', '.join(manifest['partitions'])}"
     print(
         f"\nmodel {version.version} ({manifest['arch']} network, {manifest['input_size']} px, "
-        f"{manifest['mode']} training on {', '.join(manifest['partitions'])}, "
-        f"{manifest['epochs_run']} epochs, {manifest['train_images_per_s']} images/s): "
-        f"{version.path}\n  training curve {version.path / 'training_curve.png'}"
+        f"{trained}, {manifest['epochs_run']} epochs, {manifest['train_images_per_s']} "
+        f"images/s): {version.path}\n  training curve {version.path / 'training_curve.png'}"
     )
     print("\nIoU reports of the latest model on each dataset's test split (x100, as the paper):")
     print(
