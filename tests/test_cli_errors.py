@@ -338,6 +338,9 @@ def test_ctrl_c_is_one_line_and_exit_130(tmp_path) -> None:
             [str(BIN / "particleseg"), "download", f"http://127.0.0.1:{port}/p.mrcs",
              str(tmp_path / "p.mrcs")],
             cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+            # a shell's background job inherits SIGINT ignored, and Python then installs no
+            # KeyboardInterrupt: the child gets the default whatever started pytest
+            preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL),
         )  # fmt: skip
         deadline = time.monotonic() + 60
         while not held and time.monotonic() < deadline:  # the request waits on the server
