@@ -27,18 +27,20 @@ The recipe (every input's provenance and licence goes into the manifest and ``LI
    and without a particle. The odd micrographs stay for the benchmark
    (``benchmarks/real_particles.py --exclude-training-micrographs``).
 4. **Real negatives** (``--no-real-negatives`` leaves them out): the same real boxes, labelled
-   all background,
-   as a partition of their own; simulated ``empty`` boxes too.
-5. **Training**: ``--arch`` (default the true U-Net) at 64 px, ``--junk background`` (the
-   simulation's ``is_good``: junk with an all-background label) or ``--junk keep`` (junk
-   labelled by its pose, as in a real corpus: the "no is_good" regime of issue 15), the edge
-   derived from the signal by the label rule.
+   all background, ``--negatives-repeat`` times (default 8, each copy under another symmetry of
+   the square), as a partition of their own; simulated ``empty`` boxes too.
+5. **Training**: ``--arch`` (default the true U-Net) at 64 px, ``--junk keep`` (the default:
+   junk labelled by its depositor's pose, as a real corpus has it, so the "no particle here"
+   comes from the negatives alone, not from the simulation's ``is_good``) or ``--junk
+   background`` (``is_good``: junk with an all-background label), the edge derived from the
+   signal by the label rule. docs/pretrained.md compares the regimes on real images.
 6. **Measured** and recorded in the manifest: mean IoU on the held-out test split and on the
    unseen map (all particles and good ones), the calibration.
 
     .venv/bin/python scripts/build_pretrained.py [--particles 700] [--epochs 8] [--base 8]
-        [--junk background|keep|drop] [--junk-fraction 0.3] [--real-backgrounds 0.5]
-        [--no-real-negatives] [--no-structures] [--work data/pretrained-work] [--out DIR]
+        [--junk keep|background|drop] [--junk-fraction 0.3] [--real-backgrounds 0.5]
+        [--no-real-negatives] [--negatives-repeat 8] [--no-structures]
+        [--work data/pretrained-work] [--out DIR]
 """
 
 from __future__ import annotations
@@ -315,7 +317,13 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument(
         "--per-epoch", type=int, default=6000, help="training particles an epoch (0: all)"
     )
-    parser.add_argument("--junk", default="background", choices=("keep", "background", "drop"))
+    parser.add_argument(
+        "--junk",
+        default="keep",
+        choices=("keep", "background", "drop"),
+        help="keep: junk labelled by its pose, as a real corpus has it (the shipped regime); "
+        "background: the simulation's is_good makes it all background",
+    )
     parser.add_argument("--junk-fraction", type=float, default=0.3)
     parser.add_argument(
         "--real-backgrounds",
@@ -333,7 +341,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         "--negatives-repeat",
         type=int,
         choices=range(1, 9),
-        default=1,
+        default=8,
         help="the real negatives this many times, each copy under another symmetry",
     )
     parser.add_argument("--no-structures", action="store_true", help="no atomic-model maps")
@@ -497,6 +505,7 @@ def main(argv: list[str] | None = None) -> int:
             "junk_fraction": args.junk_fraction,
             "real_backgrounds": args.real_backgrounds,
             "real_negatives": args.real_negatives,
+            "negatives_repeat": args.negatives_repeat,
             "simulation": "SimulationConfig.realistic()",
         },
         "epochs_run": result.epochs_run,
