@@ -27,19 +27,20 @@ The recipe (every input's provenance and licence goes into the manifest and ``LI
    and without a particle. The odd micrographs stay for the benchmark
    (``benchmarks/real_particles.py --exclude-training-micrographs``).
 4. **Real negatives** (``--no-real-negatives`` leaves them out): the same real boxes, labelled
-   all background, ``--negatives-repeat`` times (default 8, each copy under another symmetry of
-   the square), as a partition of their own; simulated ``empty`` boxes too.
-5. **Training**: ``--arch`` (default the true U-Net) at 64 px, ``--junk keep`` (the default:
-   junk labelled by its depositor's pose, as a real corpus has it, so the "no particle here"
-   comes from the negatives alone, not from the simulation's ``is_good``) or ``--junk
-   background`` (``is_good``: junk with an all-background label), the edge derived from the
-   signal by the label rule. docs/pretrained.md compares the regimes on real images.
+   all background, ``--negatives-repeat`` times (default 1; each further copy under another
+   symmetry of the square), as a partition of their own; simulated ``empty`` boxes too.
+5. **Training**: ``--arch`` (default the true U-Net) at 64 px, ``--junk background`` (the
+   default: the simulation's ``is_good`` labels junk all background) or ``--junk keep`` (junk
+   labelled by its depositor's pose, as a real corpus has it: the "no particle here" then comes
+   from the negatives alone; with ``--negatives-repeat 8`` it cleans real EMPIAR-10017 boxes as
+   well but simulated junk far worse, docs/pretrained.md), the edge derived from the signal by
+   the label rule.
 6. **Measured** and recorded in the manifest: mean IoU on the held-out test split and on the
    unseen map (all particles and good ones), the calibration.
 
     .venv/bin/python scripts/build_pretrained.py [--particles 700] [--epochs 8] [--base 8]
-        [--junk keep|background|drop] [--junk-fraction 0.3] [--real-backgrounds 0.5]
-        [--no-real-negatives] [--negatives-repeat 8] [--no-structures]
+        [--junk background|keep|drop] [--junk-fraction 0.3] [--real-backgrounds 0.5]
+        [--no-real-negatives] [--negatives-repeat 1] [--no-structures]
         [--work data/pretrained-work] [--out DIR]
 """
 
@@ -319,10 +320,10 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     )
     parser.add_argument(
         "--junk",
-        default="keep",
+        default="background",
         choices=("keep", "background", "drop"),
-        help="keep: junk labelled by its pose, as a real corpus has it (the shipped regime); "
-        "background: the simulation's is_good makes it all background",
+        help="background (shipped): the simulation's is_good makes junk all background; keep: "
+        "junk labelled by its depositor's pose, as a real corpus has it",
     )
     parser.add_argument("--junk-fraction", type=float, default=0.3)
     parser.add_argument(
@@ -341,7 +342,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         "--negatives-repeat",
         type=int,
         choices=range(1, 9),
-        default=8,
+        default=1,
         help="the real negatives this many times, each copy under another symmetry",
     )
     parser.add_argument("--no-structures", action="store_true", help="no atomic-model maps")
