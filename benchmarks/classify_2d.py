@@ -188,6 +188,26 @@ def run_clean(
     return seconds, usage.ru_maxrss / 1024
 
 
+def same_settings(recorded: dict, settings: dict, seed: int) -> bool:
+    """Whether a finished run's recorded settings are ``settings`` with RELION seed ``seed``."""
+    return all(recorded.get(k) == v for k, v in settings.items()) and recorded.get("seed") == seed
+
+
+def stamped_log(prefix: str, *words: str):
+    """A log callback printing, with the UTC time and the load average, the lines that hold
+    one of ``words`` (RELION's progress lines are many; these say where a run is)."""
+
+    def log(line: str) -> None:
+        if any(word in line for word in words):
+            print(
+                f"[{time.strftime('%H:%M:%S', time.gmtime())} UTC, load "
+                f"{os.getloadavg()[0]:.1f}] {prefix}: {line}",
+                flush=True,
+            )
+
+    return log
+
+
 def classify_seed(
     star: Path,
     keep: np.ndarray,
@@ -205,8 +225,7 @@ def classify_seed(
     if summary.is_file():
         record = json.loads(summary.read_text())
         kept = next(c["particles"] for c in record["conditions"] if c["condition"] == "after")
-        same = all(record["settings"].get(k) == v for k, v in settings.items())
-        same = same and record["settings"].get("seed") == seed
+        same = same_settings(record["settings"], settings, seed)
         same = same and record["settings"].get("iterations") == args.iterations
         same = same and kept == int(keep.sum())
         same = same and record["conditions"][0]["classes"] == args.classes
@@ -224,15 +243,7 @@ def classify_seed(
         seed=seed,
         settings=settings,
         overwrite=True,
-        log=lambda line: (
-            print(
-                f"[{time.strftime('%H:%M:%S', time.gmtime())} UTC, load "
-                f"{os.getloadavg()[0]:.1f}] seed {seed}: {line}",
-                flush=True,
-            )
-            if "done" in line or "2D" in line
-            else None
-        ),
+        log=stamped_log(f"seed {seed}", "done", "2D"),
     )
     return json.loads(summary.read_text()), time.perf_counter() - began, False
 
@@ -254,8 +265,7 @@ def classify_extra(
     record_path = out / "classify.json"
     if record_path.is_file():
         record = json.loads(record_path.read_text())
-        same = all(record["settings"].get(k) == v for k, v in settings.items())
-        same = same and record["settings"].get("seed") == seed
+        same = same_settings(record["settings"], settings, seed)
         same = same and record["iterations"] == args.iterations
         same = same and record["particles"] == int(keep.sum()) and record["classes"] == args.classes
         if same:
@@ -275,15 +285,7 @@ def classify_extra(
         overwrite=True,
         settings=settings,
         progress=False,
-        log=lambda line: (
-            print(
-                f"[{time.strftime('%H:%M:%S', time.gmtime())} UTC, load "
-                f"{os.getloadavg()[0]:.1f}] seed {seed}, {out.name}: {line}",
-                flush=True,
-            )
-            if "done" in line
-            else None
-        ),
+        log=stamped_log(f"seed {seed}, {out.name}", "done"),
     )
     return json.loads(record_path.read_text())
 
