@@ -84,9 +84,12 @@ SCORES = ("ets", "calibrated", "centred")
 DEFAULT_SCORE = "centred"
 """The score used unless one is asked for. Measured with the pretrained model
 (docs/real_particles.md, docs/pretrained.md): ROC AUC good vs junk 0.956 on real EMPIAR-10017
-particles (calibrated 0.936, the paper's ETS 0.638) and 0.999 on simulated junk of the six kinds
-at the paper's 24.57 % good (calibrated 0.712, ETS 0.516). With the edge derived from the signal,
-ETS measures only the mask's size and shape; ``score="ets"`` keeps the paper's rule."""
+particles of micrographs it never trained on (calibrated 0.936, the paper's ETS 0.638;
+``benchmarks/real_particles.py --micrographs odd``) and 0.9996 on simulated particles of a map
+it never saw, junk of the six kinds at 24.55 % good (calibrated 0.720, ETS 0.546;
+``benchmarks/clean_quality.py --model particleseg_model/pretrained --map emd_5625.map``). With
+the edge derived from the signal, ETS measures only the mask's size and shape; ``score="ets"``
+keeps the paper's rule."""
 ON_BAD = ("skip", "stop")
 GALLERY_PER_GROUP = 6  # particles shown for each of the lowest, median and highest scores
 OOD_NO_SIGNAL_SHARE = 0.9
